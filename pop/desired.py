@@ -1,0 +1,65 @@
+"""The desired state: what the BGP session, the kernel routes and IPVS should hold.
+
+Pure values. The engine computes one DesiredState from the verdict and the pool; each
+adapter receives the part it owns, whole, and works out the difference itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """One prefix announced to all neighbors, with the attributes of the current state."""
+
+    prefix: str  # "192.0.2.1/32" or "2001:db8::1/128"
+    next_hop: str = "self"
+    med: int | None = None
+    local_pref: int | None = None
+    communities: tuple[str, ...] = ()  # "65000:100", "65535:0"
+    large_communities: tuple[str, ...] = ()  # "65000:1:2"
+    as_path_prepend: int = 0  # how many times the local AS is prepended
+
+
+@dataclass(frozen=True, slots=True)
+class NextHop:
+    address: str
+    weight: int = 1  # 1..256, the kernel's multipath weight
+
+
+@dataclass(frozen=True, slots=True)
+class EcmpRoute:
+    """A multipath route toward the healthy VPN servers, in a table `pop` owns."""
+
+    prefix: str
+    nexthops: tuple[NextHop, ...]
+    table: int = 254
+    protocol: int = 200  # rtnetlink protocol number that marks routes as ours
+
+
+@dataclass(frozen=True, slots=True)
+class RealServer:
+    address: str
+    port: int
+    weight: int = 1  # 0 = quiescent drain: existing flows stay, no new ones
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualService:
+    """An IPVS virtual service on the anycast address with its real servers."""
+
+    protocol: str  # "udp" | "tcp"
+    address: str
+    port: int
+    scheduler: str = "mh"
+    forward: str = "dr"  # "dr" (direct routing) | "tunnel" | "nat"
+    reals: tuple[RealServer, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredState:
+    announcements: tuple[Announcement, ...] = ()
+    vips: tuple[str, ...] = field(default=())  # addresses (with prefix length) to hold on lo
+    routes: tuple[EcmpRoute, ...] = ()
+    services: tuple[VirtualService, ...] = ()
