@@ -1,0 +1,417 @@
+"""ECMP routes toward the healthy VPN servers, programmed with pyroute2.
+
+Contract:
+
+- A `RouteTable` owns the routes that carry its rtnetlink protocol number in its routing
+  table, and nothing else. `await routes.set(desired)` takes the *whole* desired set for
+  that slice; it reads the kernel's state back, replaces every route whose next-hop set
+  differs with one RTM_NEWROUTE (NLM_F_REPLACE: the prefix never goes without a route),
+  deletes its own routes that are no longer desired, and sends nothing when the kernel
+  already matches (idempotent; after a restart it adopts what it programmed before).
+- A desired route with no next hops means "no route": it is deleted if present.
+- It refuses (DataplaneError) to replace a route of another owner that has the same
+  prefix and metric, because NLM_F_REPLACE would silently take it over.
+- `read()` returns what is in the kernel, in the desired-state vocabulary.
+- `diagnostics()` reports net.ipv{4,6}.fib_multipath_hash_policy: with the L3 policy (0)
+  every flow of one client lands on the same server. The sysctl is only written when
+  the adapter is constructed with `hash_policy=`.
+- Every adapter can be bound to a named network namespace (`netns=`, /run/netns/NAME).
+- Kernel errors (unreachable gateway, EPERM, ...) raise `DataplaneError`, shared by the
+  VIP and IPVS adapters, which carries the operation and the kernel's own message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import functools
+import ipaddress
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from socket import AF_INET, AF_INET6
+from typing import Any, TypeVar
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from pop.desired import EcmpRoute, NextHop
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_CLONE_NEWNET = 0x40000000
+_NETNS_DIR = "/run/netns"
+
+
+class DataplaneError(Exception):
+    """The kernel refused a data-plane operation (or its facility is missing)."""
+
+    def __init__(self, operation: str, message: str, code: int | None = None) -> None:
+        super().__init__(f"{operation}: {message}" + (f" (errno {code})" if code else ""))
+        self.operation = operation
+        self.message = message
+        self.code = code
+
+
+def kernel_error(operation: str, exc: BaseException) -> DataplaneError:
+    """Wrap a pyroute2/OS error, keeping the kernel's extended-ack text when there is one."""
+    if isinstance(exc, NetlinkError):
+        text = str(exc.args[1]) if len(exc.args) > 1 else os.strerror(exc.code)
+        return DataplaneError(operation, text, exc.code)
+    if isinstance(exc, OSError):
+        return DataplaneError(operation, exc.strerror or str(exc), exc.errno)
+    return DataplaneError(operation, repr(exc))
+
+
+def _setns_thread(netns: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(os.path.join(_NETNS_DIR, netns), os.O_RDONLY)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), netns)
+    finally:
+        os.close(fd)
+
+
+async def run_in_netns(netns: str | None, fn: Callable[[], T]) -> T:
+    """Run a short blocking function with the calling thread in `netns`.
+
+    /proc/sys/net is resolved against the netns of the thread that opens it, so a sysctl of
+    another namespace can only be read from a thread that joined it. setns() changes the
+    calling thread for good, hence a throw-away thread rather than the executor's pool.
+    """
+    if netns is None:
+        return await asyncio.to_thread(fn)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def target() -> None:
+        try:
+            _setns_thread(netns)
+            value = fn()
+        except BaseException as exc:  # handed to the awaiting task, not swallowed
+            loop.call_soon_threadsafe(_settle_exc, done, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, done, value)
+
+    threading.Thread(target=target, name=f"netns-{netns}", daemon=True).start()
+    return await done
+
+
+def _settle(fut: asyncio.Future[T], value: T) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _settle_exc(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+# ---------------------------------------------------------------------------------------
+# Pure part: canonical keys and the plan.
+
+
+def canonical_prefix(prefix: str) -> str:
+    """'192.0.2.1' -> '192.0.2.1/32'; host bits set is a caller error (ValueError)."""
+    return str(ipaddress.ip_network(prefix, strict=True))
+
+
+def _nexthop_key(route: EcmpRoute) -> frozenset[tuple[str, int]]:
+    hops = [(str(ipaddress.ip_address(h.address)), h.weight) for h in route.nexthops]
+    # The kernel stores a single next hop as a plain gateway route and drops its weight,
+    # so a lone next hop compares by address only (otherwise set() would never converge).
+    if len(hops) == 1:
+        return frozenset({(hops[0][0], 1)})
+    return frozenset(hops)
+
+
+def normalize_route(route: EcmpRoute) -> EcmpRoute:
+    """Canonical form: prefix with length, next hops sorted by address, validated.
+
+    A stable order matters: with hash-threshold multipath the kernel maps hash ranges to
+    next hops in the order given, so a fixed order keeps unchanged servers' ranges as
+    close as the algorithm allows.
+    """
+    prefix = canonical_prefix(route.prefix)
+    family = ipaddress.ip_network(prefix).version
+    seen: set[str] = set()
+    hops: list[NextHop] = []
+    for hop in route.nexthops:
+        addr = ipaddress.ip_address(hop.address)
+        if addr.version != family:
+            raise ValueError(f"route {prefix}: next hop {hop.address} is not IPv{family}")
+        if not 1 <= hop.weight <= 256:
+            raise ValueError(f"route {prefix}: next hop {hop.address} weight {hop.weight} not in 1..256")
+        if str(addr) in seen:
+            raise ValueError(f"route {prefix}: next hop {hop.address} listed twice")
+        seen.add(str(addr))
+        hops.append(NextHop(str(addr), 1 if len(route.nexthops) == 1 else hop.weight))
+    hops.sort(key=lambda h: ipaddress.ip_address(h.address))
+    return EcmpRoute(prefix, tuple(hops), route.table, route.protocol)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    replace: tuple[EcmpRoute, ...] = ()  # install or change (one NLM_F_REPLACE each)
+    delete: tuple[EcmpRoute, ...] = ()  # ours, no longer desired
+
+    @property
+    def empty(self) -> bool:
+        return not self.replace and not self.delete
+
+
+def plan_routes(desired: Iterable[EcmpRoute], current: Iterable[EcmpRoute]) -> RoutePlan:
+    """What to send so that the kernel's owned routes equal `desired`. Pure.
+
+    Both sides must already be restricted to one (table, protocol) slice.
+    """
+    want: dict[tuple[int, str], EcmpRoute] = {}
+    for route in desired:
+        norm = normalize_route(route)
+        key = (norm.table, norm.prefix)
+        if key in want:
+            raise ValueError(f"route {norm.prefix} table {norm.table} desired twice")
+        if norm.nexthops:
+            want[key] = norm
+    have = {(r.table, canonical_prefix(r.prefix)): r for r in current}
+    replace = tuple(
+        route
+        for key, route in sorted(want.items())
+        if key not in have or _nexthop_key(have[key]) != _nexthop_key(route)
+    )
+    delete = tuple(route for key, route in sorted(have.items()) if key not in want)
+    return RoutePlan(replace, delete)
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel side.
+
+
+@dataclass(frozen=True, slots=True)
+class HashPolicy:
+    family: str  # "ipv4" | "ipv6"
+    policy: int | None  # None: sysctl unreadable (e.g. IPv6 disabled)
+
+    @property
+    def l4(self) -> bool:
+        # 1 = 5-tuple; 3 = custom field set (fib_multipath_hash_fields), reported as is.
+        return self.policy == 1
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDiagnostics:
+    """Snapshot for /status: is multipath hashing per flow, and how many routes we hold."""
+
+    hash_policies: tuple[HashPolicy, ...]
+    owned_routes: int
+    warnings: tuple[str, ...]
+
+
+_POLICY_NAMES = {0: "L3", 1: "L4", 2: "L3 or inner L3", 3: "custom fields"}
+
+
+def _sysctl_path(family: str) -> str:
+    return f"/proc/sys/net/{family}/fib_multipath_hash_policy"
+
+
+class RouteTable:
+    """The ECMP routes of one (table, protocol) slice in one network namespace."""
+
+    def __init__(
+        self,
+        *,
+        table: int = 254,
+        protocol: int = 200,
+        netns: str | None = None,
+        hash_policy: int | None = None,
+    ) -> None:
+        if not 0 < table < 2**32 or table in (0, 255):
+            raise ValueError(f"table {table}: not a usable routing table")
+        # Protocol numbers below RTPROT_STATIC (4) belong to the kernel and `ip route`.
+        if not 4 <= protocol <= 255:
+            raise ValueError(f"protocol {protocol}: must be 4..255")
+        self.table = table
+        self.protocol = protocol
+        self.netns = netns
+        self.hash_policy = hash_policy
+        self._ipr: AsyncIPRoute | None = None
+
+    async def _socket(self) -> AsyncIPRoute:
+        if self._ipr is None:
+            try:
+                # flags=0: never create a missing namespace by accident.
+                self._ipr = AsyncIPRoute(netns=self.netns, flags=0, ext_ack=True, strict_check=True)
+            except (OSError, NetlinkError) as exc:
+                raise kernel_error(f"open rtnetlink netns={self.netns}", exc) from exc
+        return self._ipr
+
+    async def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    async def __aenter__(self) -> RouteTable:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _dump(self) -> tuple[list[EcmpRoute], AbstractSet[tuple[str, int]]]:
+        """Our routes, and (prefix, metric) of other owners' routes in the same table."""
+        ipr = await self._socket()
+        ours: list[EcmpRoute] = []
+        foreign: set[tuple[str, int]] = set()
+        for family in (AF_INET, AF_INET6):
+            try:
+                async for msg in await ipr.route("dump", family=family, table=self.table):
+                    table = msg.get("RTA_TABLE") or msg["table"]
+                    if table != self.table or msg["type"] != 1:  # RTN_UNICAST
+                        continue
+                    route = _decode(msg, self.table)
+                    if msg["proto"] == self.protocol:
+                        ours.append(route)
+                    else:
+                        foreign.add((route.prefix, _metric(msg)))
+            except (OSError, NetlinkError) as exc:
+                raise kernel_error(f"dump routes table {self.table}", exc) from exc
+        return ours, foreign
+
+    async def read(self) -> tuple[EcmpRoute, ...]:
+        ours, _ = await self._dump()
+        return tuple(sorted((normalize_route(r) for r in ours), key=lambda r: r.prefix))
+
+    def _check_slice(self, routes: Sequence[EcmpRoute]) -> None:
+        for route in routes:
+            if route.table != self.table or route.protocol != self.protocol:
+                raise ValueError(
+                    f"route {route.prefix}: table {route.table} protocol {route.protocol} is not "
+                    f"this adapter's (table {self.table} protocol {self.protocol})"
+                )
+
+    async def set(self, routes: Sequence[EcmpRoute]) -> None:
+        self._check_slice(routes)
+        ours, foreign = await self._dump()
+        plan = plan_routes(routes, ours)
+        if plan.empty:
+            return
+        await self.apply(plan, foreign)
+
+    async def apply(self, plan: RoutePlan, foreign: AbstractSet[tuple[str, int]] = frozenset()) -> None:
+        """Send a plan. Replacements first, so that a removal never precedes its successor."""
+        ipr = await self._socket()
+        for route in plan.replace:
+            family = ipaddress.ip_network(route.prefix).version
+            metric = 0 if family == 4 else 1024
+            if (route.prefix, metric) in foreign:
+                raise DataplaneError(
+                    f"replace route {route.prefix} table {self.table}",
+                    "a route of another owner has this prefix and metric; refusing to take it over",
+                )
+            op = f"replace route {route.prefix} table {self.table} via {_hops_text(route)}"
+            try:
+                await ipr.route(
+                    "replace",
+                    dst=route.prefix,
+                    table=self.table,
+                    proto=self.protocol,
+                    **_nexthop_args(route),
+                )
+            except (OSError, NetlinkError) as exc:
+                raise kernel_error(op, exc) from exc
+            log.info("route.replace table=%d prefix=%s via=%s", self.table, route.prefix, _hops_text(route))
+        for route in plan.delete:
+            op = f"delete route {route.prefix} table {self.table}"
+            try:
+                # The protocol in the request makes the kernel match only our route.
+                await ipr.route("del", dst=route.prefix, table=self.table, proto=self.protocol)
+            except NetlinkError as exc:
+                if exc.code == 3:  # ESRCH: already gone
+                    continue
+                raise kernel_error(op, exc) from exc
+            except OSError as exc:
+                raise kernel_error(op, exc) from exc
+            log.info("route.delete table=%d prefix=%s", self.table, route.prefix)
+
+    async def diagnostics(self) -> RouteDiagnostics:
+        policies = []
+        warnings = []
+        for family in ("ipv4", "ipv6"):
+            value = await run_in_netns(self.netns, functools.partial(_read_int, _sysctl_path(family)))
+            policies.append(HashPolicy(family, value))
+            if value is not None and value != 1:
+                warnings.append(
+                    f"net.{family}.fib_multipath_hash_policy={value} "
+                    f"({_POLICY_NAMES.get(value, '?')}): flows are not spread per 5-tuple"
+                )
+        ours, _ = await self._dump()
+        return RouteDiagnostics(tuple(policies), len(ours), tuple(warnings))
+
+    async def apply_hash_policy(self) -> None:
+        """Write the configured hash policy (only if the adapter was given one)."""
+        if self.hash_policy is None:
+            return
+        policy = self.hash_policy
+        for family in ("ipv4", "ipv6"):
+            path = _sysctl_path(family)
+            try:
+                await run_in_netns(self.netns, functools.partial(_write_int, path, policy))
+            except OSError as exc:
+                raise kernel_error(f"write {path}={policy} netns={self.netns}", exc) from exc
+            log.info("sysctl.set netns=%s %s=%d", self.netns, path, policy)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_int(path: str, value: int) -> None:
+    with open(path, "w") as f:
+        f.write(f"{value}\n")
+
+
+def _metric(msg: Any) -> int:
+    prio = msg.get("RTA_PRIORITY")
+    return int(prio) if prio is not None else 0
+
+
+def _decode(msg: Any, table: int) -> EcmpRoute:
+    family = msg["family"]
+    dst = msg.get("RTA_DST") or ("0.0.0.0" if family == AF_INET else "::")
+    prefix = f"{dst}/{msg['dst_len']}"
+    multipath = msg.get("RTA_MULTIPATH")
+    hops: list[NextHop] = []
+    if multipath:
+        for nh in multipath:
+            gw = nh.get("RTA_GATEWAY")
+            if gw is None:
+                via = nh.get("RTA_VIA")
+                gw = via.get("addr") if via else None
+            if gw is not None:
+                hops.append(NextHop(str(gw), int(nh["hops"]) + 1))
+    else:
+        gw = msg.get("RTA_GATEWAY")
+        if gw is not None:
+            hops.append(NextHop(str(gw), 1))
+    return EcmpRoute(prefix, tuple(hops), table, int(msg["proto"]))
+
+
+def _nexthop_args(route: EcmpRoute) -> dict[str, Any]:
+    if len(route.nexthops) == 1:
+        return {"gateway": route.nexthops[0].address}
+    # rtnh_hops is the weight minus one.
+    return {"multipath": [{"gateway": h.address, "hops": h.weight - 1} for h in route.nexthops]}
+
+
+def _hops_text(route: EcmpRoute) -> str:
+    return ",".join(f"{h.address}*{h.weight}" for h in route.nexthops)
