@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pop.adapters.routes import RoutePlan, normalize_route, plan_routes
+from pop.adapters.vip import PresentAddress, VipPlan, plan_vips
 from pop.desired import EcmpRoute, NextHop
 
 
@@ -82,3 +83,42 @@ def test_duplicate_desired_prefix_rejected() -> None:
 def test_normalize_sorts_next_hops_numerically() -> None:
     got = normalize_route(r(V, "10.0.0.10", "10.0.0.9", "10.0.0.100"))
     assert [h.address for h in got.nexthops] == ["10.0.0.9", "10.0.0.10", "10.0.0.100"]
+
+
+# ---------------------------------------------------------------------------------------
+# VIPs on lo
+
+OURS = 200
+
+
+def pa(address: str, protocol: int = OURS) -> PresentAddress:
+    return PresentAddress(address, protocol)
+
+
+@pytest.mark.parametrize(
+    ("desired", "present", "expected"),
+    [
+        ([], [], VipPlan()),
+        # loopback's own addresses are never ours
+        ([], [pa("127.0.0.1/8", 1), pa("::1/128", 1)], VipPlan()),
+        (["192.0.2.1"], [pa("127.0.0.1/8", 1)], VipPlan(add=("192.0.2.1/32",))),
+        (["192.0.2.1/32"], [pa("192.0.2.1/32")], VipPlan()),
+        # adopted: already there without our mark, left alone while desired ...
+        (["192.0.2.1/32"], [pa("192.0.2.1/32", 0)], VipPlan()),
+        # ... and not removed when it stops being desired
+        ([], [pa("192.0.2.1/32", 0)], VipPlan()),
+        # ours, no longer desired
+        (
+            [],
+            [pa("192.0.2.1/32"), pa("2001:db8::1/128")],
+            VipPlan(delete=("192.0.2.1/32", "2001:db8::1/128")),
+        ),
+        # another protocol's mark is not ours
+        ([], [pa("192.0.2.1/32", 201)], VipPlan()),
+        # a different prefix length is a different address on lo
+        (["192.0.2.1/24"], [pa("192.0.2.1/32")], VipPlan(add=("192.0.2.1/24",), delete=("192.0.2.1/32",))),
+        (["2001:DB8:0::1"], [], VipPlan(add=("2001:db8::1/128",))),
+    ],
+)
+def test_plan_vips(desired: list[str], present: list[PresentAddress], expected: VipPlan) -> None:
+    assert plan_vips(desired, present, OURS) == expected
