@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pop.config import Prefix
+
 
 @dataclass(frozen=True, slots=True)
 class Announcement:
@@ -63,3 +65,23 @@ class DesiredState:
     vips: tuple[str, ...] = field(default=())  # addresses (with prefix length) to hold on lo
     routes: tuple[EcmpRoute, ...] = ()
     services: tuple[VirtualService, ...] = ()
+
+
+def announcements(prefixes: tuple[Prefix, ...], announce: bool, degraded: bool) -> tuple[Announcement, ...]:
+    """What the BGP session should carry: every anycast prefix with the attributes of the
+    current state (healthy or degraded), or nothing while the verdict is withdraw."""
+    if not announce:
+        return ()
+    result = []
+    for prefix in prefixes:
+        attributes = prefix.degraded if degraded else prefix.healthy
+        result.append(Announcement(
+            prefix=prefix.prefix,
+            next_hop=prefix.next_hop,
+            med=attributes.med,
+            local_pref=attributes.local_pref,
+            communities=attributes.communities,
+            large_communities=attributes.large_communities,
+            as_path_prepend=attributes.as_path_prepend,
+        ))
+    return tuple(result)

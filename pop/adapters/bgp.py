@@ -1,0 +1,188 @@
+"""The BGP adapter: makes ExaBGP announce exactly the desired set of routes.
+
+The engine runs as ExaBGP's API process: commands go out on stdout, and ExaBGP answers each
+one with an ack line (`done` / `error`) on stdin, interleaved with JSON messages about the
+sessions. `ExaBgpSpeaker.set(announcements)` takes the whole desired set, sends only the
+difference from what ExaBGP has acknowledged, and waits for the acks. A command that ExaBGP
+rejects leaves the route in its previous state in our books, so the next `set()` retries it.
+
+stdout belongs to ExaBGP: this module is the only writer of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pop.config import Config
+from pop.desired import Announcement
+from pop.exabgp import (
+    Ack,
+    Message,
+    NeighborState,
+    Shutdown,
+    Unparsed,
+    Update,
+    announce_commands,
+    parse_line,
+    withdraw_commands,
+)
+
+log = logging.getLogger("pop.bgp")
+
+
+class ChannelError(Exception):
+    """The command channel to ExaBGP is broken (EOF, no ack in time)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerView:
+    state: str = "unknown"
+    since: float = 0.0
+    reason: str = ""
+    received: frozenset[str] = frozenset()  # prefixes this peer announces to us
+
+
+class ExaBgpSpeaker:
+    """Owns the ExaBGP API channel: writes commands, matches acks, tracks sessions."""
+
+    def __init__(
+        self,
+        config: Config,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._reader = reader
+        self._writer = writer
+        self._clock = clock
+        self._pending: collections.deque[asyncio.Future[bool]] = collections.deque()
+        self._announced: dict[str, Announcement] = {}  # acknowledged by ExaBGP
+        self._lock = asyncio.Lock()
+        self.peers: dict[str, PeerView] = {n.address: PeerView() for n in config.neighbors}
+        self.closed = asyncio.Event()
+        self.shutting_down = False  # ExaBGP announced its own shutdown
+        self.errors = 0  # commands ExaBGP answered with `error`
+        self.unparsed = 0
+        self.last_error = ""
+        self.on_peer_change: Callable[[str, PeerView], None] | None = None
+
+    def announced(self) -> tuple[Announcement, ...]:
+        """Read-back: what ExaBGP has acknowledged announcing."""
+        return tuple(self._announced.values())
+
+    async def set(self, announcements: Sequence[Announcement], *, force: bool = False) -> None:
+        """Make ExaBGP announce exactly `announcements`. `force` re-sends unchanged ones too."""
+        async with self._lock:
+            desired = {a.prefix: a for a in announcements}
+            for prefix, old in list(self._announced.items()):
+                if prefix not in desired and await self._send_all(
+                        withdraw_commands(self.config, prefix, old.next_hop)):
+                    del self._announced[prefix]
+                    log.info("bgp.withdraw prefix=%s", prefix)
+            for prefix, new in desired.items():
+                if not force and self._announced.get(prefix) == new:
+                    continue
+                if await self._send_all(announce_commands(self.config, new)):
+                    self._announced[prefix] = new
+                    log.info(
+                        "bgp.announce prefix=%s med=%s communities=%s prepend=%d",
+                        prefix,
+                        new.med,
+                        ",".join(new.communities) or "-",
+                        new.as_path_prepend,
+                    )
+
+    async def withdraw_configured(self) -> None:
+        """Withdraw every configured prefix, announced by us or not.
+
+        A respawned engine does not know what its predecessor left in ExaBGP's RIB, so it
+        starts from a clean slate: withdrawing a route that is not announced is harmless.
+        """
+        async with self._lock:
+            for prefix in self.config.prefixes:
+                await self._send_all(withdraw_commands(self.config, prefix.prefix, prefix.next_hop))
+                self._announced.pop(prefix.prefix, None)
+
+    async def _send_all(self, commands: list[str]) -> bool:
+        results = [await self._send(command) for command in commands]
+        return all(results)
+
+    async def _send(self, command: str) -> bool:
+        if self.closed.is_set():
+            raise ChannelError("ExaBGP closed the API channel")
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append(future)
+        self._writer.write(command.encode() + b"\n")
+        await self._writer.drain()
+        try:
+            async with asyncio.timeout(self.config.exabgp.ack_timeout):
+                ok = await future
+        except TimeoutError:
+            raise ChannelError(
+                f"no ack from ExaBGP within {self.config.exabgp.ack_timeout:g}s for: {command}"
+            ) from None
+        if not ok:
+            self.errors += 1
+            self.last_error = f"ExaBGP rejected: {command}"
+            log.error("bgp.rejected command=%r", command)
+        return ok
+
+    async def read_forever(self) -> None:
+        """Consume ExaBGP's stdin stream until EOF. Must always run: ExaBGP blocks otherwise."""
+        try:
+            while True:
+                try:
+                    line = await self._reader.readline()
+                except ValueError:  # a line longer than the stream limit
+                    self._note_unparsed(Unparsed("", "line too long"))
+                    continue
+                if not line:
+                    break
+                self.handle(parse_line(line.decode(errors="replace")))
+        finally:
+            self.closed.set()
+            while self._pending:
+                future = self._pending.popleft()
+                if not future.done():
+                    future.set_exception(ChannelError("ExaBGP closed the API channel"))
+
+    def handle(self, message: Message) -> None:
+        if isinstance(message, Ack):
+            while self._pending:
+                future = self._pending.popleft()
+                if not future.done():
+                    future.set_result(message.ok)
+                    return
+            log.warning("bgp.unexpected_ack ok=%s", message.ok)
+        elif isinstance(message, NeighborState):
+            old = self.peers.get(message.peer, PeerView())
+            view = PeerView(
+                state=message.state,
+                since=self._clock(),
+                reason=message.reason,
+                received=old.received if message.state == "up" else frozenset(),
+            )
+            self.peers[message.peer] = view
+            log.info("bgp.session peer=%s state=%s reason=%s", message.peer, message.state, message.reason or "-")
+            if self.on_peer_change is not None:
+                self.on_peer_change(message.peer, view)
+        elif isinstance(message, Update):
+            old = self.peers.get(message.peer, PeerView())
+            received = (old.received - set(message.withdrawn)) | set(message.announced)
+            self.peers[message.peer] = PeerView(old.state, old.since, old.reason, frozenset(received))
+        elif isinstance(message, Shutdown):
+            log.info("bgp.exabgp_shutdown")
+            self.shutting_down = True
+            self.closed.set()
+        elif isinstance(message, Unparsed):
+            self._note_unparsed(message)
+
+    def _note_unparsed(self, message: Unparsed) -> None:
+        self.unparsed += 1
+        log.warning("bgp.unparsed problem=%s line=%r", message.problem, message.line)

@@ -1,0 +1,157 @@
+"""Tier 1: the fast L4 checks, a TCP connect or an ICMP echo to one server.
+
+Both keep their own timeout (so they work alone, e.g. from a diagnostic command) and are
+cancellable at every await. A refused connection (TCP RST) and an ICMP unreachable are
+definitive failures: packet loss never produces them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import itertools
+import os
+import socket
+import struct
+import time
+
+from pop.checks.base import TIMEOUT, CheckResult
+
+# errors the kernel reports when an ICMP unreachable (or a local no-route) answered the SYN
+_UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
+# SO_LINGER with a zero timeout: close() sends RST instead of FIN, so a probe that runs
+# every 200 ms leaves no TIME_WAIT sockets behind on either side
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class TcpCheck:
+    """Connect to host:port; success when the three-way handshake completes."""
+
+    tier = 1
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+
+    @property
+    def name(self) -> str:
+        return "tcp"
+
+    async def probe(self) -> CheckResult:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.timeout):
+                await loop.sock_connect(sock, (self.host, self.port))
+            return CheckResult.success(time.monotonic() - started)
+        except TimeoutError:
+            return TIMEOUT
+        except ConnectionRefusedError:
+            return CheckResult.failure("refused", definitive=True, detail=f"port {self.port} refused")
+        except OSError as exc:
+            if exc.errno in _UNREACHABLE:
+                return CheckResult.failure("unreachable", definitive=True, detail=os.strerror(exc.errno or 0))
+            return CheckResult.failure("error", detail=str(exc))
+        finally:
+            sock.close()
+
+
+_ICMP_ECHO = {4: (8, 0), 6: (128, 129)}  # request type, reply type
+_ICMP_UNREACH = {4: 3, 6: 1}
+_ids = itertools.count(os.getpid() & 0xFFFF)
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+class IcmpCheck:
+    """ICMP echo to the server's address over a raw socket (needs CAP_NET_RAW).
+
+    The raw socket sees every ICMP packet on the host, so replies are matched on the source
+    address, the identifier and the sequence number.
+    """
+
+    tier = 1
+
+    def __init__(self, host: str, timeout: float) -> None:
+        self.host = host
+        self.timeout = timeout
+        self.version = ipaddress.ip_address(host).version
+        self._seq = itertools.count(1)
+
+    @property
+    def name(self) -> str:
+        return "icmp"
+
+    def _socket(self) -> socket.socket:
+        if self.version == 6:
+            return socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        return socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+
+    async def probe(self) -> CheckResult:
+        loop = asyncio.get_running_loop()
+        try:
+            sock = self._socket()
+        except PermissionError:
+            return CheckResult.failure("error", detail="ICMP needs CAP_NET_RAW (run as root)")
+        sock.setblocking(False)
+        ident = next(_ids) & 0xFFFF
+        seq = next(self._seq) & 0xFFFF
+        request_type, reply_type = _ICMP_ECHO[self.version]
+        payload = struct.pack("!d", time.monotonic())
+        header = struct.pack("!BBHHH", request_type, 0, 0, ident, seq)
+        # the kernel computes the ICMPv6 checksum itself (it needs the pseudo-header)
+        checksum = 0 if self.version == 6 else _checksum(header + payload)
+        packet = struct.pack("!BBHHH", request_type, 0, checksum, ident, seq) + payload
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.timeout):
+                await loop.sock_sendto(sock, packet, (self.host, 0))
+                while True:
+                    data, source = await loop.sock_recvfrom(sock, 2048)
+                    result = self._match(data, source[0], (ident, seq), reply_type, started)
+                    if result is not None:
+                        return result
+        except TimeoutError:
+            return TIMEOUT
+        except OSError as exc:
+            if exc.errno in _UNREACHABLE:
+                return CheckResult.failure("unreachable", definitive=True, detail=os.strerror(exc.errno or 0))
+            return CheckResult.failure("error", detail=str(exc))
+        finally:
+            sock.close()
+
+    def _match(self, data: bytes, source: str, ours: tuple[int, int], reply_type: int,
+               started: float) -> CheckResult | None:
+        if self.version == 4:
+            data = data[(data[0] & 0x0F) * 4:]  # a raw IPv4 socket hands us the IP header too
+        if len(data) < 8:
+            return None
+        kind, _code, _sum, got_ident, got_seq = struct.unpack("!BBHHH", data[:8])
+        if kind == reply_type and source == self.host and (got_ident, got_seq) == ours:
+            return CheckResult.success(time.monotonic() - started)
+        if kind == _ICMP_UNREACH[self.version] and self._quotes_us(data[8:], ours):
+            return CheckResult.failure("unreachable", definitive=True, detail=f"ICMP unreachable from {source}")
+        return None
+
+    def _quotes_us(self, quoted: bytes, ours: tuple[int, int]) -> bool:
+        """An ICMP error carries the start of the packet that caused it: was it our echo?"""
+        if self.version == 4:
+            if not quoted:
+                return False
+            quoted = quoted[(quoted[0] & 0x0F) * 4:]
+        else:
+            quoted = quoted[40:]
+        return len(quoted) >= 8 and struct.unpack("!HH", quoted[4:8]) == ours

@@ -1,0 +1,120 @@
+"""The `pop` command line: run, engine, check-config, drain, undrain, status, wg-probe."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pop import __version__
+from pop.config import Config, ConfigError
+
+DEFAULT_CONFIG = Path("/etc/pop/pop.yaml")
+
+
+def _setup_logging(verbose: bool) -> None:
+    # stderr only: in the engine, stdout is ExaBGP's command channel
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _load(path: Path) -> Config | None:
+    from pop.runner import load_file
+
+    try:
+        return load_file(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        return None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 2
+    print("ok")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pop.runner import run
+
+    return run(args.config)
+
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 2
+    from pop.service import main
+
+    return main(config, args.config.resolve())
+
+
+def _endpoint(args: argparse.Namespace, path: str, method: str = "GET") -> int:
+    config = _load(args.config)
+    if config is None:
+        return 2
+    host = config.status.listen
+    if ":" in host:
+        host = f"[{host}]"
+    url = f"http://{host}:{config.status.port}{path}"
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            body = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"{url}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(body, indent=2))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return _endpoint(args, "/status")
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    return _endpoint(args, "/drain", "POST")
+
+
+def cmd_undrain(args: argparse.Namespace) -> int:
+    return _endpoint(args, "/undrain", "POST")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="pop", description="anycast/BGP edge PoP controller for VPN providers")
+    top.add_argument("--version", action="version", version=f"pop {__version__}")
+    top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG,
+                             help=f"the PoP's YAML file (default {DEFAULT_CONFIG})")
+        return command
+
+    with_config("run", "render ExaBGP's configuration and run ExaBGP with the engine").set_defaults(func=cmd_run)
+    with_config("engine", "the health engine (ExaBGP's API process)").set_defaults(func=cmd_engine)
+    with_config("check-config", "validate the YAML; prints ok or every problem").set_defaults(
+        func=cmd_check_config)
+    with_config("status", "print the running engine's /status").set_defaults(func=cmd_status)
+    with_config("drain", "withdraw this PoP gracefully and keep it withdrawn").set_defaults(func=cmd_drain)
+    with_config("undrain", "end a drain; re-announce after the hold-down").set_defaults(func=cmd_undrain)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The engine: runs the checks, folds their results through the pure decisions, and has the
+adapters make the outcome true.
+
+    probers (one per server and tier) --observe()--> hysteresis --> pool --> verdict
+        --> desired announcements --> applier --> bgp.set()
+
+Everything that decides lives in the pure modules; this module only schedules. All state
+changes happen on the event loop thread in `observe()` / `reevaluate()`, so no locks are
+needed. The applier coalesces: if the desired state changes while a `set()` is in flight,
+only the newest state is sent next.
+
+Probes run on a schedule, not back to back: a new probe starts every interval even while an
+earlier one waits for its timeout, so silence is detected at the pace of the interval rather
+than of the timeout. A result older than one already folded in is dropped as stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pop import hysteresis, verdict
+from pop.checks.base import Check, CheckResult
+from pop.config import Config
+from pop.desired import Announcement, announcements
+from pop.hysteresis import Policy, ServerHealth, State, TierState
+from pop.verdict import PoolView, Verdict, VerdictPolicy
+
+log = logging.getLogger("pop.engine")
+
+
+class Speaker(Protocol):
+    async def set(self, announcements: Sequence[Announcement], *, force: bool = False) -> None: ...
+
+    def announced(self) -> tuple[Announcement, ...]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One state change, kept for /status ("why is this PoP withdrawn?")."""
+
+    at: float  # monotonic
+    wall: float  # time.time(), for people
+    kind: str  # "server" | "verdict" | "admin"
+    subject: str
+    old: str
+    new: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSnapshot:
+    name: str
+    address: str
+    weight: int
+    health: ServerHealth
+    tiers: Mapping[str, TierState]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """An immutable picture of the engine for /status, the NOC page and /metrics."""
+
+    pop: str
+    at: float
+    started: float
+    verdict: Verdict
+    pool: PoolView
+    degraded: bool
+    servers: tuple[ServerSnapshot, ...]
+    desired: tuple[Announcement, ...]
+    announced: tuple[Announcement, ...]
+    events: tuple[Event, ...]
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, config: Config, speaker: Speaker, checks: Mapping[str, Sequence[tuple[Check, Policy]]],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.speaker = speaker
+        self.checks = checks
+        self.clock = clock
+        self.started = clock()
+        self.verdict = Verdict()
+        self.tiers: dict[str, dict[str, TierState]] = {
+            s.name: {check.name: TierState(since=self.started) for check, _ in checks.get(s.name, ())}
+            for s in config.servers
+        }
+        self.health: dict[str, ServerHealth] = {
+            s.name: hysteresis.combine(self.tiers[s.name], s.enabled) for s in config.servers
+        }
+        self.pool = PoolView(0, len(config.servers), settled=False)
+        self.desired: tuple[Announcement, ...] = ()
+        self.events: collections.deque[Event] = collections.deque(maxlen=200)
+        self.apply_errors = 0
+        self.last_apply_error = ""
+        self._dirty = asyncio.Event()
+        self._wake_timer = asyncio.Event()
+        self._wake_prober: dict[tuple[str, str], asyncio.Event] = {}
+        self._latest: dict[tuple[str, str], int] = {}
+        self._sequence = itertools.count(1)
+        self._applied = asyncio.Event()  # set whenever the applier has caught up
+        self._group: asyncio.TaskGroup | None = None
+        self._probers: list[asyncio.Task[None]] = []
+        self._verdict_policy = VerdictPolicy(config.pool.low_watermark, config.pool.high_watermark,
+                                             config.pool.hold_down)
+
+    # --- decisions -------------------------------------------------------------------------
+
+    def observe(self, server: str, tier: str, result: CheckResult, sequence: int | None = None) -> None:
+        """Fold one check result in; re-decide if the server's health changed."""
+        key = (server, tier)
+        if sequence is not None:
+            if sequence < self._latest.get(key, 0):
+                return  # a newer probe of this server and tier already answered
+            self._latest[key] = sequence
+        if server not in self.tiers or tier not in self.tiers[server]:
+            return  # the server or its tier went away in a reload while this probe ran
+        now = self.clock()
+        old = self.tiers[server][tier]
+        policy = next(p for c, p in self.checks[server] if c.name == tier)
+        new = hysteresis.step(old, result, policy, now)
+        self.tiers[server][tier] = new
+        if new.state is not old.state:
+            log.info("server.tier server=%s tier=%s %s->%s reason=%s", server, tier, old.state.value,
+                     new.state.value, new.reason)
+            wake = self._wake_prober.get(key)
+            if wake is not None:
+                wake.set()
+        enabled = next(s.enabled for s in self.config.servers if s.name == server)
+        health = hysteresis.combine(self.tiers[server], enabled)
+        previous = self.health[server]
+        if health != previous:
+            self.health[server] = health
+            if health.state is not previous.state:
+                log.info("server.%s server=%s tier=%s reason=%s", health.state.value, server, health.tier or "-",
+                         health.reason)
+                self._record("server", server, previous.state.value, health.state.value,
+                             f"{health.tier}: {health.reason}" if health.tier else health.reason)
+            self.reevaluate()
+
+    def reevaluate(self) -> None:
+        now = self.clock()
+        healthy = sum(1 for h in self.health.values() if h.in_pool)
+        settled = all(h.state is not State.INIT for h in self.health.values())
+        self.pool = PoolView(healthy, len(self.config.servers), settled)
+        old = self.verdict
+        self.verdict = verdict.decide(old, self.pool, self._verdict_policy, now)
+        if self.verdict.announce != old.announce:
+            action = "announce" if self.verdict.announce else "withdraw"
+            log.info("pop.%s pop=%s reason=%s", action, self.config.name, self.verdict.reason)
+            self._record("verdict", self.config.name, "announced" if old.announce else "withdrawn",
+                         "announced" if self.verdict.announce else "withdrawn", self.verdict.reason)
+        elif self.verdict.hold_down_until != old.hold_down_until and self.verdict.hold_down_until is not None:
+            log.info("pop.hold_down pop=%s until=+%.1fs reason=%s", self.config.name,
+                     self.verdict.hold_down_until - now, self.verdict.reason)
+        self._wake_timer.set()
+        desired = announcements(self.config.prefixes, self.verdict.announce, self.degraded)
+        if desired != self.desired:
+            self.desired = desired
+            self._applied.clear()
+            self._dirty.set()
+
+    @property
+    def degraded(self) -> bool:
+        return any(h.state is not State.UP for h in self.health.values())
+
+    def drain(self) -> None:
+        self.verdict = verdict.drain(self.verdict, self.clock())
+        self._record("admin", self.config.name, "", "drained", "operator drain")
+        self.reevaluate()
+
+    def undrain(self) -> None:
+        self.verdict = verdict.undrain(self.verdict)
+        self._record("admin", self.config.name, "drained", "", "operator undrain")
+        self.reevaluate()
+
+    def _record(self, kind: str, subject: str, old: str, new: str, reason: str) -> None:
+        self.events.append(Event(self.clock(), time.time(), kind, subject, old, new, reason))
+
+    # --- the loops -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until cancelled or until an adapter fails (the exception propagates)."""
+        self.reevaluate()
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            group.create_task(self._applier(), name="applier")
+            group.create_task(self._timer(), name="hold-down timer")
+            self._start_probers()
+
+    def _start_probers(self) -> None:
+        assert self._group is not None
+        for server in self.config.servers:
+            if not server.enabled:
+                continue
+            for check, policy in self.checks.get(server.name, ()):
+                self._probers.append(self._group.create_task(
+                    self._prober(server.name, check, policy), name=f"probe {server.name} {check.name}"))
+
+    def reload(self, config: Config, checks: Mapping[str, Sequence[tuple[Check, Policy]]]) -> None:
+        """Take a new configuration without losing health state or flapping routes.
+
+        A server whose identity (address, ports, keys) is unchanged keeps the state of every
+        tier it still has; a new or changed server starts from INIT like at start-up. The
+        verdict is kept, so unchanged prefixes stay announced; the next `set()` sends only
+        what differs (new attributes, added or removed prefixes).
+        """
+        now = self.clock()
+        old_servers = {s.name: s for s in self.config.servers}
+        tiers: dict[str, dict[str, TierState]] = {}
+        for server in config.servers:
+            previous = old_servers.get(server.name)
+            same = previous is not None and (previous.address, previous.port, previous.wireguard) == (
+                server.address, server.port, server.wireguard)
+            tiers[server.name] = {
+                check.name: (self.tiers[server.name].get(check.name, TierState(since=now)) if same
+                             else TierState(since=now))
+                for check, _ in checks.get(server.name, ())
+            }
+        for task in self._probers:
+            task.cancel()
+        self._probers.clear()
+        self._latest.clear()
+        self.config = config
+        self.checks = checks
+        self.tiers = tiers
+        self.health = {s.name: hysteresis.combine(tiers[s.name], s.enabled) for s in config.servers}
+        self._verdict_policy = VerdictPolicy(config.pool.low_watermark, config.pool.high_watermark,
+                                             config.pool.hold_down)
+        self._record("admin", config.name, "", "reloaded", f"configuration reloaded from {config.source}")
+        log.info("engine.reloaded servers=%d prefixes=%d", len(config.servers), len(config.prefixes))
+        if self._group is not None:
+            self._start_probers()
+        self.reevaluate()
+
+    async def wait_applied(self) -> None:
+        await self._applied.wait()
+
+    async def _applier(self) -> None:
+        reassert = self.config.exabgp.reassert_interval
+        last_full = self.clock()
+        while True:
+            timeout = None if reassert <= 0 else max(0.0, last_full + reassert - self.clock())
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._dirty.wait()
+            except TimeoutError:
+                pass
+            self._dirty.clear()
+            force = reassert > 0 and self.clock() >= last_full + reassert
+            if force:
+                last_full = self.clock()
+            await self.speaker.set(self.desired, force=force)
+            if not self._dirty.is_set():
+                self._applied.set()
+
+    async def _timer(self) -> None:
+        """Re-decide when a hold-down expires (nothing else would wake the verdict then)."""
+        while True:
+            self._wake_timer.clear()
+            until = self.verdict.hold_down_until
+            timeout = None if until is None else max(0.0, until - self.clock())
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wake_timer.wait()
+            except TimeoutError:
+                self.reevaluate()
+
+    async def _prober(self, server: str, check: Check, policy: Policy) -> None:
+        key = (server, check.name)
+        wake = self._wake_prober[key] = asyncio.Event()
+        timeout = getattr(check, "timeout", 1.0)
+        in_flight: set[asyncio.Task[None]] = set()
+        # spread the first probes over one interval: no thundering herd at start
+        await asyncio.sleep(random.uniform(0, policy.fast_interval))
+        last_start = -1e9
+        while True:
+            pace = hysteresis.interval(self.tiers[server][check.name], policy)
+            delay = last_start + pace - self.clock()
+            if delay > 0:
+                wake.clear()
+                try:
+                    async with asyncio.timeout(delay):
+                        await wake.wait()
+                except TimeoutError:
+                    pass
+                continue  # re-read the pace: the state may have changed while we slept
+            # never more probes in flight than fit into one timeout at the fast pace
+            if len(in_flight) > timeout / policy.fast_interval + 1:
+                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            last_start = self.clock()
+            task = asyncio.create_task(self._probe_once(server, check, timeout * 2 + 0.5, next(self._sequence)))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+
+    async def _probe_once(self, server: str, check: Check, deadline: float, sequence: int) -> None:
+        try:
+            # the check keeps its own timeout; this deadline is the backstop for a check that
+            # does not, so that a hung probe can never hold a server's state hostage
+            async with asyncio.timeout(deadline):
+                result = await check.probe()
+        except TimeoutError:
+            result = CheckResult.failure("timeout", detail="check did not return by its deadline")
+        except Exception as exc:  # a broken check is a failed check, never a dead engine
+            log.exception("check.crashed server=%s tier=%s", server, check.name)
+            result = CheckResult.failure("error", detail=f"check raised {exc!r}")
+        self.observe(server, check.name, result, sequence)
+
+    # --- introspection ---------------------------------------------------------------------
+
+    def snapshot(self, extra: Mapping[str, object] | None = None) -> Snapshot:
+        servers = tuple(
+            ServerSnapshot(s.name, s.address, s.weight, self.health[s.name], dict(self.tiers[s.name]))
+            for s in self.config.servers
+        )
+        return Snapshot(pop=self.config.name, at=self.clock(), started=self.started, verdict=self.verdict,
+                        pool=self.pool, degraded=self.degraded and self.verdict.announce, servers=servers,
+                        desired=self.desired, announced=self.speaker.announced(), events=tuple(self.events),
+                        extra=dict(extra or {}))

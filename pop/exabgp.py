@@ -1,0 +1,208 @@
+"""Everything said to and heard from ExaBGP, as pure text transformations.
+
+- `render_config()` / `render_env()`: the ExaBGP configuration and environment for one PoP,
+  from the templates in the repository's `exabgp/` directory.
+- `announce_commands()` / `withdraw_commands()`: the API lines for one announcement. This is
+  the only place that builds ExaBGP commands; every value spliced in was checked for control
+  characters when the configuration was loaded.
+- `parse_line()`: one line ExaBGP wrote on the engine's stdin, as a typed message. Malformed
+  input becomes `Unparsed`, never an exception: a message we cannot read must not stop the
+  engine or change what is announced.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from pop.config import Config, Neighbor
+from pop.desired import Announcement
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "exabgp"
+PROCESS = "pop-engine"
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+def _template(name: str) -> Template:
+    path = TEMPLATES / name
+    try:
+        return Template(path.read_text())
+    except OSError as exc:
+        raise RuntimeError(f"ExaBGP template {path} is missing ({exc.strerror}); "
+                           f"install pop from its source tree (pip install -e .)") from None
+
+
+def render_config(config: Config, engine_argv: list[str]) -> str:
+    neighbor = _template("neighbor.tmpl")
+    blocks = []
+    for n in config.neighbors:
+        blocks.append(neighbor.substitute(
+            address=n.address,
+            description=n.description or f"{config.name} to AS{n.peer_as}",
+            router_id=config.router_id,
+            local_address_line=f"    local-address {n.local_address};\n" if n.local_address else "",
+            local_as=config.asn,
+            peer_as=n.peer_as,
+            hold_time=n.hold_time,
+            passive="true" if n.passive else "false",
+            family="ipv4" if n.version == 4 else "ipv6",
+            process=PROCESS,
+        ))
+    return _template("exabgp.conf.tmpl").substitute(
+        source=config.source,
+        pop_name=config.name,
+        process=PROCESS,
+        engine_command=shlex.join(engine_argv),
+        neighbors="".join(blocks),
+    )
+
+
+def render_env(config: Config, user: str = "root") -> str:
+    return _template("exabgp.env.tmpl").substitute(pop_name=config.name, user=user)
+
+
+# --- commands -----------------------------------------------------------------------------
+
+
+def _is_ebgp(config: Config, neighbor: Neighbor) -> bool:
+    return neighbor.peer_as != config.asn
+
+
+def _neighbors_for(config: Config, prefix: str) -> list[Neighbor]:
+    version = 6 if ":" in prefix else 4
+    return [n for n in config.neighbors if n.version == version]
+
+
+def announce_commands(config: Config, announcement: Announcement) -> list[str]:
+    """One `announce route` per neighbor of the prefix's family.
+
+    Per neighbor because of the AS path: ExaBGP sends an explicit `as-path` verbatim, so on
+    eBGP sessions our own AS must lead it (peers enforce the first AS), on iBGP it must not.
+    """
+    commands = []
+    for neighbor in _neighbors_for(config, announcement.prefix):
+        parts = [f"neighbor {neighbor.address} announce route {announcement.prefix}",
+                 f"next-hop {announcement.next_hop}"]
+        if announcement.med is not None:
+            parts.append(f"med {announcement.med}")
+        if announcement.local_pref is not None and not _is_ebgp(config, neighbor):
+            parts.append(f"local-preference {announcement.local_pref}")
+        if announcement.communities:
+            parts.append(f"community [ {' '.join(announcement.communities)} ]")
+        if announcement.large_communities:
+            parts.append(f"large-community [ {' '.join(announcement.large_communities)} ]")
+        if announcement.as_path_prepend:
+            leading = 1 if _is_ebgp(config, neighbor) else 0
+            path = " ".join([str(config.asn)] * (leading + announcement.as_path_prepend))
+            parts.append(f"as-path [ {path} ]")
+        commands.append(" ".join(parts))
+    return commands
+
+
+def withdraw_commands(config: Config, prefix: str, next_hop: str = "self") -> list[str]:
+    return [f"neighbor {n.address} withdraw route {prefix} next-hop {next_hop}"
+            for n in _neighbors_for(config, prefix)]
+
+
+# --- messages from ExaBGP -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    ok: bool  # done / error
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """ExaBGP is exiting."""
+
+
+@dataclass(frozen=True, slots=True)
+class NeighborState:
+    peer: str
+    state: str  # "connected", "up", "down"
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """Routes a peer sent us: what the rest of the fleet announces."""
+
+    peer: str
+    announced: tuple[str, ...]
+    withdrawn: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Other:
+    """A well-formed message we have no use for (keepalive, open, ...)."""
+
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unparsed:
+    line: str
+    problem: str
+
+
+Message = Ack | Shutdown | NeighborState | Update | Other | Unparsed
+
+_ACKS: dict[str, Ack | Shutdown] = {"done": Ack(True), "error": Ack(False), "shutdown": Shutdown()}
+
+
+def parse_line(line: str) -> Message:
+    text = line.strip()
+    if text in _ACKS:
+        return _ACKS[text]
+    if not text.startswith("{"):
+        return Unparsed(text[:200], "neither an ack nor a JSON message")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return Unparsed(text[:200], f"bad JSON: {exc}")
+    if not isinstance(data, dict):
+        return Unparsed(text[:200], "JSON message is not an object")
+    try:
+        return _from_json(data)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        return Unparsed(text[:200], f"unexpected JSON shape: {exc!r}")
+
+
+def _from_json(data: dict[str, Any]) -> Message:
+    if "answer" in data:
+        answer = data["answer"]
+        if answer in _ACKS:
+            return _ACKS[answer]
+        return Unparsed(str(answer)[:200], "unknown answer")
+    kind = data.get("type")
+    if kind == "notification" and data.get("notification") == "shutdown":
+        return Shutdown()
+    if kind == "state":
+        neighbor = data["neighbor"]
+        return NeighborState(peer=str(neighbor["address"]["peer"]), state=str(neighbor["state"]),
+                             reason=str(neighbor.get("reason", "")))
+    if kind == "update":
+        neighbor = data["neighbor"]
+        update = neighbor["message"]["update"]
+        announced: list[str] = []
+        for families in update.get("announce", {}).values():
+            for nlris in families.values():
+                announced.extend(_nlri_prefix(nlri) for nlri in nlris)
+        withdrawn: list[str] = []
+        for nlris in update.get("withdraw", {}).values():
+            withdrawn.extend(_nlri_prefix(nlri) for nlri in nlris)
+        return Update(peer=str(neighbor["address"]["peer"]), announced=tuple(announced), withdrawn=tuple(withdrawn))
+    return Other(str(kind))
+
+
+def _nlri_prefix(nlri: Any) -> str:
+    if isinstance(nlri, dict):
+        return str(nlri["nlri"])
+    return str(nlri)

@@ -1,0 +1,155 @@
+"""`pop run`: render ExaBGP's configuration from the PoP's YAML, validate it with ExaBGP's own
+validator, and run ExaBGP in the foreground with `pop engine` as its API process.
+
+`pop run` stays ExaBGP's parent and owns the signals, because ExaBGP's own meanings are not
+what an operator expects (SIGHUP stops ExaBGP):
+- SIGTERM / SIGINT: forwarded to ExaBGP as SIGTERM; ExaBGP closes its sessions with a Cease
+  and stops the engine, which withdraws first when it still can.
+- SIGHUP: reload. The new YAML is checked first; a broken one is logged and changes nothing.
+  A changed ExaBGP configuration (neighbors) is re-rendered and ExaBGP reloads it (SIGUSR1);
+  the engine gets SIGHUP and reloads in place (health state and announcements are kept).
+ExaBGP runs in its own session so that a terminal's signals reach it only through us.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import FrameType
+
+from pop import config as config_module
+from pop import exabgp
+from pop.config import Config, ConfigError
+
+log = logging.getLogger("pop.run")
+
+
+def exabgp_binary() -> str:
+    beside = Path(sys.executable).parent / "exabgp"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("exabgp")
+    if found is None:
+        raise FileNotFoundError("exabgp is not installed (pip install exabgp)")
+    return found
+
+
+def engine_argv(config_path: Path) -> list[str]:
+    return [sys.executable, "-m", "pop", "engine", "-c", str(config_path)]
+
+
+def render(config: Config, config_path: Path) -> tuple[Path, Path]:
+    """Write exabgp.conf and exabgp.env into the PoP's runtime directory."""
+    directory = Path(config.runtime_dir) / config.name
+    directory.mkdir(parents=True, exist_ok=True)
+    conf = directory / "exabgp.conf"
+    env = directory / "exabgp.env"
+    _write_if_changed(conf, exabgp.render_config(config, engine_argv(config_path)))
+    _write_if_changed(env, exabgp.render_env(config))
+    return conf, env
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    if path.exists() and path.read_text() == text:
+        return False
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return True
+
+
+def validate(conf: Path, env: Path) -> tuple[bool, str]:
+    """ExaBGP's own validator over the rendered configuration."""
+    result = subprocess.run([exabgp_binary(), "--env-file", str(env), "validate", str(conf)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    return result.returncode == 0, (result.stdout + result.stderr).strip()
+
+
+def load_file(path: Path) -> Config:
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}: (file): cannot read: {exc.strerror}"]) from None
+    return config_module.load(text, str(path))
+
+
+def run(config_path: Path) -> int:
+    config_path = config_path.resolve()
+    try:
+        config = load_file(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    conf, env = render(config, config_path)
+    ok, output = validate(conf, env)
+    if not ok:
+        print(f"{conf}: ExaBGP rejects the rendered configuration:\n{output}", file=sys.stderr)
+        return 2
+    log.info("run.start pop=%s exabgp_config=%s", config.name, conf)
+    child = subprocess.Popen([exabgp_binary(), "--env-file", str(env), "server", str(conf)],
+                             start_new_session=True, stdin=subprocess.DEVNULL)
+    state = {"config": config}
+
+    def forward_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("run.stop signal=%s", signal.Signals(signum).name)
+        child.send_signal(signal.SIGTERM)
+
+    def reload(_signum: int, _frame: FrameType | None) -> None:
+        state["config"] = _reload(state["config"], config_path, child)
+
+    signal.signal(signal.SIGTERM, forward_stop)
+    signal.signal(signal.SIGINT, forward_stop)
+    signal.signal(signal.SIGHUP, reload)
+    while True:
+        try:
+            code = child.wait()
+            break
+        except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
+            continue
+    log.info("run.exit exabgp_code=%d", code)
+    return code
+
+
+def _reload(current: Config, config_path: Path, child: subprocess.Popen[bytes]) -> Config:
+    try:
+        new = load_file(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload.rejected %s", problem)
+        return current
+    if new.name != current.name or new.runtime_dir != current.runtime_dir:
+        log.error("reload.rejected pop.name and pop.runtime_dir cannot change on reload; restart instead")
+        return current
+    old_text = exabgp.render_config(current, engine_argv(config_path))
+    new_text = exabgp.render_config(new, engine_argv(config_path))
+    conf, env = render(new, config_path)
+    if new_text != old_text:
+        ok, output = validate(conf, env)
+        if not ok:
+            log.error("reload.rejected ExaBGP rejects the new configuration: %s", output)
+            render(current, config_path)
+            return current
+        child.send_signal(signal.SIGUSR1)
+        log.info("reload.exabgp neighbors changed; ExaBGP reloads")
+    _signal_engine(new, signal.SIGHUP)
+    return new
+
+
+def engine_pidfile(config: Config) -> Path:
+    return Path(config.runtime_dir) / config.name / "engine.pid"
+
+
+def _signal_engine(config: Config, signum: int) -> None:
+    """The engine reloads in place on SIGHUP, keeping health state and announcements."""
+    try:
+        pid = int(engine_pidfile(config).read_text())
+        os.kill(pid, signum)
+        log.info("reload.engine signalled pid=%d", pid)
+    except (OSError, ValueError) as exc:
+        log.error("reload.engine cannot signal the engine: %s", exc)

@@ -1,0 +1,148 @@
+"""`pop engine`: the process ExaBGP runs as its API helper.
+
+Wires the real adapters to the engine: ExaBGP's pipes (our stdin/stdout), the checks, the
+status endpoint and the signals. The command channel is file descriptor 1 as inherited from
+ExaBGP; we move it aside and point fd 1 at stderr, so that a stray print() from anywhere can
+never inject a command into ExaBGP.
+
+Lifecycle:
+- start: withdraw every configured prefix (a respawned engine cannot know what its
+  predecessor left announced), then announce only after the servers have risen;
+- SIGTERM / SIGINT: withdraw, wait `exabgp.withdraw_settle`, exit 0;
+- ExaBGP closes the channel or stops acknowledging: exit 1 (nothing left to talk to; if
+  ExaBGP is still alive it respawns us and we start from the clean slate above);
+- any other failure of an engine task: try to withdraw, then exit 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from pop import checks as check_builder
+from pop.adapters.bgp import ChannelError, ExaBgpSpeaker
+from pop.config import Config, ConfigError
+from pop.engine import Engine
+from pop.runner import engine_pidfile, load_file
+from pop.status import make_app
+
+log = logging.getLogger("pop.service")
+
+
+def take_stdout() -> int:
+    """Return a private duplicate of the ExaBGP channel and send fd 1 to stderr."""
+    sys.stdout.flush()
+    channel = os.dup(1)
+    os.dup2(2, 1)
+    return channel
+
+
+async def _open_channel(channel_fd: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=4 * 1024 * 1024)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", buffering=0))
+    transport, protocol = await loop.connect_write_pipe(
+        asyncio.streams.FlowControlMixin, os.fdopen(channel_fd, "wb", buffering=0))
+    writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    return reader, writer
+
+
+def _reload(engine: Engine, config_path: Path) -> None:
+    """SIGHUP: re-read the YAML; a broken file changes nothing."""
+    try:
+        new = load_file(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload.rejected %s", problem)
+        return
+    if new.status != engine.config.status or new.name != engine.config.name:
+        log.warning("reload.partial pop.name and status changes take effect at the next restart")
+    engine.reload(new, check_builder.build(new))
+
+
+async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
+    reader, writer = await _open_channel(channel_fd)
+    speaker = ExaBgpSpeaker(config, reader, writer)
+    engine = Engine(config, speaker, check_builder.build(config))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(engine, config_path))
+    _write_pid(config)
+
+    def extra() -> dict[str, object]:
+        return {"sessions": {peer: view.state for peer, view in speaker.peers.items()},
+                "exabgp_command_errors": speaker.errors, "exabgp_unparsed_messages": speaker.unparsed}
+
+    runner: web.AppRunner | None = None
+    if config.status.enabled:
+        app = make_app(lambda: engine.snapshot(extra()), engine.drain, engine.undrain)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, config.status.listen, config.status.port, reuse_address=True).start()
+        log.info("status.listening address=%s port=%d", config.status.listen, config.status.port)
+
+    code = 0
+    reading = asyncio.create_task(speaker.read_forever(), name="exabgp reader")
+    try:
+        await speaker.withdraw_configured()
+        log.info("engine.started pop=%s servers=%d prefixes=%d", config.name, len(config.servers),
+                 len(config.prefixes))
+        running = asyncio.create_task(engine.run(), name="engine")
+        stopping = asyncio.create_task(stop.wait(), name="signals")
+        closed = asyncio.create_task(speaker.closed.wait(), name="channel")
+        done, _ = await asyncio.wait({running, stopping, closed}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (running, stopping, closed):
+            task.cancel()
+        if running in done and not running.cancelled() and running.exception() is not None:
+            log.error("engine.failed error=%r", running.exception())
+            code = 1
+        if closed in done:
+            if speaker.shutting_down:
+                log.info("engine.stopped: ExaBGP is shutting down")
+                return code
+            log.error("engine.exabgp_gone: ExaBGP closed the API channel")
+            return 1
+        await _withdraw(speaker, config)
+    except ChannelError as exc:
+        log.error("engine.channel_broken error=%s", exc)
+        code = 1
+    finally:
+        reading.cancel()
+        if runner is not None:
+            await runner.cleanup()
+        with contextlib.suppress(OSError):
+            engine_pidfile(config).unlink()
+    return code
+
+
+async def _withdraw(speaker: ExaBgpSpeaker, config: Config) -> None:
+    try:
+        async with asyncio.timeout(config.exabgp.ack_timeout):
+            await speaker.set(())
+        log.info("engine.withdrawn settle=%.1fs", config.exabgp.withdraw_settle)
+        await asyncio.sleep(config.exabgp.withdraw_settle)
+    except (TimeoutError, ChannelError) as exc:
+        log.error("engine.withdraw_failed error=%s", exc or "timeout")
+
+
+def _write_pid(config: Config) -> None:
+    path = engine_pidfile(config)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{os.getpid()}\n")
+    except OSError as exc:
+        log.warning("engine.pidfile path=%s error=%s", path, exc.strerror)
+
+
+def main(config: Config, config_path: Path) -> int:
+    channel = take_stdout()
+    return asyncio.run(serve(config, channel, config_path))

@@ -1,0 +1,227 @@
+"""What operators see: /status (JSON), / (the NOC page), /metrics (Prometheus), and drain.
+
+Everything here reads an immutable `Snapshot`; nothing here changes a decision except the
+two explicit operator actions, POST /drain and POST /undrain.
+
+"Why is this PoP withdrawn?" is answered by `verdict.reason` plus the recent `events`, each
+of which names the server, the tier and the evidence that moved it.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pop.engine import Snapshot
+from pop.hysteresis import State
+
+SnapshotSource = Callable[[], Snapshot]
+
+
+def to_json(snap: Snapshot) -> dict[str, Any]:
+    now_wall = time.time()
+
+    def ago(t: float) -> float:
+        return round(snap.at - t, 3)
+
+    return {
+        "pop": snap.pop,
+        "uptime_seconds": round(snap.at - snap.started, 3),
+        "announced": snap.verdict.announce,
+        "state": _pop_state(snap),
+        "reason": snap.verdict.reason,
+        "since_seconds": ago(snap.verdict.since) if snap.verdict.changes else None,
+        "hold_down_remaining": (round(max(0.0, snap.verdict.hold_down_until - snap.at), 3)
+                                if snap.verdict.hold_down_until is not None else None),
+        "drained": snap.verdict.drained,
+        "pool": {"healthy": snap.pool.healthy, "total": snap.pool.total,
+                 "fraction": round(snap.pool.fraction, 4)},
+        "servers": [
+            {
+                "name": s.name,
+                "address": s.address,
+                "weight": s.weight,
+                "state": s.health.state.value,
+                "in_pool": s.health.in_pool,
+                "decided_by": s.health.tier or None,
+                "reason": s.health.reason,
+                "tiers": {
+                    name: {
+                        "state": t.state.value,
+                        "since_seconds": ago(t.since),
+                        "streak": t.streak,
+                        "reason": t.reason,
+                        "last": None if t.last is None else {
+                            "ok": t.last.ok, "error": t.last.error or None, "definitive": t.last.definitive,
+                            "latency_ms": None if t.last.latency is None else round(t.last.latency * 1000, 3),
+                            "detail": t.last.detail or None,
+                        },
+                        "successes": t.successes,
+                        "failures": t.failures,
+                    }
+                    for name, t in s.tiers.items()
+                },
+            }
+            for s in snap.servers
+        ],
+        "bgp": {
+            "desired": [_announcement(a) for a in snap.desired],
+            "announced": [_announcement(a) for a in snap.announced],
+            **snap.extra,
+        },
+        "events": [
+            {"time": round(e.wall, 3), "ago_seconds": round(now_wall - e.wall, 3), "kind": e.kind,
+             "subject": e.subject, "from": e.old, "to": e.new, "reason": e.reason}
+            for e in reversed(snap.events)
+        ],
+    }
+
+
+def _pop_state(snap: Snapshot) -> str:
+    if snap.verdict.drained:
+        return "drained"
+    if snap.verdict.announce:
+        return "degraded" if snap.degraded else "announced"
+    if snap.verdict.hold_down_until is not None:
+        return "hold-down"
+    return "withdrawn"
+
+
+def _announcement(a: Any) -> dict[str, Any]:
+    return {"prefix": a.prefix, "next_hop": a.next_hop, "med": a.med, "local_pref": a.local_pref,
+            "communities": list(a.communities), "large_communities": list(a.large_communities),
+            "as_path_prepend": a.as_path_prepend}
+
+
+_STATE_VALUES = {state: index for index, state in enumerate(State)}
+
+
+class _Collector(Collector):
+    def __init__(self, source: SnapshotSource) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.source()
+        labels = ["pop"]
+        announced = GaugeMetricFamily("pop_announced", "1 while this PoP announces its anycast prefixes", labels=labels)
+        announced.add_metric([snap.pop], float(snap.verdict.announce))
+        yield announced
+        drained = GaugeMetricFamily("pop_drained", "1 while an operator drain is in force", labels=labels)
+        drained.add_metric([snap.pop], float(snap.verdict.drained))
+        yield drained
+        changes = CounterMetricFamily("pop_verdict_changes", "announce/withdraw decisions", labels=labels)
+        changes.add_metric([snap.pop], float(snap.verdict.changes))
+        yield changes
+        healthy = GaugeMetricFamily("pop_pool_healthy_servers", "servers in the pool", labels=labels)
+        healthy.add_metric([snap.pop], float(snap.pool.healthy))
+        yield healthy
+        total = GaugeMetricFamily("pop_pool_servers", "servers configured", labels=labels)
+        total.add_metric([snap.pop], float(snap.pool.total))
+        yield total
+        up = GaugeMetricFamily("pop_server_up", "1 while the server is in the pool", labels=["pop", "server"])
+        state = GaugeMetricFamily("pop_server_state", "1 for the server's current state",
+                                  labels=["pop", "server", "state"])
+        probes = CounterMetricFamily("pop_check_results", "check results by outcome",
+                                     labels=["pop", "server", "tier", "outcome"])
+        latency = GaugeMetricFamily("pop_check_latency_seconds", "latency of the last successful probe",
+                                    labels=["pop", "server", "tier"])
+        for server in snap.servers:
+            up.add_metric([snap.pop, server.name], float(server.health.in_pool))
+            for candidate in State:
+                state.add_metric([snap.pop, server.name, candidate.value],
+                                 float(server.health.state is candidate))
+            for tier_name, tier in server.tiers.items():
+                probes.add_metric([snap.pop, server.name, tier_name, "ok"], float(tier.successes))
+                probes.add_metric([snap.pop, server.name, tier_name, "fail"], float(tier.failures))
+                if tier.last is not None and tier.last.latency is not None:
+                    latency.add_metric([snap.pop, server.name, tier_name], tier.last.latency)
+        yield from (up, state, probes, latency)
+        for key, value in snap.extra.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                extra = GaugeMetricFamily(f"pop_{key}", key.replace("_", " "), labels=labels)
+                extra.add_metric([snap.pop], float(value))
+                yield extra
+
+
+def make_app(source: SnapshotSource, drain: Callable[[], None], undrain: Callable[[], None]) -> web.Application:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(source))
+
+    async def status(_request: web.Request) -> web.Response:
+        return web.json_response(to_json(source()), dumps=lambda v: json.dumps(v, indent=2))
+
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
+
+    async def page(_request: web.Request) -> web.Response:
+        return web.Response(text=render_page(to_json(source())), content_type="text/html")
+
+    async def post_drain(_request: web.Request) -> web.Response:
+        drain()
+        return web.json_response({"drained": True, "state": _pop_state(source())})
+
+    async def post_undrain(_request: web.Request) -> web.Response:
+        undrain()
+        return web.json_response({"drained": False, "state": _pop_state(source())})
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/drain", post_drain)
+    app.router.add_post("/undrain", post_undrain)
+    return app
+
+
+_COLORS = {"announced": "#1a7f37", "degraded": "#bf8700", "hold-down": "#bf8700", "withdrawn": "#cf222e",
+           "drained": "#6e7781", "up": "#1a7f37", "falling": "#bf8700", "rising": "#bf8700", "init": "#6e7781",
+           "down": "#cf222e", "disabled": "#6e7781"}
+
+
+def render_page(data: dict[str, Any]) -> str:
+    """The NOC page: one glance answers "is this PoP announced, and if not, why?"."""
+    e = html.escape
+
+    def badge(state: str) -> str:
+        return f'<span class="b" style="background:{_COLORS.get(state, "#6e7781")}">{e(state)}</span>'
+
+    rows = []
+    for s in data["servers"]:
+        tiers = " ".join(
+            f"{e(name)}: {badge(t['state'])} "
+            + (f"{t['last']['latency_ms']} ms" if t["last"] and t["last"]["latency_ms"] is not None else "")
+            for name, t in s["tiers"].items())
+        rows.append(f"<tr><td>{e(s['name'])}</td><td>{e(s['address'])}</td><td>{badge(s['state'])}</td>"
+                    f"<td>{tiers}</td><td>{e(s['reason'])}</td></tr>")
+    events = "".join(
+        f"<tr><td>{time.strftime('%H:%M:%S', time.gmtime(ev['time']))}</td><td>{e(ev['kind'])}</td>"
+        f"<td>{e(ev['subject'])}</td><td>{e(ev['from'])} → {e(ev['to'])}</td><td>{e(ev['reason'])}</td></tr>"
+        for ev in data["events"][:30])
+    routes = "".join(f"<li><code>{e(a['prefix'])}</code> med={a['med']} "
+                     f"communities={e(' '.join(a['communities'])) or '-'}</li>" for a in data["bgp"]["announced"])
+    peers = "".join(f"<li>{e(p)}: {badge(v)}</li>" for p, v in data["bgp"].get("sessions", {}).items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">
+<title>pop {e(data['pop'])}: {e(data['state'])}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;color:#1f2328}}
+.b{{color:#fff;border-radius:4px;padding:1px 6px;font-size:90%}}
+table{{border-collapse:collapse}}td,th{{padding:3px 10px;border-bottom:1px solid #d0d7de;text-align:left}}
+h1 .b{{font-size:70%}}</style></head><body>
+<h1>PoP {e(data['pop'])} {badge(data['state'])}</h1>
+<p><b>Why:</b> {e(data['reason'])}</p>
+<p>Pool: {data['pool']['healthy']}/{data['pool']['total']} healthy · up {data['uptime_seconds']:.0f}s</p>
+<h2>Announced</h2><ul>{routes or '<li>nothing</li>'}</ul>
+<h2>BGP sessions</h2><ul>{peers or '<li>unknown</li>'}</ul>
+<h2>Servers</h2><table><tr><th>server</th><th>address</th><th>state</th><th>tiers</th><th>reason</th></tr>
+{''.join(rows)}</table>
+<h2>Recent events (UTC)</h2><table><tr><th>time</th><th>kind</th><th>subject</th><th>change</th><th>reason</th></tr>
+{events}</table>
+</body></html>"""

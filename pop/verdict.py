@@ -1,0 +1,92 @@
+"""The PoP verdict: should this PoP attract traffic? Pure.
+
+Inputs are the pool (how many servers are in it, of how many) and the time; the output is
+whether to announce, with the reason. The pool itself has hysteresis: two watermarks on the
+healthy fraction (withdraw below the low one, re-announce only at or above the high one) and
+a hold-down (the pool must stay above the high watermark this long before a re-announce).
+
+A PoP starts withdrawn and announces as soon as its servers have risen: the hold-down guards
+against re-announcing a PoP that just failed, and a fresh start has no such history.
+Operator drain overrides everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True, slots=True)
+class PoolView:
+    healthy: int  # servers in the pool (weight-free count)
+    total: int  # servers configured, enabled or not
+    settled: bool = True  # False while some server has no verdict yet (INIT)
+
+    @property
+    def fraction(self) -> float:
+        return self.healthy / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictPolicy:
+    low_watermark: float
+    high_watermark: float
+    hold_down: float
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    announce: bool = False
+    since: float = 0.0  # when `announce` last changed
+    reason: str = "starting: waiting for servers to rise"
+    hold_down_until: float | None = None  # set while waiting out the hold-down
+    ever_announced: bool = False
+    drained: bool = False  # operator drain in force
+    changes: int = 0  # announce/withdraw decisions so far
+
+
+def decide(current: Verdict, pool: PoolView, policy: VerdictPolicy, now: float) -> Verdict:
+    """The next verdict. Call on every pool change and when `hold_down_until` passes."""
+    share = f"{pool.healthy}/{pool.total} healthy"
+    if current.drained:
+        if current.announce:
+            return _flip(current, False, now, "drained by operator")
+        return current
+    if current.announce:
+        if pool.fraction < policy.low_watermark:
+            return _flip(current, False, now, f"{share}, below low watermark {policy.low_watermark:g}")
+        return current
+    if pool.fraction < policy.high_watermark:
+        if current.hold_down_until is not None:
+            return replace(current, hold_down_until=None,
+                           reason=f"{share}, fell back below high watermark during hold-down")
+        if current.ever_announced or pool.settled:
+            reason = f"{share}, below high watermark {policy.high_watermark:g}"
+            return current if current.reason == reason else replace(current, reason=reason)
+        return current
+    if not current.ever_announced:
+        return _flip(current, True, now, f"{share}, servers up")
+    if current.hold_down_until is None:
+        if policy.hold_down <= 0:
+            return _flip(current, True, now, f"{share}, at or above high watermark {policy.high_watermark:g}")
+        return replace(current, hold_down_until=now + policy.hold_down,
+                       reason=f"{share}, hold-down {policy.hold_down:g}s before re-announcing")
+    if now >= current.hold_down_until:
+        return _flip(current, True, now, f"{share}, stayed healthy through hold-down {policy.hold_down:g}s")
+    return current
+
+
+def drain(current: Verdict, now: float) -> Verdict:
+    """Operator drain: withdraw and stay withdrawn until `undrain`."""
+    drained = replace(current, drained=True, hold_down_until=None)
+    return _flip(drained, False, now, "drained by operator") if current.announce else \
+        replace(drained, reason="drained by operator")
+
+
+def undrain(current: Verdict) -> Verdict:
+    """End a drain; the next `decide` applies the watermarks and the hold-down as after a withdraw."""
+    return replace(current, drained=False, reason="drain ended")
+
+
+def _flip(current: Verdict, announce: bool, now: float, reason: str) -> Verdict:
+    return replace(current, announce=announce, since=now, reason=reason, hold_down_until=None,
+                   ever_announced=current.ever_announced or announce, changes=current.changes + 1)
