@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from pop.adapters.ipvs import ServiceEntry, normalize_service, plan_services, sched_flags
 from pop.adapters.routes import RoutePlan, normalize_route, plan_routes
 from pop.adapters.vip import PresentAddress, VipPlan, plan_vips
-from pop.desired import EcmpRoute, NextHop
+from pop.desired import EcmpRoute, NextHop, RealServer, VirtualService
 
 
 def r(prefix: str, *hops: str | tuple[str, int]) -> EcmpRoute:
@@ -122,3 +123,105 @@ def pa(address: str, protocol: int = OURS) -> PresentAddress:
 )
 def test_plan_vips(desired: list[str], present: list[PresentAddress], expected: VipPlan) -> None:
     assert plan_vips(desired, present, OURS) == expected
+
+
+# ---------------------------------------------------------------------------------------
+# IPVS services
+
+
+def vs(*reals: tuple[str, int] | tuple[str, int, int], fwd: str = "nat", sched: str = "mh") -> VirtualService:
+    return VirtualService("udp", "203.0.113.1", 51820, sched, fwd, tuple(RealServer(*x) for x in reals))
+
+
+def ops(
+    desired: list[VirtualService], current: list[VirtualService], flags: tuple[int, int] = (0, 0)
+) -> list[str]:
+    plan = plan_services(
+        [ServiceEntry(s, flags[0]) for s in desired], [ServiceEntry(s, flags[1]) for s in current]
+    )
+    return [str(op) for op in plan]
+
+
+S = "udp 203.0.113.1:51820"
+
+
+@pytest.mark.parametrize(
+    ("desired", "current", "expected"),
+    [
+        ([], [], []),
+        ([vs(("10.0.0.1", 51820))], [vs(("10.0.0.1", 51820))], []),
+        # real server order does not matter
+        ([vs(("10.0.0.2", 1), ("10.0.0.1", 1))], [vs(("10.0.0.1", 1), ("10.0.0.2", 1))], []),
+        # new service: the service first, then its reals
+        (
+            [vs(("10.0.0.2", 1), ("10.0.0.1", 1))],
+            [],
+            [
+                f"add-service {S} mh flags=0x0",
+                f"add-real {S} 10.0.0.1:1 w1 nat",
+                f"add-real {S} 10.0.0.2:1 w1 nat",
+            ],
+        ),
+        # a membership change: additions before removals
+        (
+            [vs(("10.0.0.1", 1), ("10.0.0.3", 1))],
+            [vs(("10.0.0.1", 1), ("10.0.0.2", 1))],
+            [f"add-real {S} 10.0.0.3:1 w1 nat", f"del-real {S} 10.0.0.2:1 w1 nat"],
+        ),
+        # quiescent drain = weight 0, an edit in place
+        (
+            [vs(("10.0.0.1", 1), ("10.0.0.2", 1, 0))],
+            [vs(("10.0.0.1", 1), ("10.0.0.2", 1))],
+            [f"edit-real {S} 10.0.0.2:1 w0 nat"],
+        ),
+        # a different port is a different real server
+        (
+            [vs(("10.0.0.1", 2))],
+            [vs(("10.0.0.1", 1))],
+            [f"add-real {S} 10.0.0.1:2 w1 nat", f"del-real {S} 10.0.0.1:1 w1 nat"],
+        ),
+        # scheduler change: edited, real servers kept
+        ([vs(("10.0.0.1", 1), sched="rr")], [vs(("10.0.0.1", 1))], [f"edit-service {S} rr flags=0x0"]),
+        # forwarding method change: every real server edited
+        (
+            [vs(("10.0.0.1", 51820), fwd="dr")],
+            [vs(("10.0.0.1", 51820))],
+            [f"edit-real {S} 10.0.0.1:51820 w1 dr"],
+        ),
+        # dr with port 0 means the service's port
+        ([vs(("10.0.0.1", 0), fwd="dr")], [vs(("10.0.0.1", 51820), fwd="dr")], []),
+        # ours, no longer desired
+        ([], [vs(("10.0.0.1", 1))], [f"del-service {S} mh flags=0x0"]),
+    ],
+)
+def test_plan_services(
+    desired: list[VirtualService], current: list[VirtualService], expected: list[str]
+) -> None:
+    assert ops(desired, current) == expected
+
+
+def test_plan_services_flag_change_is_an_edit() -> None:
+    assert ops([vs()], [vs()], flags=(0x10, 0)) == [f"edit-service {S} mh flags=0x10"]
+
+
+@pytest.mark.parametrize(
+    ("service", "error"),
+    [
+        (VirtualService("sctp", "203.0.113.1", 1), "protocol"),
+        (VirtualService("udp", "203.0.113.1", 1, forward="masq"), "forward"),
+        (VirtualService("udp", "203.0.113.1", 0), "port 0"),
+        (vs(("10.0.0.1", 1), ("10.0.0.1", 1)), "listed twice"),
+        (vs(("10.0.0.1", 1), fwd="dr"), "cannot change the port"),
+        (vs(("2001:db8::1", 51820), fwd="tunnel"), "address family"),
+        (vs(("10.0.0.1", 1, 70000)), "weight 70000"),
+    ],
+)
+def test_normalize_service_rejects(service: VirtualService, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        normalize_service(service)
+
+
+def test_sched_flags() -> None:
+    assert sched_flags(["mh-port", "mh-fallback"]) == 0x18
+    with pytest.raises(ValueError, match="mh-prot"):
+        sched_flags(["mh-prot"])
