@@ -1,0 +1,177 @@
+"""The config loader: every malformed input gets named problems, never a traceback."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pop.config import Config, ConfigError, load
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "pop.yaml"
+
+MINIMAL = """
+pop: {name: ams1, asn: 65101, router_id: 192.0.2.1}
+neighbors: [{address: 10.0.0.1, peer_as: 65000}]
+prefixes: [198.51.100.1/32]
+servers: [{name: vpn1, address: 10.0.2.10}]
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(text, "pop.yaml")
+    return list(info.value.problems)
+
+
+def with_(**sections: object) -> str:
+    data = yaml.safe_load(MINIMAL)
+    data.update(sections)
+    return yaml.safe_dump(data)
+
+
+def test_example_loads() -> None:
+    config = load(EXAMPLE.read_text(), str(EXAMPLE))
+    assert config.name == "ams1"
+    assert [p.prefix for p in config.prefixes] == ["198.51.100.1/32", "2001:db8:100::1/128"]
+    assert config.prefixes[0].degraded.med == 200
+    assert config.prefixes[0].degraded.communities == ("65101:100",)  # inherited from healthy
+    assert config.servers[2].enabled is False
+
+
+def test_minimal_has_careful_defaults() -> None:
+    config = load(MINIMAL)
+    assert isinstance(config, Config)
+    l4 = config.checks.l4
+    assert (l4.kind, l4.interval, l4.fast_interval, l4.timeout, l4.rise, l4.fall, l4.fall_definitive) == (
+        "tcp", 0.2, 0.05, 0.25, 3, 6, 2)
+    assert (config.pool.low_watermark, config.pool.high_watermark, config.pool.hold_down) == (0.5, 0.6, 5.0)
+    assert config.neighbors[0].hold_time == 9
+    assert config.status.listen == "127.0.0.1"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("", "pop.yaml: (top level): the file is empty"),
+    ("[1, 2]", "pop.yaml: (top level): must be a mapping, not a list"),
+    ("pop: {name: x\n", "pop.yaml: line 2 column 1: not valid YAML: expected ',' or '}', but got '<stream end>'"),
+    ("\tpop: 1", "pop.yaml: line 1 column 1: not valid YAML: found character '\\t' that cannot start any token"),
+])
+def test_not_a_config_at_all(text: str, expected: str) -> None:
+    assert problems(text) == [expected]
+
+
+@pytest.mark.parametrize(("sections", "expected"), [
+    ({"pop": {"name": "a b", "asn": 1, "router_id": "1.1.1.1"}},
+     "pop.yaml: pop.name: 'a b' is not a name (letters, digits, '_', '.', '-'; at most 63)"),
+    ({"pop": {"name": "x", "asn": True, "router_id": "1.1.1.1"}}, "pop.yaml: pop.asn: must be an integer, not a boolean"),
+    ({"pop": {"name": "x", "asn": 2**32, "router_id": "1.1.1.1"}}, "pop.yaml: pop.asn: 4294967296 is out of range 1..4294967295"),
+    ({"pop": {"name": "x", "asn": 1, "router_id": "::1"}}, "pop.yaml: pop.router_id: ::1 is IPv6, expected IPv4"),
+    ({"pop": {"name": "x", "asn": 1}}, "pop.yaml: pop.router_id: is required"),
+    ({"prefixes": ["198.51.100.1/24"]},
+     "pop.yaml: prefixes[0].prefix: '198.51.100.1/24' is not a prefix (198.51.100.1/24 has host bits set)"),
+    ({"prefixes": ["198.51.100.1/32", "198.51.100.1/32"]},
+     "pop.yaml: prefixes[1]: prefix 198.51.100.1/32 is listed twice (also at prefixes[0])"),
+    ({"prefixes": ["2001:db8::1/128"]},
+     "pop.yaml: prefixes[0]: 2001:db8::1/128 is IPv6 but no neighbor is IPv6; it would never be announced"),
+    ({"prefixes": [{"prefix": "198.51.100.1/32", "healthy": {"communities": ["65000:1\nannounce route 0.0.0.0/0"]}}]},
+     "pop.yaml: prefixes[0].healthy.communities[0]: contains a control character (newline, tab, ...), "
+     "which is not allowed"),
+    ({"prefixes": [{"prefix": "198.51.100.1/32", "healthy": {"communities": ["65536:1"]}}]},
+     "pop.yaml: prefixes[0].healthy.communities[0]: '65536:1' is not a community (ASN:VALUE, each 0..65535, "
+     "or one of blackhole, graceful-shutdown, no-advertise, no-export, no-export-subconfed)"),
+    ({"prefixes": [{"prefix": "198.51.100.1/32", "healthy": {"med": -1}}]},
+     "pop.yaml: prefixes[0].healthy.med: -1 is out of range 0..4294967295"),
+    ({"prefixes": [{"prefix": "198.51.100.1/32", "healthy": {"mde": 1}}]},
+     "pop.yaml: prefixes[0].healthy.mde: unknown key (did you mean 'med'?)"),
+    ({"neighbors": [{"address": "10.0.0.1", "peer_as": 1}, {"address": "10.0.0.1", "peer_as": 2}]},
+     "pop.yaml: neighbors[1].address: neighbor 10.0.0.1 is listed twice"),
+    ({"neighbors": [{"address": "10.0.0.1", "peer_as": 1, "hold_time": 2}]},
+     "pop.yaml: neighbors[0].hold_time: 2 is not allowed: a hold time is 0 or at least 3 seconds (RFC 4271)"),
+    ({"neighbors": [{"address": "10.0.0.1", "peer_as": 1, "description": "up\rstream"}]},
+     "pop.yaml: neighbors[0].description: contains a control character (newline, tab, ...), which is not allowed"),
+    ({"servers": [{"name": "a", "address": "10.0.0.5"}, {"name": "a", "address": "10.0.0.6"}]},
+     "pop.yaml: servers[1].name: server name 'a' is used twice (also servers[0])"),
+    ({"servers": [{"name": "a", "address": "10.0.0.5"}, {"name": "b", "address": "10.0.0.5"}]},
+     "pop.yaml: servers[1]: server 10.0.0.5 port default is listed twice (also servers[0])"),
+    ({"servers": [{"name": "a", "address": "10.0.0.5", "wireguard": {"public_key": "short"}}]},
+     "pop.yaml: servers[0].wireguard.public_key: 'short' is not a base64 Curve25519 key "
+     "(44 characters, as `wg pubkey` prints)"),
+    ({"servers": []}, "pop.yaml: servers: at least one VPN server is required"),
+    ({"servers": "vpn1"}, "pop.yaml: servers: must be a list, not a string"),
+    ({"checks": {"l4": {"fast_interval": 2.0}}},
+     "pop.yaml: checks.l4.fast_interval: 2.0 is longer than interval 0.2; it is the faster pace while a state changes"),
+    ({"checks": {"l4": {"kind": "udp"}}}, "pop.yaml: checks.l4.kind: 'udp' is not a check kind (tcp or icmp)"),
+    ({"checks": {"l4": {"timeout": float("nan")}}},
+     "pop.yaml: checks.l4.timeout: nan is out of range (at least 0.01 and at most 60)"),
+    ({"checks": {"wireguard": {"enabled": True}}},
+     "pop.yaml: servers[0].wireguard: is required when checks.wireguard.enabled is true (public_key of the server)"),
+    ({"checks": {"wireguard": {"probe_key_file": "probe.key"}}},
+     "pop.yaml: checks.wireguard.probe_key_file: 'probe.key' must be an absolute path"),
+    ({"pool": {"low_watermark": 0}}, "pop.yaml: pool.low_watermark: 0 is out of range (greater than 0.0 and at most 1.0)"),
+    ({"pool": {"low_watermark": 0.8, "high_watermark": 0.6}},
+     "pop.yaml: pool.high_watermark: 0.6 is below low_watermark 0.8; the PoP would flap"),
+    ({"status": {"listen": "localhost"}}, "pop.yaml: status.listen: 'localhost' is not an IP address"),
+    ({"bogus": 1}, "pop.yaml: bogus: unknown key"),
+])
+def test_one_problem(sections: dict[str, object], expected: str) -> None:
+    assert problems(with_(**sections)) == [expected]
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    found = problems(with_(pool={"hold_down": "soon"}, status={"port": 0}, servers=[{"address": "x"}]))
+    assert found == [
+        "pop.yaml: servers[0].name: is required",
+        "pop.yaml: servers[0].address: 'x' is not an IP address",
+        "pop.yaml: pool.hold_down: must be a number, not a string",
+        "pop.yaml: status.port: 0 is out of range 1..65535",
+    ]
+
+
+def test_well_known_community_names() -> None:
+    config = load(with_(prefixes=[{"prefix": "198.51.100.1/32", "healthy": {"communities": ["graceful-shutdown"]}}]))
+    assert config.prefixes[0].healthy.communities == ("65535:0",)
+
+
+def test_config_is_frozen() -> None:
+    config = load(MINIMAL)
+    with pytest.raises(AttributeError):
+        config.name = "other"  # type: ignore[misc]
+
+
+yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20))
+yaml_values = st.recursive(yaml_scalars, lambda children: st.one_of(
+    st.lists(children, max_size=4), st.dictionaries(st.text(max_size=12), children, max_size=4)), max_leaves=20)
+keys = st.sampled_from(["pop", "neighbors", "prefixes", "servers", "checks", "pool", "status", "exabgp",
+                        "name", "asn", "router_id", "address", "peer_as", "prefix", "healthy", "med",
+                        "communities", "l4", "wireguard", "public_key", "port", "rise", "fall"])
+config_like = st.recursive(yaml_scalars, lambda children: st.one_of(
+    st.lists(children, max_size=4), st.dictionaries(keys, children, max_size=6)), max_leaves=40)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.one_of(yaml_values, config_like))
+def test_generated_documents_only_raise_config_error(document: object) -> None:
+    try:
+        load(yaml.safe_dump(document))
+    except ConfigError as exc:
+        assert exc.problems and all(p.startswith("pop.yaml: ") for p in exc.problems)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_generated_bytes_only_raise_config_error(data: bytes) -> None:
+    try:
+        load(data)
+    except ConfigError as exc:
+        assert exc.problems
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["pop", "neighbors", "prefixes", "servers", "checks", "pool", "status", "exabgp"]),
+       yaml_values)
+def test_mutated_minimal_config_only_raises_config_error(section: str, value: object) -> None:
+    try:
+        load(with_(**{section: value}))
+    except ConfigError as exc:
+        assert exc.problems

@@ -1,0 +1,119 @@
+"""What we say to ExaBGP (golden files, and ExaBGP's own validator) and what we understand of it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pop.config import load
+from pop.desired import Announcement
+from pop.exabgp import (
+    Ack,
+    NeighborState,
+    Other,
+    Shutdown,
+    Unparsed,
+    Update,
+    announce_commands,
+    parse_line,
+    render_config,
+    render_env,
+    withdraw_commands,
+)
+
+GOLDEN = Path(__file__).parent / "golden"
+CONFIG = load("""
+pop: {name: ams1, asn: 65101, router_id: 192.0.2.11}
+neighbors:
+  - {address: 10.0.1.1, peer_as: 65000, local_address: 10.0.1.2, description: upstream-a}
+  - {address: 10.0.9.1, peer_as: 65101, hold_time: 30}
+  - {address: "2001:db8:1::1", peer_as: 65000}
+prefixes: [198.51.100.1/32, "2001:db8:100::1/128"]
+servers: [{name: vpn1, address: 10.0.2.10}]
+""", "pop.yaml")
+ENGINE = ["/usr/bin/python3", "-m", "pop", "engine", "-c", "/etc/pop/pop.yaml"]
+
+
+def golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("POP_UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert text == path.read_text(), f"{path} differs; regenerate with POP_UPDATE_GOLDEN=1 if intended"
+
+
+def test_config_golden() -> None:
+    golden("exabgp.conf", render_config(CONFIG, ENGINE))
+    golden("exabgp.env", render_env(CONFIG))
+
+
+def test_exabgp_accepts_rendered_config(tmp_path: Path) -> None:
+    conf = tmp_path / "exabgp.conf"
+    env = tmp_path / "exabgp.env"
+    conf.write_text(render_config(CONFIG, ENGINE))
+    env.write_text(render_env(CONFIG))
+    exabgp = Path(sys.executable).parent / "exabgp"
+    result = subprocess.run([str(exabgp), "--env-file", str(env), "validate", str(conf)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_exabgp_rejects_a_broken_config(tmp_path: Path) -> None:
+    """The validator we rely on in `pop run` really fails on bad input."""
+    conf = tmp_path / "exabgp.conf"
+    env = tmp_path / "exabgp.env"
+    conf.write_text(render_config(CONFIG, ENGINE).replace("peer-as 65000;", "peer-as banana;", 1))
+    env.write_text(render_env(CONFIG))
+    exabgp = Path(sys.executable).parent / "exabgp"
+    result = subprocess.run([str(exabgp), "--env-file", str(env), "validate", str(conf)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode != 0
+
+
+def test_commands_golden() -> None:
+    full = Announcement("198.51.100.1/32", med=100, local_pref=200, communities=("65101:100", "65535:0"),
+                        large_communities=("65101:0:1",), as_path_prepend=2)
+    lines = [
+        *announce_commands(CONFIG, Announcement("198.51.100.1/32")),
+        *announce_commands(CONFIG, full),
+        *announce_commands(CONFIG, Announcement("2001:db8:100::1/128", med=5)),
+        *withdraw_commands(CONFIG, "198.51.100.1/32"),
+        *withdraw_commands(CONFIG, "2001:db8:100::1/128"),
+    ]
+    golden("commands.txt", "\n".join(lines) + "\n")
+
+
+def test_prepend_leads_with_our_as_only_on_ebgp() -> None:
+    ebgp, ibgp = announce_commands(CONFIG, Announcement("198.51.100.1/32", as_path_prepend=1))
+    assert ebgp.endswith("as-path [ 65101 65101 ]")
+    assert ibgp.endswith("as-path [ 65101 ]")
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("done\n", Ack(True)),
+    ("error", Ack(False)),
+    ('{ "answer": "done", "message": "command completed" }', Ack(True)),
+    ('{ "answer": "error", "message": "nope" }', Ack(False)),
+    ("shutdown", Shutdown()),
+    ('{"exabgp": "5.0.0", "type": "notification", "notification": "shutdown"}', Shutdown()),
+    ('{"exabgp": "5.0.0", "type": "state", "neighbor": {"address": {"local": "10.0.1.2", "peer": "10.0.1.1"},'
+     ' "asn": {"local": 65101, "peer": 65000}, "state": "up"}}', NeighborState("10.0.1.1", "up")),
+    ('{"type": "state", "neighbor": {"address": {"peer": "10.0.1.1"}, "state": "down", "reason": "peer reset"}}',
+     NeighborState("10.0.1.1", "down", "peer reset")),
+    ('{"type": "update", "neighbor": {"address": {"peer": "10.0.1.1"}, "message": {"update": {'
+     '"announce": {"ipv4 unicast": {"10.0.1.1": [{"nlri": "198.51.100.1/32"}]}},'
+     '"withdraw": {"ipv4 unicast": [{"nlri": "203.0.113.0/24"}]}}}}}',
+     Update("10.0.1.1", ("198.51.100.1/32",), ("203.0.113.0/24",))),
+    ('{"type": "keepalive", "neighbor": {}}', Other("keepalive")),
+])
+def test_parse(line: str, expected: object) -> None:
+    assert parse_line(line) == expected
+
+
+@pytest.mark.parametrize("line", [
+    "garbage", "{not json", "[1,2]", '{"type": "state"}', '{"type": "update", "neighbor": {"address": 5}}',
+    '{"answer": "maybe"}', "[" * 100000,
+])
+def test_bad_messages_are_values_not_exceptions(line: str) -> None:
+    assert isinstance(parse_line(line), Unparsed)

@@ -1,0 +1,67 @@
+"""The PoP verdict: watermarks, hold-down, drain — as tables."""
+
+import pytest
+
+from pop.verdict import PoolView, Verdict, VerdictPolicy, decide, drain, undrain
+
+POLICY = VerdictPolicy(low_watermark=0.5, high_watermark=0.75, hold_down=5.0)
+ANNOUNCED = Verdict(announce=True, since=0.0, reason="x", ever_announced=True, changes=1)
+WITHDRAWN = Verdict(announce=False, since=0.0, reason="x", ever_announced=True, changes=2)
+
+
+@pytest.mark.parametrize(("current", "healthy", "total", "announce", "hold_down_until"), [
+    # start: withdrawn until the servers have risen, then announce at once (no history)
+    (Verdict(), 0, 4, False, None),
+    (Verdict(), 2, 4, False, None),  # 0.5 < high
+    (Verdict(), 3, 4, True, None),
+    # announced: stays down to the low watermark, withdraws below it
+    (ANNOUNCED, 4, 4, True, None),
+    (ANNOUNCED, 2, 4, True, None),  # 0.5 is not below 0.5
+    (ANNOUNCED, 1, 4, False, None),
+    (ANNOUNCED, 0, 4, False, None),
+    # withdrawn after a failure: between the marks nothing happens, at the high mark the hold-down starts
+    (WITHDRAWN, 2, 4, False, None),
+    (WITHDRAWN, 3, 4, False, 15.0),
+    # hold-down running: not yet, then announce; falling back cancels it
+    (Verdict(ever_announced=True, hold_down_until=12.0), 4, 4, False, 12.0),
+    (Verdict(ever_announced=True, hold_down_until=10.0), 4, 4, True, None),
+    (Verdict(ever_announced=True, hold_down_until=12.0), 2, 4, False, None),
+])
+def test_decide(current: Verdict, healthy: int, total: int, announce: bool, hold_down_until: float | None) -> None:
+    new = decide(current, PoolView(healthy, total), POLICY, now=10.0)
+    assert (new.announce, new.hold_down_until) == (announce, hold_down_until)
+    if new.announce != current.announce:
+        assert new.since == 10.0
+        assert new.changes == current.changes + 1
+
+
+def test_reasons_say_why() -> None:
+    withdrawn = decide(ANNOUNCED, PoolView(1, 4), POLICY, 1.0)
+    assert withdrawn.reason == "1/4 healthy, below low watermark 0.5"
+    holding = decide(withdrawn, PoolView(4, 4), POLICY, 2.0)
+    assert holding.reason == "4/4 healthy, hold-down 5s before re-announcing"
+    back = decide(holding, PoolView(4, 4), POLICY, 7.0)
+    assert back.announce and back.reason == "4/4 healthy, stayed healthy through hold-down 5s"
+
+
+def test_empty_pool_never_announces() -> None:
+    assert not decide(Verdict(), PoolView(0, 0), POLICY, 1.0).announce
+
+
+def test_zero_hold_down_re_announces_at_once() -> None:
+    policy = VerdictPolicy(0.5, 0.75, hold_down=0.0)
+    assert decide(WITHDRAWN, PoolView(4, 4), policy, 1.0).announce
+
+
+def test_drain_withdraws_and_holds_until_undrain() -> None:
+    drained = drain(ANNOUNCED, 3.0)
+    assert not drained.announce and drained.drained and drained.reason == "drained by operator"
+    assert not decide(drained, PoolView(4, 4), POLICY, 4.0).announce
+    resumed = decide(undrain(drained), PoolView(4, 4), POLICY, 5.0)
+    assert not resumed.announce and resumed.hold_down_until == 10.0  # the hold-down applies after a drain
+    assert decide(resumed, PoolView(4, 4), POLICY, 10.0).announce
+
+
+def test_drain_before_first_announce_keeps_it_withdrawn() -> None:
+    drained = drain(Verdict(), 1.0)
+    assert not decide(drained, PoolView(4, 4), POLICY, 2.0).announce
