@@ -1,0 +1,207 @@
+"""Tier 2: a synthetic WireGuard handshake against one VPN server.
+
+Contract: `WireGuardCheck(host, port, server_public_key, probe_private_key, *, psk, timeout)`
+implements the Check protocol (name "wireguard", tier 2). Each `probe()` sends one
+Noise_IKpsk2 handshake initiation from the probe key (a peer configured on every VPN
+server) from a fresh connected UDP socket and validates the response completely
+(pop.checks.noise). A valid response proves the daemon, its keys and its crypto path work;
+WireGuard answers nothing else, so no other check can tell a live server from a dead one.
+
+Results (`CheckResult.error`), as observed against wireguard-go:
+- ok, latency = round trip of the handshake that succeeded;
+- "timeout": no answer. Not definitive. WireGuard is silent to a wrong server public key
+  (mac1 fails), to a probe key that is not a peer, to a replayed timestamp and to an
+  initiation within 20 ms of the last one it consumed from the same peer;
+- "icmp-unreachable": the kernel reported an ICMP error (nothing listens on the port:
+  ECONNREFUSED on the connected socket; host or network unreachable). Definitive;
+- "bad-response": an answer that fails validation (length/type, reserved bytes, mac1, a
+  low-order ephemeral, an undecryptable cookie reply). Definitive;
+- "psk-mismatch": an intact response (mac1 valid, addressed to us) whose empty payload does
+  not decrypt: the server keyed it with another preshared key. Definitive;
+- "cookie": the responder is under load and answered with a cookie reply twice (the retry
+  carries mac2 as the protocol requires) or not at all to the retry. Not definitive. A
+  retry that succeeds is a success whose detail mentions the cookie;
+- "socket-error": a local socket error (not the target's fault). Not definitive.
+
+Two rules of the responder shape the state shared by all checks in this process: the
+timestamp of a probe key must always increase (one Tai64nClock per probe key), and a
+responder consumes at most one initiation per peer every 20 ms (one pacer per probe key and
+responder address, MIN_INITIATION_INTERVAL apart). Both live in module registries, so check
+objects rebuilt on a config reload keep them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import secrets
+import socket
+import threading
+import time
+from typing import Any
+
+from pop.checks.base import CheckResult
+from pop.checks.noise import Handshake, Initiator, Outcome, Tai64nClock, Verdict
+
+# wireguard-go and the kernel drop an initiation that arrives within 20 ms (50 per second)
+# of the last one they consumed from the same peer; 5 ms covers queueing jitter on both ends.
+MIN_INITIATION_INTERVAL = 0.025
+
+_UNREACHABLE = {
+    errno.ECONNREFUSED: "ICMP port unreachable: nothing listens on udp/{port} at {host}",
+    errno.EHOSTUNREACH: "host unreachable (ICMP or failed neighbour resolution) for {host}",
+    errno.ENETUNREACH: "network unreachable for {host}",
+}
+
+_SILENCE = (
+    "no handshake response within {timeout:g} s: loss, a daemon that does not answer, a wrong "
+    "server public key, or a probe key that is not a peer on the server (WireGuard is silent to all)"
+)
+
+
+class Pacer:
+    """Spaces the initiations of one probe key to one responder MIN_INITIATION_INTERVAL apart."""
+
+    __slots__ = ("_lock", "_next")
+
+    def __init__(self) -> None:
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def reserve(self) -> float:
+        """Claim the next send slot; returns how long to wait before sending in it."""
+        with self._lock:
+            now = time.monotonic()
+            at = max(now, self._next)
+            self._next = at + MIN_INITIATION_INTERVAL
+            return at - now
+
+
+_CLOCKS: dict[bytes, Tai64nClock] = {}
+_PACERS: dict[tuple[bytes, str, int], Pacer] = {}
+
+
+def clock_for(probe_public_key: bytes) -> Tai64nClock:
+    return _CLOCKS.setdefault(probe_public_key, Tai64nClock())
+
+
+def pacer_for(probe_public_key: bytes, host: str, port: int) -> Pacer:
+    return _PACERS.setdefault((probe_public_key, host, port), Pacer())
+
+
+class WireGuardCheck:
+    """A Noise_IKpsk2 handshake initiation from the probe key, validated end to end."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        server_public_key: bytes,
+        probe_private_key: bytes,
+        *,
+        psk: bytes | None = None,
+        timeout: float = 1.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self._initiator = Initiator(probe_private_key, server_public_key, psk)
+        self._clock = clock_for(self._initiator.public_key)
+        self._pacer = pacer_for(self._initiator.public_key, host, port)
+        self._numeric = _numeric_address(host, port)
+
+    @property
+    def name(self) -> str:
+        return "wireguard"
+
+    @property
+    def tier(self) -> int:
+        return 2
+
+    def __repr__(self) -> str:
+        return f"WireGuardCheck({self.host}:{self.port})"
+
+    async def probe(self) -> CheckResult:
+        try:
+            family, address = self._numeric or await self._resolve()
+        except OSError as exc:
+            return CheckResult.failure("socket-error", detail=f"cannot resolve {self.host}: {exc}")
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            # a connected socket receives only the server's datagrams and its ICMP errors
+            sock.connect(address)
+            return await self._handshake(sock)
+        except OSError as exc:
+            return self._socket_failure(exc)
+        finally:
+            sock.close()
+
+    async def _handshake(self, sock: socket.socket) -> CheckResult:
+        loop = asyncio.get_running_loop()
+        cookie: bytes | None = None
+        ignored = 0
+        try:
+            async with asyncio.timeout(self.timeout):
+                while True:
+                    delay = self._pacer.reserve()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    message, handshake = self._initiator.initiation(secrets.randbits(32), self._clock.next(), cookie)
+                    start = time.perf_counter()
+                    sock.send(message)
+                    verdict, rtt, skipped = await _receive(loop, sock, handshake, start)
+                    ignored += skipped
+                    if verdict.outcome is Outcome.VALID:
+                        note = "after a cookie reply (responder under load)" if cookie else ""
+                        return CheckResult.success(rtt, detail=note)
+                    if verdict.outcome is not Outcome.COOKIE:
+                        return CheckResult.failure(verdict.outcome.value, definitive=True, detail=verdict.detail)
+                    if cookie is not None:
+                        return CheckResult.failure(
+                            "cookie", detail="responder under load: cookie reply again to the retry with mac2"
+                        )
+                    # Under load the responder wants mac2 keyed by this cookie before it spends
+                    # a DH on us; the cookie is bound to our source address, i.e. this socket.
+                    cookie = verdict.cookie
+        except TimeoutError:
+            if cookie is not None:
+                detail = "responder under load: cookie reply, then no response to the retry with mac2"
+                return CheckResult.failure("cookie", detail=detail)
+            detail = _SILENCE.format(timeout=self.timeout)
+            if ignored:
+                detail += f"; ignored {ignored} datagram(s) addressed to another handshake"
+            return CheckResult.failure("timeout", detail=detail)
+
+    def _socket_failure(self, exc: OSError) -> CheckResult:
+        template = _UNREACHABLE.get(exc.errno or 0)
+        if template is not None:
+            detail = template.format(host=self.host, port=self.port)
+            return CheckResult.failure("icmp-unreachable", definitive=True, detail=detail)
+        return CheckResult.failure("socket-error", detail=f"{self.host}:{self.port}: {exc}")
+
+    async def _resolve(self) -> tuple[int, Any]:
+        infos = await asyncio.get_running_loop().getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)
+        return infos[0][0], infos[0][4]
+
+
+async def _receive(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, handshake: Handshake, start: float
+) -> tuple[Verdict, float, int]:
+    """The first datagram that belongs to this handshake, its verdict and round trip."""
+    skipped = 0
+    while True:
+        data = await loop.sock_recv(sock, 2048)
+        rtt = time.perf_counter() - start
+        verdict = handshake.validate(data)
+        if verdict.outcome is not Outcome.FOREIGN:
+            return verdict, rtt, skipped
+        skipped += 1
+
+
+def _numeric_address(host: str, port: int) -> tuple[int, Any] | None:
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        return None  # a name: resolved asynchronously on every probe
+    return info[0][0], info[0][4]
