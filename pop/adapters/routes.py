@@ -9,7 +9,7 @@ Contract:
   deletes its own routes that are no longer desired, and sends nothing when the kernel
   already matches (idempotent; after a restart it adopts what it programmed before).
 - A desired route with no next hops means "no route": it is deleted if present.
-- It refuses (DataplaneError) to replace a route of another owner that has the same
+- It refuses (DataplaneError) to take over a route of another owner that has the same
   prefix and metric, because NLM_F_REPLACE would silently take it over.
 - `read()` returns what is in the kernel, in the desired-state vocabulary.
 - `diagnostics()` reports net.ipv{4,6}.fib_multipath_hash_policy: with the L3 policy (0)
@@ -24,20 +24,32 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import functools
 import ipaddress
+import itertools
 import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from socket import AF_INET, AF_INET6
 from typing import Any, TypeVar
 
-from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from pop.adapters.rtnetlink import (
+    NLM_F_CREATE,
+    NLM_F_EXCL,
+    NLM_F_REPLACE,
+    RTM_DELROUTE,
+    RTM_GETROUTE,
+    RTM_NEWROUTE,
+    RtnlSocket,
+    decode_route,
+    encode_dump_request,
+    encode_route,
+)
 from pop.desired import EcmpRoute, NextHop
 
 log = logging.getLogger(__name__)
@@ -118,13 +130,22 @@ def _settle_exc(fut: asyncio.Future[Any], exc: BaseException) -> None:
 # Pure part: canonical keys and the plan.
 
 
+@functools.lru_cache(maxsize=4096)
 def canonical_prefix(prefix: str) -> str:
     """'192.0.2.1' -> '192.0.2.1/32'; host bits set is a caller error (ValueError)."""
     return str(ipaddress.ip_network(prefix, strict=True))
 
 
+@functools.lru_cache(maxsize=65536)
+def canonical_address(address: str) -> tuple[int, bytes, str]:
+    """(IP version, packed, canonical text). Cached: the same few thousand server
+    addresses come back on every set(), and ipaddress parsing dominated its cost."""
+    addr = ipaddress.ip_address(address)
+    return addr.version, addr.packed, str(addr)
+
+
 def _nexthop_key(route: EcmpRoute) -> frozenset[tuple[str, int]]:
-    hops = [(str(ipaddress.ip_address(h.address)), h.weight) for h in route.nexthops]
+    hops = [(canonical_address(h.address)[2], h.weight) for h in route.nexthops]
     # The kernel stores a single next hop as a plain gateway route and drops its weight,
     # so a lone next hop compares by address only (otherwise set() would never converge).
     if len(hops) == 1:
@@ -140,31 +161,32 @@ def normalize_route(route: EcmpRoute) -> EcmpRoute:
     close as the algorithm allows.
     """
     prefix = canonical_prefix(route.prefix)
-    family = ipaddress.ip_network(prefix).version
+    family = 6 if ":" in prefix else 4
     seen: set[str] = set()
-    hops: list[NextHop] = []
+    hops: list[tuple[bytes, NextHop]] = []
     for hop in route.nexthops:
-        addr = ipaddress.ip_address(hop.address)
-        if addr.version != family:
+        version, packed, text = canonical_address(hop.address)
+        if version != family:
             raise ValueError(f"route {prefix}: next hop {hop.address} is not IPv{family}")
         if not 1 <= hop.weight <= 256:
             raise ValueError(f"route {prefix}: next hop {hop.address} weight {hop.weight} not in 1..256")
-        if str(addr) in seen:
+        if text in seen:
             raise ValueError(f"route {prefix}: next hop {hop.address} listed twice")
-        seen.add(str(addr))
-        hops.append(NextHop(str(addr), 1 if len(route.nexthops) == 1 else hop.weight))
-    hops.sort(key=lambda h: ipaddress.ip_address(h.address))
-    return EcmpRoute(prefix, tuple(hops), route.table, route.protocol)
+        seen.add(text)
+        hops.append((packed, NextHop(text, 1 if len(route.nexthops) == 1 else hop.weight)))
+    hops.sort(key=lambda h: h[0])
+    return EcmpRoute(prefix, tuple(h for _, h in hops), route.table, route.protocol)
 
 
 @dataclass(frozen=True, slots=True)
 class RoutePlan:
-    replace: tuple[EcmpRoute, ...] = ()  # install or change (one NLM_F_REPLACE each)
+    add: tuple[EcmpRoute, ...] = ()  # new prefixes (NLM_F_EXCL: never over another's route)
+    replace: tuple[EcmpRoute, ...] = ()  # our route, new next-hop set (one NLM_F_REPLACE each)
     delete: tuple[EcmpRoute, ...] = ()  # ours, no longer desired
 
     @property
     def empty(self) -> bool:
-        return not self.replace and not self.delete
+        return not self.add and not self.replace and not self.delete
 
 
 def plan_routes(desired: Iterable[EcmpRoute], current: Iterable[EcmpRoute]) -> RoutePlan:
@@ -181,13 +203,14 @@ def plan_routes(desired: Iterable[EcmpRoute], current: Iterable[EcmpRoute]) -> R
         if norm.nexthops:
             want[key] = norm
     have = {(r.table, canonical_prefix(r.prefix)): r for r in current}
+    add = tuple(route for key, route in sorted(want.items()) if key not in have)
     replace = tuple(
         route
         for key, route in sorted(want.items())
-        if key not in have or _nexthop_key(have[key]) != _nexthop_key(route)
+        if key in have and _nexthop_key(have[key]) != _nexthop_key(route)
     )
     delete = tuple(route for key, route in sorted(have.items()) if key not in want)
-    return RoutePlan(replace, delete)
+    return RoutePlan(add, replace, delete)
 
 
 # ---------------------------------------------------------------------------------------
@@ -241,21 +264,20 @@ class RouteTable:
         self.protocol = protocol
         self.netns = netns
         self.hash_policy = hash_policy
-        self._ipr: AsyncIPRoute | None = None
+        self._sock: RtnlSocket | None = None
 
-    async def _socket(self) -> AsyncIPRoute:
-        if self._ipr is None:
+    async def _socket(self) -> RtnlSocket:
+        if self._sock is None:
             try:
-                # flags=0: never create a missing namespace by accident.
-                self._ipr = AsyncIPRoute(netns=self.netns, flags=0, ext_ack=True, strict_check=True)
-            except (OSError, NetlinkError) as exc:
+                self._sock = RtnlSocket(await run_in_netns(self.netns, RtnlSocket.make))
+            except OSError as exc:
                 raise kernel_error(f"open rtnetlink netns={self.netns}", exc) from exc
-        return self._ipr
+        return self._sock
 
     async def close(self) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     async def __aenter__(self) -> RouteTable:
         return self
@@ -263,29 +285,27 @@ class RouteTable:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _dump(self) -> tuple[list[EcmpRoute], AbstractSet[tuple[str, int]]]:
-        """Our routes, and (prefix, metric) of other owners' routes in the same table."""
-        ipr = await self._socket()
+    async def _dump(self) -> list[EcmpRoute]:
+        sock = await self._socket()
         ours: list[EcmpRoute] = []
-        foreign: set[tuple[str, int]] = set()
         for family in (AF_INET, AF_INET6):
+            request = encode_dump_request(family, self.table, self.protocol)
             try:
-                async for msg in await ipr.route("dump", family=family, table=self.table):
-                    table = msg.get("RTA_TABLE") or msg["table"]
-                    if table != self.table or msg["type"] != 1:  # RTN_UNICAST
-                        continue
-                    route = _decode(msg, self.table)
-                    if msg["proto"] == self.protocol:
-                        ours.append(route)
-                    else:
-                        foreign.add((route.prefix, _metric(msg)))
-            except (OSError, NetlinkError) as exc:
-                raise kernel_error(f"dump routes table {self.table}", exc) from exc
-        return ours, foreign
+                answers = await sock.dump(RTM_GETROUTE, request)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT or (family == AF_INET6 and exc.errno == errno.EAFNOSUPPORT):
+                    continue  # the table does not exist (yet) in this family, or IPv6 is off
+                raise kernel_error(f"dump routes table {self.table} protocol {self.protocol}", exc) from exc
+            for payload in answers:
+                entry = decode_route(payload)
+                # The kernel filters already (strict checking); this guards older kernels.
+                if entry.table == self.table and entry.protocol == self.protocol:
+                    hops = tuple(NextHop(a, w) for a, w in entry.gateways)
+                    ours.append(EcmpRoute(entry.prefix, hops, self.table, self.protocol))
+        return ours
 
     async def read(self) -> tuple[EcmpRoute, ...]:
-        ours, _ = await self._dump()
-        return tuple(sorted((normalize_route(r) for r in ours), key=lambda r: r.prefix))
+        return tuple(sorted((normalize_route(r) for r in await self._dump()), key=lambda r: r.prefix))
 
     def _check_slice(self, routes: Sequence[EcmpRoute]) -> None:
         for route in routes:
@@ -297,45 +317,48 @@ class RouteTable:
 
     async def set(self, routes: Sequence[EcmpRoute]) -> None:
         self._check_slice(routes)
-        ours, foreign = await self._dump()
-        plan = plan_routes(routes, ours)
-        if plan.empty:
-            return
-        await self.apply(plan, foreign)
+        plan = plan_routes(routes, await self._dump())
+        if not plan.empty:
+            await self.apply(plan)
 
-    async def apply(self, plan: RoutePlan, foreign: AbstractSet[tuple[str, int]] = frozenset()) -> None:
-        """Send a plan. Replacements first, so that a removal never precedes its successor."""
-        ipr = await self._socket()
-        for route in plan.replace:
-            family = ipaddress.ip_network(route.prefix).version
-            metric = 0 if family == 4 else 1024
-            if (route.prefix, metric) in foreign:
-                raise DataplaneError(
-                    f"replace route {route.prefix} table {self.table}",
-                    "a route of another owner has this prefix and metric; refusing to take it over",
-                )
-            op = f"replace route {route.prefix} table {self.table} via {_hops_text(route)}"
+    async def apply(self, plan: RoutePlan) -> None:
+        """Send a plan: additions and replacements first, removals last."""
+        sock = await self._socket()
+        for route, flags in itertools.chain(
+            ((r, NLM_F_CREATE | NLM_F_EXCL) for r in plan.add),
+            ((r, NLM_F_CREATE | NLM_F_REPLACE) for r in plan.replace),
+        ):
+            verb = "add" if flags & NLM_F_EXCL else "replace"
+            op = f"{verb} route {route.prefix} table {self.table} via {_hops_text(route)}"
+            family = AF_INET6 if ":" in route.prefix else AF_INET
+            hops = [(h.address, h.weight) for h in route.nexthops]
             try:
-                await ipr.route(
-                    "replace",
-                    dst=route.prefix,
-                    table=self.table,
-                    proto=self.protocol,
-                    **_nexthop_args(route),
-                )
-            except (OSError, NetlinkError) as exc:
+                payload = encode_route(family, route.prefix, self.table, self.protocol, hops)
+                await sock.request(RTM_NEWROUTE, flags, payload)
+            except ValueError as exc:
+                raise DataplaneError(op, str(exc)) from exc
+            except OSError as exc:
+                if exc.errno == errno.EEXIST:
+                    # NLM_F_REPLACE would take over whichever route has this prefix and
+                    # metric, whatever its protocol; EXCL makes the kernel refuse instead.
+                    raise DataplaneError(
+                        op,
+                        "a route of another owner has this prefix and metric; not taking it over",
+                        exc.errno,
+                    ) from exc
                 raise kernel_error(op, exc) from exc
-            log.info("route.replace table=%d prefix=%s via=%s", self.table, route.prefix, _hops_text(route))
+            log.info("route.%s table=%d prefix=%s via=%s", verb, self.table, route.prefix, _hops_text(route))
         for route in plan.delete:
             op = f"delete route {route.prefix} table {self.table}"
+            family = AF_INET6 if ":" in route.prefix else AF_INET
             try:
                 # The protocol in the request makes the kernel match only our route.
-                await ipr.route("del", dst=route.prefix, table=self.table, proto=self.protocol)
-            except NetlinkError as exc:
-                if exc.code == 3:  # ESRCH: already gone
-                    continue
-                raise kernel_error(op, exc) from exc
+                await sock.request(
+                    RTM_DELROUTE, 0, encode_route(family, route.prefix, self.table, self.protocol, [])
+                )
             except OSError as exc:
+                if exc.errno == errno.ESRCH:
+                    continue  # already gone
                 raise kernel_error(op, exc) from exc
             log.info("route.delete table=%d prefix=%s", self.table, route.prefix)
 
@@ -350,8 +373,7 @@ class RouteTable:
                     f"net.{family}.fib_multipath_hash_policy={value} "
                     f"({_POLICY_NAMES.get(value, '?')}): flows are not spread per 5-tuple"
                 )
-        ours, _ = await self._dump()
-        return RouteDiagnostics(tuple(policies), len(ours), tuple(warnings))
+        return RouteDiagnostics(tuple(policies), len(await self._dump()), tuple(warnings))
 
     async def apply_hash_policy(self) -> None:
         """Write the configured hash policy (only if the adapter was given one)."""
@@ -380,38 +402,7 @@ def _write_int(path: str, value: int) -> None:
         f.write(f"{value}\n")
 
 
-def _metric(msg: Any) -> int:
-    prio = msg.get("RTA_PRIORITY")
-    return int(prio) if prio is not None else 0
-
-
-def _decode(msg: Any, table: int) -> EcmpRoute:
-    family = msg["family"]
-    dst = msg.get("RTA_DST") or ("0.0.0.0" if family == AF_INET else "::")
-    prefix = f"{dst}/{msg['dst_len']}"
-    multipath = msg.get("RTA_MULTIPATH")
-    hops: list[NextHop] = []
-    if multipath:
-        for nh in multipath:
-            gw = nh.get("RTA_GATEWAY")
-            if gw is None:
-                via = nh.get("RTA_VIA")
-                gw = via.get("addr") if via else None
-            if gw is not None:
-                hops.append(NextHop(str(gw), int(nh["hops"]) + 1))
-    else:
-        gw = msg.get("RTA_GATEWAY")
-        if gw is not None:
-            hops.append(NextHop(str(gw), 1))
-    return EcmpRoute(prefix, tuple(hops), table, int(msg["proto"]))
-
-
-def _nexthop_args(route: EcmpRoute) -> dict[str, Any]:
-    if len(route.nexthops) == 1:
-        return {"gateway": route.nexthops[0].address}
-    # rtnh_hops is the weight minus one.
-    return {"multipath": [{"gateway": h.address, "hops": h.weight - 1} for h in route.nexthops]}
-
-
-def _hops_text(route: EcmpRoute) -> str:
-    return ",".join(f"{h.address}*{h.weight}" for h in route.nexthops)
+def _hops_text(route: EcmpRoute, limit: int = 4) -> str:
+    hops = [f"{h.address}*{h.weight}" for h in route.nexthops[:limit]]
+    more = len(route.nexthops) - limit
+    return ",".join(hops) + (f",... ({len(route.nexthops)} next hops)" if more > 0 else "")

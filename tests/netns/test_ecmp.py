@@ -4,37 +4,31 @@ namespaces.
 
     client (10.70.0.2) --- pop (10.70.0.1, 10.71.N.1) --- sN (10.71.N.2, VIP on lo)
 
-Only namespaces created here are touched (prefix "tdp"); everything is removed afterwards.
+Namespaces come from the netns_factory fixture (tests/netns/conftest.py), which removes
+them and their processes afterwards, also on failure.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.netns
+from lab.netns import Netns, veth
+from pop.adapters.routes import DataplaneError, RouteTable, normalize_route
+from pop.desired import EcmpRoute, NextHop
 
 VIP = "203.0.113.10"
 UDP_PORT = 5000
 TCP_PORT = 5001
 SERVERS = 3
 
-if os.geteuid() != 0:
-    pytest.skip("needs root (network namespaces)", allow_module_level=True)
-if shutil.which("ip") is None:
-    pytest.skip("needs iproute2 `ip`", allow_module_level=True)
-
-from pop.adapters.routes import DataplaneError, RouteTable  # noqa: E402
-from pop.desired import EcmpRoute, NextHop  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
 # Programs run inside the namespaces.
@@ -78,114 +72,52 @@ print("failed", failed, flush=True)
 """
 
 
-# ---------------------------------------------------------------------------------------
-# Minimal private namespace helpers (to be replaced by lab.netns once it is committed).
-
-
-@dataclass
-class NS:
-    name: str
-
-    def run(self, *argv: str, check: bool = True) -> str:
-        proc = subprocess.run(
-            ["ip", "netns", "exec", self.name, *argv], check=False, capture_output=True, text=True, timeout=60
-        )
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"{self.name}: {' '.join(argv)}: {proc.stderr.strip()}")
-        return proc.stdout
-
-    def popen(self, *argv: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            ["ip", "netns", "exec", self.name, *argv],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-
-def _ip(*argv: str) -> None:
-    subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=30)
-
-
 @dataclass
 class Lab:
-    pop: NS
-    client: NS
-    servers: list[NS]
-    receivers: list[subprocess.Popen[str]]
-
-    def server_addr(self, i: int) -> str:
-        return f"10.71.{i}.2"
+    pop: Netns
+    client: Netns
+    servers: list[Netns]
+    receivers: list[tuple[Netns, subprocess.Popen[bytes], Path]]
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    prefix = f"tdp{os.getpid() % 100000}"
-    names = [f"{prefix}pop", f"{prefix}cl"] + [f"{prefix}s{i}" for i in range(SERVERS)]
-    procs: list[subprocess.Popen[str]] = []
-    try:
-        for n in names:
-            _ip("netns", "add", n)
-            _ip("-n", n, "link", "set", "lo", "up")
-        pop, client, servers = NS(names[0]), NS(names[1]), [NS(n) for n in names[2:]]
-        _ip("link", "add", "tdpc0", "netns", pop.name, "type", "veth", "peer", "eth0", "netns", client.name)
-        _ip("-n", pop.name, "addr", "add", "10.70.0.1/24", "dev", "tdpc0")
-        _ip("-n", pop.name, "link", "set", "tdpc0", "up")
-        _ip("-n", client.name, "addr", "add", "10.70.0.2/24", "dev", "eth0")
-        _ip("-n", client.name, "link", "set", "eth0", "up")
-        _ip("-n", client.name, "route", "add", "default", "via", "10.70.0.1")
-        for i, s in enumerate(servers):
-            _ip("link", "add", f"tdps{i}", "netns", pop.name, "type", "veth", "peer", "eth0", "netns", s.name)
-            _ip("-n", pop.name, "addr", "add", f"10.71.{i}.1/24", "dev", f"tdps{i}")
-            _ip("-n", pop.name, "link", "set", f"tdps{i}", "up")
-            _ip("-n", s.name, "addr", "add", f"10.71.{i}.2/24", "dev", "eth0")
-            _ip("-n", s.name, "link", "set", "eth0", "up")
-            _ip("-n", s.name, "addr", "add", f"{VIP}/32", "dev", "lo")
-            _ip("-n", s.name, "route", "add", "10.70.0.0/24", "via", f"10.71.{i}.1")
-        pop.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
-        for s in servers:
-            p = s.popen(sys.executable, "-c", RECEIVER, VIP, str(UDP_PORT), str(TCP_PORT))
-            procs.append(p)
-            assert p.stdout is not None
-            line = p.stdout.readline()
-            assert line.strip() == "ready", (line, p.stderr.read() if p.poll() is not None else "")
-        yield Lab(pop, client, servers, procs)
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.communicate(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.communicate()
-        for n in names:
-            subprocess.run(["ip", "netns", "del", n], capture_output=True, check=False)
+def lab(netns_factory: Callable[[str], Netns], tmp_path: Path) -> Lab:
+    pop, client = netns_factory("pop"), netns_factory("cl")
+    servers = [netns_factory(f"s{i}") for i in range(SERVERS)]
+    veth(pop, "tdpc0", "10.70.0.1/24", client, "eth0", "10.70.0.2/24")
+    client.run("ip", "route", "add", "default", "via", "10.70.0.1")
+    for i, s in enumerate(servers):
+        veth(pop, f"tdps{i}", f"10.71.{i}.1/24", s, "eth0", f"10.71.{i}.2/24")
+        s.run("ip", "addr", "add", f"{VIP}/32", "dev", "lo")
+        s.run("ip", "route", "add", "10.70.0.0/24", "via", f"10.71.{i}.1")
+    pop.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+    receivers = []
+    for i, s in enumerate(servers):
+        log = tmp_path / f"receiver{i}.log"
+        proc = s.popen(sys.executable, "-c", RECEIVER, VIP, str(UDP_PORT), str(TCP_PORT), log=log)
+        receivers.append((s, proc, log))
+    deadline = time.monotonic() + 10
+    for _, proc, log in receivers:
+        while not (log.exists() and log.read_text().startswith("ready")):
+            assert proc.poll() is None, log.read_text() if log.exists() else "receiver died"
+            assert time.monotonic() < deadline, "receiver not ready within 10 s"
+            time.sleep(0.05)
+    return Lab(pop, client, servers, receivers)
 
 
 def send_flows(lab: Lab, first_port: int, count: int) -> None:
-    out = lab.client.run(
-        sys.executable,
-        "-c",
-        SENDER,
-        "10.70.0.2",
-        VIP,
-        str(UDP_PORT),
-        str(TCP_PORT),
-        str(first_port),
-        str(count),
-    )
+    argv = ("10.70.0.2", VIP, str(UDP_PORT), str(TCP_PORT), str(first_port), str(count))
+    out = lab.client.run(sys.executable, "-c", SENDER, *argv, timeout=120).stdout
     assert out.strip() == "failed 0", out
 
 
 def collect(lab: Lab) -> list[dict[str, set[int]]]:
     """Stop the receivers and return, per server, the source ports seen per protocol."""
     result = []
-    for p in lab.receivers:
-        p.send_signal(signal.SIGTERM)
-        out, _ = p.communicate(timeout=10)
+    for ns, proc, log in lab.receivers:
+        ns.stop(proc)
         seen: dict[str, set[int]] = {"udp": set(), "tcp": set()}
-        for line in out.splitlines():
+        for line in log.read_text().splitlines():
             parts = line.split()
             if len(parts) == 3 and parts[0] in seen:
                 seen[parts[0]].add(int(parts[2]))
@@ -256,7 +188,7 @@ def test_l3_hash_policy_sends_one_client_to_one_server_and_is_reported(lab: Lab)
 
 
 def _monitor(lab: Lab) -> subprocess.Popen[str]:
-    proc = lab.pop.popen("ip", "monitor", "route")
+    proc = subprocess.Popen(["ip", "-n", lab.pop.name, "monitor", "route"], stdout=subprocess.PIPE, text=True)
     time.sleep(0.3)  # let it subscribe before anything happens
     return proc
 
@@ -268,14 +200,17 @@ def _monitor_output(proc: subprocess.Popen[str]) -> str:
     return out
 
 
+def foreign_routes(pop: Netns) -> str:
+    static = pop.run("ip", "-4", "route", "show", "table", "all", "proto", "static").stdout
+    return static + pop.run("ip", "route", "show", "table", "100").stdout
+
+
 def test_reconcile_idempotent_and_foreign_routes_untouched(lab: Lab) -> None:
     pop = lab.pop
     # Other owners' routes: same table other protocol, and our protocol in another table.
-    _ip("-n", pop.name, "route", "add", "198.51.100.0/24", "via", "10.71.0.2", "proto", "static")
-    _ip("-n", pop.name, "route", "add", f"{VIP}/32", "via", "10.71.1.2", "table", "100", "proto", "200")
-    foreign_before = pop.run("ip", "route", "show", "table", "all", "proto", "static") + pop.run(
-        "ip", "route", "show", "table", "100"
-    )
+    pop.run("ip", "route", "add", "198.51.100.0/24", "via", "10.71.0.2", "proto", "static")
+    pop.run("ip", "route", "add", f"{VIP}/32", "via", "10.71.1.2", "table", "100", "proto", "200")
+    foreign_before = foreign_routes(pop)
 
     async def scenario() -> None:
         desired = [route(0, 1, 2, weights={0: 3}), EcmpRoute("192.0.2.0/24", (NextHop("10.71.2.2"),))]
@@ -305,24 +240,53 @@ def test_reconcile_idempotent_and_foreign_routes_untouched(lab: Lab) -> None:
             assert await rt.read() == ()
 
     asyncio.run(scenario())
-    foreign_after = pop.run("ip", "route", "show", "table", "all", "proto", "static") + pop.run(
-        "ip", "route", "show", "table", "100"
-    )
+    foreign_after = foreign_routes(pop)
     assert foreign_after == foreign_before
     assert "198.51.100.0/24" in foreign_after and VIP in foreign_after
 
 
 def test_kernel_errors_are_dataplane_errors(lab: Lab) -> None:
     pop = lab.pop
-    _ip("-n", pop.name, "route", "add", "198.51.100.7/32", "via", "10.71.0.2", "proto", "static")
+    pop.run("ip", "route", "add", "198.51.100.7/32", "via", "10.71.0.2", "proto", "static")
 
     async def scenario() -> None:
         async with RouteTable(netns=pop.name) as rt:
             with pytest.raises(DataplaneError, match=r"invalid gateway|unreachable"):
                 await rt.set([EcmpRoute(f"{VIP}/32", (NextHop("10.99.0.1"), NextHop("10.71.0.2")))])
-            with pytest.raises(DataplaneError, match="another owner"):
+            with pytest.raises(DataplaneError, match="another owner has this prefix"):
                 await rt.set([EcmpRoute("198.51.100.7/32", (NextHop("10.71.1.2"), NextHop("10.71.2.2")))])
             assert await rt.read() == ()
 
     asyncio.run(scenario())
-    assert "198.51.100.7 via 10.71.0.2" in pop.run("ip", "route", "show", "proto", "static")
+    assert "198.51.100.7 via 10.71.0.2" in pop.run("ip", "route", "show", "proto", "static").stdout
+
+
+def test_ipv6_multipath_in_a_table_of_its_own(lab: Lab) -> None:
+    pop = lab.pop
+    for i in range(SERVERS):
+        pop.run("ip", "addr", "add", f"fd00:71:{i}::1/64", "dev", f"tdps{i}", "nodad")
+        lab.servers[i].run("ip", "addr", "add", f"fd00:71:{i}::2/64", "dev", "eth0", "nodad")
+    prefix = "2001:db8:5::/64"
+
+    def v6(*servers: int) -> EcmpRoute:
+        # normalize_route: read() answers in canonical text ("fd00:71::2", not "fd00:71:0::2").
+        return normalize_route(
+            EcmpRoute(prefix, tuple(NextHop(f"fd00:71:{i}::2") for i in servers), table=1000)
+        )
+
+    async def scenario() -> None:
+        # Table 1000 does not exist until the first route: reading it is not an error.
+        async with RouteTable(netns=pop.name, table=1000) as rt:
+            assert await rt.read() == ()
+            await rt.set([v6(2, 0, 1)])
+            assert await rt.read() == (v6(0, 1, 2),)
+            await rt.set([v6(0, 2)])
+            assert await rt.read() == (v6(0, 2),)
+            await rt.set([v6(1)])
+            assert await rt.read() == (v6(1),)
+            await rt.set([])
+            assert await rt.read() == ()
+
+    asyncio.run(scenario())
+    shown = pop.run("ip", "-6", "route", "show", "table", "1000").stdout
+    assert "2001:db8:5::" not in shown, shown

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import pytest
 
-pytestmark = pytest.mark.netns
-
-if os.geteuid() != 0:
-    pytest.skip("needs root (network namespaces)", allow_module_level=True)
-if shutil.which("ip") is None:
-    pytest.skip("needs iproute2 `ip`", allow_module_level=True)
-
-from pop.adapters.vip import VipSet  # noqa: E402
+from lab.netns import Netns
+from pop.adapters.vip import VipSet
 
 
 def ip(*argv: str) -> str:
@@ -25,14 +17,8 @@ def ip(*argv: str) -> str:
 
 
 @pytest.fixture
-def ns() -> Iterator[str]:
-    name = f"tdp{os.getpid() % 100000}vip"
-    ip("netns", "add", name)
-    try:
-        ip("-n", name, "link", "set", "lo", "up")
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+def ns(netns_factory: Callable[[str], Netns]) -> str:
+    return netns_factory("vip").name
 
 
 def addresses(ns: str) -> set[str]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from socket import AF_INET, AF_INET6
+
 import pytest
 
 from pop.adapters.ipvs import ServiceEntry, normalize_service, plan_services, sched_flags
 from pop.adapters.routes import RoutePlan, normalize_route, plan_routes
+from pop.adapters.rtnetlink import RouteEntry, decode_route, encode_route
 from pop.adapters.vip import PresentAddress, VipPlan, plan_vips
 from pop.desired import EcmpRoute, NextHop, RealServer, VirtualService
 
@@ -30,7 +33,7 @@ V = "203.0.113.1/32"
         # prefix without length equals /32
         ([r("203.0.113.1", A, B)], [r(V, A, B)], RoutePlan()),
         # new route
-        ([r(V, A, B)], [], RoutePlan(replace=(r(V, A, B),))),
+        ([r(V, A, B)], [], RoutePlan(add=(r(V, A, B),))),
         # a server leaves: one replace, no delete
         ([r(V, A, B)], [r(V, A, B, C)], RoutePlan(replace=(r(V, A, B),))),
         # a weight changes
@@ -46,7 +49,7 @@ V = "203.0.113.1/32"
         (
             [r("198.51.100.0/24", A), r(V, C, A)],
             [r(V, A), r("192.0.2.0/24", B)],
-            RoutePlan(replace=(r("198.51.100.0/24", A), r(V, A, C)), delete=(r("192.0.2.0/24", B),)),
+            RoutePlan(add=(r("198.51.100.0/24", A),), replace=(r(V, A, C),), delete=(r("192.0.2.0/24", B),)),
         ),
         # IPv6, written differently
         (
@@ -225,3 +228,34 @@ def test_sched_flags() -> None:
     assert sched_flags(["mh-port", "mh-fallback"]) == 0x18
     with pytest.raises(ValueError, match="mh-prot"):
         sched_flags(["mh-prot"])
+
+
+# ---------------------------------------------------------------------------------------
+# The rtnetlink route codec (what RouteTable sends is what it can read back)
+
+
+@pytest.mark.parametrize(
+    ("family", "prefix", "table", "gateways"),
+    [
+        (AF_INET, "203.0.113.1/32", 254, [("10.0.0.1", 1)]),
+        (AF_INET, "203.0.113.0/24", 100, [("10.0.0.1", 1), ("10.0.0.2", 256), ("10.0.0.3", 7)]),
+        (AF_INET, "0.0.0.0/0", 70000, [("10.0.0.1", 2), ("10.0.0.2", 1)]),  # table > 255
+        (AF_INET6, "2001:db8::/64", 254, [("fd00::1", 1), ("fd00::2", 3)]),
+        (AF_INET, "203.0.113.1/32", 254, []),  # a delete request
+    ],
+)
+def test_route_codec_round_trip(
+    family: int, prefix: str, table: int, gateways: list[tuple[str, int]]
+) -> None:
+    entry = decode_route(memoryview(encode_route(family, prefix, table, 200, gateways)))
+    assert entry == RouteEntry(family, prefix, 200, table, 0, tuple(gateways))
+
+
+def test_route_codec_refuses_what_the_kernel_could_not_dump_back() -> None:
+    encode_route(
+        AF_INET, "203.0.113.1/32", 254, 200, [(f"10.0.{i // 256}.{i % 256}", 1) for i in range(2000)]
+    )
+    with pytest.raises(ValueError, match="at most 2000 for IPv4"):
+        encode_route(
+            AF_INET, "203.0.113.1/32", 254, 200, [(f"10.0.{i // 256}.{i % 256}", 1) for i in range(2001)]
+        )
