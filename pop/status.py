@@ -38,6 +38,7 @@ def to_json(snap: Snapshot) -> dict[str, Any]:
         "announced": snap.verdict.announce,
         "state": _pop_state(snap),
         "reason": snap.verdict.reason,
+        "last_change_reason": snap.verdict.cause or None,
         "since_seconds": ago(snap.verdict.since) if snap.verdict.changes else None,
         "hold_down_remaining": (round(max(0.0, snap.verdict.hold_down_until - snap.at), 3)
                                 if snap.verdict.hold_down_until is not None else None),
@@ -217,6 +218,8 @@ table{{border-collapse:collapse}}td,th{{padding:3px 10px;border-bottom:1px solid
 h1 .b{{font-size:70%}}</style></head><body>
 <h1>PoP {e(data['pop'])} {badge(data['state'])}</h1>
 <p><b>Why:</b> {e(data['reason'])}</p>
+<p>Last change: {e(data['last_change_reason'] or '-')}
+{'' if data['since_seconds'] is None else f"({data['since_seconds']:.0f}s ago)"}</p>
 <p>Pool: {data['pool']['healthy']}/{data['pool']['total']} healthy · up {data['uptime_seconds']:.0f}s</p>
 <h2>Announced</h2><ul>{routes or '<li>nothing</li>'}</ul>
 <h2>BGP sessions</h2><ul>{peers or '<li>unknown</li>'}</ul>

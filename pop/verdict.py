@@ -37,7 +37,8 @@ class VerdictPolicy:
 class Verdict:
     announce: bool = False
     since: float = 0.0  # when `announce` last changed
-    reason: str = "starting: waiting for servers to rise"
+    reason: str = "starting: waiting for servers to rise"  # why the verdict is what it is now
+    cause: str = ""  # why it last flipped (kept while `reason` follows the pool)
     hold_down_until: float | None = None  # set while waiting out the hold-down
     ever_announced: bool = False
     drained: bool = False  # operator drain in force
@@ -88,5 +89,5 @@ def undrain(current: Verdict) -> Verdict:
 
 
 def _flip(current: Verdict, announce: bool, now: float, reason: str) -> Verdict:
-    return replace(current, announce=announce, since=now, reason=reason, hold_down_until=None,
+    return replace(current, announce=announce, since=now, reason=reason, cause=reason, hold_down_until=None,
                    ever_announced=current.ever_announced or announce, changes=current.changes + 1)

@@ -60,7 +60,11 @@ _SILENCE = (
 
 
 class Pacer:
-    """Spaces the initiations of one probe key to one responder MIN_INITIATION_INTERVAL apart."""
+    """Spaces the initiations of one probe key to one responder MIN_INITIATION_INTERVAL apart.
+
+    The spacing is measured between actual sends: `wait_turn()` returns when a send may go,
+    the caller sends without awaiting anything in between and then calls `sent()`.
+    """
 
     __slots__ = ("_lock", "_next")
 
@@ -68,13 +72,23 @@ class Pacer:
         self._next = 0.0
         self._lock = threading.Lock()
 
-    def reserve(self) -> float:
-        """Claim the next send slot; returns how long to wait before sending in it."""
+    def delay(self) -> float:
+        """0 and the turn claimed, or how long to wait before asking again."""
         with self._lock:
             now = time.monotonic()
-            at = max(now, self._next)
-            self._next = at + MIN_INITIATION_INTERVAL
-            return at - now
+            if now >= self._next:
+                self._next = now + MIN_INITIATION_INTERVAL
+                return 0.0
+            return self._next - now
+
+    async def wait_turn(self) -> None:
+        # waiting for a point in time that another probe may push back, not for an event
+        while (delay := self.delay()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(delay)
+
+    def sent(self) -> None:
+        with self._lock:
+            self._next = max(self._next, time.monotonic() + MIN_INITIATION_INTERVAL)
 
 
 _CLOCKS: dict[bytes, Tai64nClock] = {}
@@ -144,12 +158,11 @@ class WireGuardCheck:
         try:
             async with asyncio.timeout(self.timeout):
                 while True:
-                    delay = self._pacer.reserve()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
+                    await self._pacer.wait_turn()
                     message, handshake = self._initiator.initiation(secrets.randbits(32), self._clock.next(), cookie)
                     start = time.perf_counter()
                     sock.send(message)
+                    self._pacer.sent()
                     verdict, rtt, skipped = await _receive(loop, sock, handshake, start)
                     ignored += skipped
                     if verdict.outcome is Outcome.VALID:

@@ -1,6 +1,7 @@
 """Tier-1 checks against real listeners on loopback."""
 
 import asyncio
+import contextlib
 import socket
 
 from pop.checks.l4 import TcpCheck
@@ -41,10 +42,8 @@ def test_tcp_silence_is_a_timeout_and_really_returns_on_time() -> None:
         for _ in range(8):
             filler = socket.socket()
             filler.setblocking(False)
-            try:
+            with contextlib.suppress(BlockingIOError):
                 filler.connect(("127.0.0.1", port))
-            except BlockingIOError:
-                pass
             fillers.append(filler)
 
         async def probe() -> tuple[object, float]:

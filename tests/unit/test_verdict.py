@@ -37,7 +37,8 @@ def test_decide(current: Verdict, healthy: int, total: int, announce: bool, hold
 
 def test_reasons_say_why() -> None:
     withdrawn = decide(ANNOUNCED, PoolView(1, 4), POLICY, 1.0)
-    assert withdrawn.reason == "1/4 healthy, below low watermark 0.5"
+    assert withdrawn.reason == withdrawn.cause == "1/4 healthy, below low watermark 0.5"
+    assert decide(withdrawn, PoolView(2, 4), POLICY, 1.5).cause == withdrawn.cause
     holding = decide(withdrawn, PoolView(4, 4), POLICY, 2.0)
     assert holding.reason == "4/4 healthy, hold-down 5s before re-announcing"
     back = decide(holding, PoolView(4, 4), POLICY, 7.0)

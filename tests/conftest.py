@@ -1,0 +1,28 @@
+"""Suite-wide rules.
+
+Under CI (CI=true) a test marked `netns` or `kernel` that skips is a failure: the lab and
+kernel tests are the proof against real daemons and kernels, so CI must run them, and a
+missing package or a missing root shows up as red rather than as a quiet skip.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+
+import pytest
+
+REAL_THINGS = ("netns", "kernel")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport,
+                                                                                               pytest.TestReport]:
+    report = yield
+    if (os.environ.get("CI") == "true" and report.skipped
+            and any(item.get_closest_marker(m) for m in REAL_THINGS)):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"CI must not skip tests against real daemons and kernels: {reason}"
+    setattr(item, f"rep_{report.when}", report)
+    return report

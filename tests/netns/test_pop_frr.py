@@ -1,0 +1,198 @@
+"""End to end with real daemons: FRR router <- BGP -> ExaBGP + pop engine -> TCP VPN servers.
+
+Every topology lives in namespaces made by the test:
+
+    r1 (FRR, AS 65000) --10.0.1.0/30-- pop1 (AS 65101) --10.1.1.0/30-- s11
+                                                        --10.1.2.0/30-- s12
+                       --10.0.2.0/30-- pop2 (AS 65102) --10.2.1.0/30-- s21 ...
+
+The assertions are made on r1's kernel routing table (rtnetlink events), i.e. where traffic
+is really steered, with pop's default timings.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.frr import BgpNeighbor, FrrRouter
+from lab.netns import Netns, veth
+from lab.popnode import PopNode, TcpService
+from lab.routewatch import RouteWatcher
+
+ANYCAST = "198.51.100.1/32"
+PORT = 443
+NsFactory = Callable[[str], Netns]
+
+
+def build_pop(index: int, make_ns: NsFactory, router_ns: Netns, tmp_path: Path, servers: int = 2,
+              **overrides: Any) -> tuple[PopNode, list[TcpService]]:
+    ns = make_ns(f"p{index}")
+    veth(router_ns, f"r1p{index}", f"10.0.{index}.1/30", ns, "up0", f"10.0.{index}.2/30")
+    services = []
+    server_list = []
+    for s in range(1, servers + 1):
+        sns = make_ns(f"s{index}{s}")
+        veth(ns, f"v{s}", f"10.{index}.{s}.1/30", sns, "eth0", f"10.{index}.{s}.2/30")
+        service = TcpService(sns, f"10.{index}.{s}.2", PORT, log=tmp_path / f"s{index}{s}.log")
+        service.start()
+        services.append(service)
+        server_list.append({"name": f"vpn{s}", "address": f"10.{index}.{s}.2"})
+    config: dict[str, Any] = {
+        "pop": {"name": f"pop{index}", "asn": 65100 + index, "router_id": f"192.0.2.{index}"},
+        "neighbors": [{"address": f"10.0.{index}.1", "peer_as": 65000, "local_address": f"10.0.{index}.2"}],
+        "prefixes": [{"prefix": ANYCAST, "healthy": {"communities": [f"{65100 + index}:1"]},
+                      "degraded": {"med": 500}}],
+        "servers": server_list,
+        "checks": {"l4": {"port": PORT}},
+        **overrides,
+    }
+    node = PopNode(ns, config, tmp_path / f"pop{index}")
+    node.start()
+    return node, services
+
+
+def router(make_ns: NsFactory, frr_factory: Callable[..., FrrRouter], pops: int) -> FrrRouter:
+    ns = make_ns("r1")
+    return frr_factory(ns, "r1", 65000, "192.0.2.100",
+                       [BgpNeighbor(f"10.0.{i}.2", 65100 + i, hold_time=9) for i in range(1, pops + 1)])
+
+
+def has(*hops: str) -> Callable[[frozenset[str]], bool]:
+    return lambda nexthops: nexthops == frozenset(hops)
+
+
+def gone(nexthops: frozenset[str]) -> bool:
+    return not nexthops
+
+
+@pytest.fixture
+def dumps(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """On failure, print the logs of every PoP the test registered."""
+    nodes: list[PopNode] = []
+    yield nodes
+    report = getattr(request.node, "rep_call", None)
+    if report is None or report.failed:
+        for node in nodes:
+            print(f"--- {node.name} log ---\n{node.log_tail(80)}")
+
+
+def test_announce_withdraw_recover_single_pop(netns_factory: NsFactory, frr_factory: Callable[..., FrrRouter],
+                                              tmp_path: Path, dumps: list[PopNode]) -> None:
+    r1 = router(netns_factory, frr_factory, 1)
+    with RouteWatcher(r1.ns, ANYCAST) as watch:
+        pop, (s1, s2) = build_pop(1, netns_factory, r1.ns, tmp_path)
+        dumps.append(pop)
+        watch.wait_for(has("10.0.1.2"), timeout=30)
+        route = r1.bgp_routes(ANYCAST)
+        assert "65101:1" in str(route), route  # the configured community arrived
+        assert pop.status()["state"] == "announced"
+
+        # one of two servers dies: 1/2 is not below the low watermark 0.5, the PoP stays (degraded)
+        s1.stop()
+        status = pop.wait_status(lambda s: s["servers"][0]["state"] == "down", timeout=5)
+        assert status["state"] == "degraded" and status["servers"][0]["decided_by"] == "tcp"
+        assert watch.nexthops == frozenset({"10.0.1.2"})
+        assert "500" in str(r1.bgp_routes(ANYCAST))  # degraded MED
+
+        # the last server dies: the route leaves the router's kernel table
+        killed = time.monotonic()
+        s2.stop()
+        withdrawn = watch.wait_for(gone, timeout=10, since=killed)
+        detection = withdrawn - killed
+        print(f"\nMEASURED last-server-stops -> route-gone-at-router: {detection * 1000:.0f} ms")
+        assert detection < 2.0
+        status = pop.status()
+        assert status["state"] == "withdrawn"
+        assert status["last_change_reason"] == "0/2 healthy, below low watermark 0.5"
+        assert status["events"][0]["kind"] == "verdict" and status["events"][0]["to"] == "withdrawn"
+
+        # both come back: re-announced only after the hold-down (5 s by default)
+        back = time.monotonic()
+        s1.start()
+        s2.start()
+        returned = watch.wait_for(has("10.0.1.2"), timeout=15, since=back)
+        print(f"MEASURED servers-back -> route-back-at-router: {(returned - back) * 1000:.0f} ms (hold-down 5 s)")
+        assert 5.0 <= returned - back < 7.0
+
+
+def test_two_pops_ecmp_and_only_the_failed_pop_leaves(netns_factory: NsFactory,
+                                                      frr_factory: Callable[..., FrrRouter], tmp_path: Path,
+                                                      dumps: list[PopNode]) -> None:
+    r1 = router(netns_factory, frr_factory, 2)
+    with RouteWatcher(r1.ns, ANYCAST) as watch:
+        pop1, _ = build_pop(1, netns_factory, r1.ns, tmp_path)
+        pop2, services2 = build_pop(2, netns_factory, r1.ns, tmp_path)
+        dumps.extend([pop1, pop2])
+        watch.wait_for(has("10.0.1.2", "10.0.2.2"), timeout=30)
+        killed = time.monotonic()
+        for service in services2:
+            service.stop()
+        at = watch.wait_for(has("10.0.1.2"), timeout=10, since=killed)
+        print(f"\nMEASURED pop2 servers die -> ECMP set shrinks to pop1: {(at - killed) * 1000:.0f} ms")
+        # nothing else happened at the router in between: pop1's next hop never left
+        assert all("10.0.1.2" in e.nexthops for e in watch.events if e.timestamp >= killed)
+
+
+def test_engine_killed_with_its_servers_does_not_leave_the_route(
+        netns_factory: NsFactory, frr_factory: Callable[..., FrrRouter], tmp_path: Path,
+        dumps: list[PopNode]) -> None:
+    """ExaBGP keeps what a dead engine announced; the respawned engine must withdraw it."""
+    r1 = router(netns_factory, frr_factory, 1)
+    with RouteWatcher(r1.ns, ANYCAST) as watch:
+        pop, services = build_pop(1, netns_factory, r1.ns, tmp_path)
+        dumps.append(pop)
+        watch.wait_for(has("10.0.1.2"), timeout=30)
+        old_pid = pop.engine_pid()
+        killed = time.monotonic()
+        pop.kill_engine()
+        for service in services:
+            service.stop()
+        at = watch.wait_for(gone, timeout=10, since=killed)
+        print(f"\nMEASURED engine SIGKILL + servers dead -> route gone: {(at - killed) * 1000:.0f} ms")
+        # a new engine runs (ExaBGP respawned it) and keeps the PoP withdrawn
+        status = pop.wait_status(lambda s: s["uptime_seconds"] > 1.0, timeout=10)
+        assert pop.engine_pid() != old_pid
+        assert status["state"] == "withdrawn" and watch.nexthops == frozenset()
+
+
+def test_engine_killed_alone_recovers_and_exabgp_death_withdraws(
+        netns_factory: NsFactory, frr_factory: Callable[..., FrrRouter], tmp_path: Path,
+        dumps: list[PopNode]) -> None:
+    r1 = router(netns_factory, frr_factory, 1)
+    with RouteWatcher(r1.ns, ANYCAST) as watch:
+        pop, _ = build_pop(1, netns_factory, r1.ns, tmp_path)
+        dumps.append(pop)
+        watch.wait_for(has("10.0.1.2"), timeout=30)
+        killed = time.monotonic()
+        pop.kill_engine()
+        # the respawned engine starts from a clean slate, then re-announces once servers rise
+        watch.wait_for(has("10.0.1.2"), timeout=15, since=killed + 0.001)
+        pop.wait_status(lambda s: s["state"] == "announced", timeout=10)
+        # ExaBGP itself dies: the BGP session closes and the router drops the route at once
+        killed = time.monotonic()
+        os.kill(pop.exabgp_pid(), 9)
+        at = watch.wait_for(gone, timeout=10, since=killed)
+        print(f"\nMEASURED ExaBGP SIGKILL -> route gone: {(at - killed) * 1000:.0f} ms")
+
+
+def test_drain_withdraws_and_undrain_returns_after_hold_down(
+        netns_factory: NsFactory, frr_factory: Callable[..., FrrRouter], tmp_path: Path,
+        dumps: list[PopNode]) -> None:
+    r1 = router(netns_factory, frr_factory, 1)
+    with RouteWatcher(r1.ns, ANYCAST) as watch:
+        pop, _ = build_pop(1, netns_factory, r1.ns, tmp_path, pool={"hold_down": 1.0})
+        dumps.append(pop)
+        watch.wait_for(has("10.0.1.2"), timeout=30)
+        drained = time.monotonic()
+        assert pop.post("/drain")["drained"] is True
+        watch.wait_for(gone, timeout=5, since=drained)
+        time.sleep(1.5)
+        assert watch.nexthops == frozenset() and pop.status()["state"] == "drained"
+        pop.post("/undrain")
+        watch.wait_for(has("10.0.1.2"), timeout=5, since=time.monotonic())
