@@ -44,8 +44,12 @@ from pop.checks.base import CheckResult
 from pop.checks.noise import Handshake, Initiator, Outcome, Tai64nClock, Verdict
 
 # wireguard-go and the kernel drop an initiation that arrives within 20 ms (50 per second)
-# of the last one they consumed from the same peer; 5 ms covers queueing jitter on both ends.
+# of the last one they *consumed* from the same peer, timed when their handshake worker gets
+# to it. Sends are spaced 25 ms apart, and a send also waits 21 ms after the previous answer:
+# the responder consumed that initiation before answering, so the next one, consumed after
+# it is sent, is then more than 20 ms later however long the responder's queue was.
 MIN_INITIATION_INTERVAL = 0.025
+MIN_GAP_AFTER_ANSWER = 0.021
 
 _UNREACHABLE = {
     errno.ECONNREFUSED: "ICMP port unreachable: nothing listens on udp/{port} at {host}",
@@ -60,10 +64,11 @@ _SILENCE = (
 
 
 class Pacer:
-    """Spaces the initiations of one probe key to one responder MIN_INITIATION_INTERVAL apart.
+    """Spaces the initiations of one probe key to one responder (see MIN_INITIATION_INTERVAL).
 
-    The spacing is measured between actual sends: `wait_turn()` returns when a send may go,
-    the caller sends without awaiting anything in between and then calls `sent()`.
+    The spacing is measured between actual events: `wait_turn()` returns when a send may go,
+    the caller sends without awaiting anything in between and then calls `sent()`, and
+    `answered()` when the responder's answer arrives.
     """
 
     __slots__ = ("_lock", "_next")
@@ -87,8 +92,14 @@ class Pacer:
             await asyncio.sleep(delay)
 
     def sent(self) -> None:
+        self._push(MIN_INITIATION_INTERVAL)
+
+    def answered(self) -> None:
+        self._push(MIN_GAP_AFTER_ANSWER)
+
+    def _push(self, gap: float) -> None:
         with self._lock:
-            self._next = max(self._next, time.monotonic() + MIN_INITIATION_INTERVAL)
+            self._next = max(self._next, time.monotonic() + gap)
 
 
 _CLOCKS: dict[bytes, Tai64nClock] = {}
@@ -164,6 +175,7 @@ class WireGuardCheck:
                     sock.send(message)
                     self._pacer.sent()
                     verdict, rtt, skipped = await _receive(loop, sock, handshake, start)
+                    self._pacer.answered()
                     ignored += skipped
                     if verdict.outcome is Outcome.VALID:
                         note = "after a cookie reply (responder under load)" if cookie else ""
@@ -204,12 +216,33 @@ async def _receive(
     """The first datagram that belongs to this handshake, its verdict and round trip."""
     skipped = 0
     while True:
-        data = await loop.sock_recv(sock, 2048)
-        rtt = time.perf_counter() - start
-        verdict = handshake.validate(data)
-        if verdict.outcome is not Outcome.FOREIGN:
-            return verdict, rtt, skipped
-        skipped += 1
+        # nothing is there right after the send: wait first, then drain what arrived
+        await _readable(loop, sock.fileno())
+        while True:
+            try:
+                data = sock.recv(2048)
+            except BlockingIOError:
+                break
+            rtt = time.perf_counter() - start
+            verdict = handshake.validate(data)
+            if verdict.outcome is not Outcome.FOREIGN:
+                return verdict, rtt, skipped
+            skipped += 1
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    # loop.sock_recv() does the same with more bookkeeping per call; this is the hot path
+    ready = loop.create_future()
+    loop.add_reader(fd, _wake, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
 
 
 def _numeric_address(host: str, port: int) -> tuple[int, Any] | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
+import itertools
 import os
 import socket
 import struct
@@ -172,6 +174,11 @@ def test_initial_chaining_key_and_hash_match_published_constants() -> None:
     )  # fmt: skip
     assert noise.hash_(noise.CONSTRUCTION) == chain
     assert noise.hash_(chain, noise.IDENTIFIER) == chain_hash
+
+
+@given(st.binary(max_size=100), st.binary(max_size=200))
+def test_hmac_matches_the_standard_library(key: bytes, data: bytes) -> None:
+    assert noise.hmac_blake2s(key, data) == hmac.digest(key, data, "blake2s")
 
 
 @given(st.binary(min_size=32, max_size=32), st.binary(max_size=200))
@@ -438,18 +445,31 @@ def test_check_spaces_initiations_to_one_responder() -> None:
         results = await asyncio.gather(a.probe(), b.probe(), a.probe())
         server.transport.close()
         assert all(r.ok for r in results), results
-        gaps = [y - x for x, y in zip(server.arrivals, server.arrivals[1:], strict=False)]
-        assert len(gaps) == 2 and min(gaps) >= MIN_INITIATION_INTERVAL * 0.95, gaps
+        gaps = [y - x for x, y in itertools.pairwise(server.arrivals)]
+        # the responder's rule is 20 ms; the rest of the interval absorbs scheduling jitter
+        assert len(gaps) == 2 and min(gaps) > 0.020, gaps
 
     asyncio.run(main())
 
 
-def test_pacer_reserves_slots_apart() -> None:
+def test_pacer_spaces_turns_from_the_actual_send() -> None:
     pacer = Pacer()
-    delays = [pacer.reserve() for _ in range(3)]
-    assert delays[0] == 0
-    assert delays[1] == pytest.approx(MIN_INITIATION_INTERVAL, abs=0.005)
-    assert delays[2] == pytest.approx(2 * MIN_INITIATION_INTERVAL, abs=0.005)
+    assert pacer.delay() == 0  # turn claimed
+    assert pacer.delay() == pytest.approx(MIN_INITIATION_INTERVAL, abs=0.005)
+    time.sleep(0.010)  # the send went out late
+    pacer.sent()
+    assert pacer.delay() == pytest.approx(MIN_INITIATION_INTERVAL, abs=0.003)
+
+    async def turns() -> list[float]:
+        sends = []
+        for _ in range(3):
+            await pacer.wait_turn()
+            sends.append(time.monotonic())
+            pacer.sent()
+        return sends
+
+    sends = asyncio.run(turns())
+    assert min(b - a for a, b in itertools.pairwise(sends)) >= MIN_INITIATION_INTERVAL
 
 
 def test_wrong_server_key_is_a_timeout_with_a_hint() -> None:
