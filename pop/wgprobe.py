@@ -129,6 +129,12 @@ def _summary(target: str, results: list[CheckResult], elapsed: float) -> str:
     errors = sorted({r.error for r in results if not r.ok})
     if errors:
         lines.append(f"failures: {', '.join(errors)}")
+    if "timeout" in errors:
+        lines.append(
+            "hint: WireGuard answers nothing it cannot authenticate: compare --server-key with "
+            "`wg show <interface> public-key` on the server, and check that the probe public key "
+            "above is listed by `wg show <interface> peers` there"
+        )
     return "\n".join(lines)
 
 
