@@ -23,6 +23,10 @@ Results (`CheckResult.error`), as observed against wireguard-go:
   retry that succeeds is a success whose detail mentions the cookie;
 - "socket-error": a local socket error (not the target's fault). Not definitive.
 
+`timeout` bounds the wait for each answer; a probe sends at most two initiations (the
+second only after a cookie reply), each after its turn from the pacer, so the engine's own
+deadline should allow 2 * timeout + 50 ms.
+
 Two rules of the responder shape the state shared by all checks in this process: the
 timestamp of a probe key must always increase (one Tai64nClock per probe key), and a
 responder consumes at most one initiation per peer every 20 ms (one pacer per probe key and
@@ -166,37 +170,38 @@ class WireGuardCheck:
         loop = asyncio.get_running_loop()
         cookie: bytes | None = None
         ignored = 0
-        try:
-            async with asyncio.timeout(self.timeout):
-                while True:
-                    await self._pacer.wait_turn()
-                    message, handshake = self._initiator.initiation(secrets.randbits(32), self._clock.next(), cookie)
-                    start = time.perf_counter()
-                    sock.send(message)
-                    self._pacer.sent()
+        while True:
+            await self._pacer.wait_turn()
+            message, handshake = self._initiator.initiation(secrets.randbits(32), self._clock.next(), cookie)
+            start = time.perf_counter()
+            sock.send(message)
+            self._pacer.sent()
+            try:
+                async with asyncio.timeout(self.timeout):
                     verdict, rtt, skipped = await _receive(loop, sock, handshake, start)
-                    self._pacer.answered()
-                    ignored += skipped
-                    if verdict.outcome is Outcome.VALID:
-                        note = "after a cookie reply (responder under load)" if cookie else ""
-                        return CheckResult.success(rtt, detail=note)
-                    if verdict.outcome is not Outcome.COOKIE:
-                        return CheckResult.failure(verdict.outcome.value, definitive=True, detail=verdict.detail)
-                    if cookie is not None:
-                        return CheckResult.failure(
-                            "cookie", detail="responder under load: cookie reply again to the retry with mac2"
-                        )
-                    # Under load the responder wants mac2 keyed by this cookie before it spends
-                    # a DH on us; the cookie is bound to our source address, i.e. this socket.
-                    cookie = verdict.cookie
-        except TimeoutError:
+            except TimeoutError:
+                return self._silence(cookie, ignored)
+            self._pacer.answered()
+            ignored += skipped
+            if verdict.outcome is Outcome.VALID:
+                return CheckResult.success(rtt, detail="after a cookie reply (responder under load)" if cookie else "")
+            if verdict.outcome is not Outcome.COOKIE:
+                return CheckResult.failure(verdict.outcome.value, definitive=True, detail=verdict.detail)
             if cookie is not None:
-                detail = "responder under load: cookie reply, then no response to the retry with mac2"
+                detail = "responder under load: cookie reply again to the retry with mac2"
                 return CheckResult.failure("cookie", detail=detail)
-            detail = _SILENCE.format(timeout=self.timeout)
-            if ignored:
-                detail += f"; ignored {ignored} datagram(s) addressed to another handshake"
-            return CheckResult.failure("timeout", detail=detail)
+            # Under load the responder wants mac2 keyed by this cookie before it spends a DH
+            # on us; the cookie is bound to our source address and port, i.e. to this socket.
+            cookie = verdict.cookie
+
+    def _silence(self, cookie: bytes | None, ignored: int) -> CheckResult:
+        if cookie is not None:
+            detail = "responder under load: cookie reply, then no response to the retry with mac2"
+            return CheckResult.failure("cookie", detail=detail)
+        detail = _SILENCE.format(timeout=self.timeout)
+        if ignored:
+            detail += f"; ignored {ignored} datagram(s) addressed to another handshake"
+        return CheckResult.failure("timeout", detail=detail)
 
     def _socket_failure(self, exc: OSError) -> CheckResult:
         template = _UNREACHABLE.get(exc.errno or 0)
