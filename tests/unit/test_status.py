@@ -1,0 +1,76 @@
+"""The operator surfaces: /status JSON, the NOC page, /metrics, drain — served for real by aiohttp."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from pop.checks.base import CheckResult
+from pop.status import make_app
+from tests.unit.test_engine import OK, engine_with, feed
+
+
+def serve(check: Any) -> None:
+    async def main() -> None:
+        engine, _, _ = engine_with()
+        feed(engine, "a", OK, 2)
+        feed(engine, "b", OK, 2)
+        feed(engine, "b", CheckResult.failure("refused", definitive=True, detail="port 443 refused"))
+        app = make_app(lambda: engine.snapshot({"sessions": {"10.0.0.1": "up"}}), engine.drain, engine.undrain)
+        async with TestClient(TestServer(app)) as client:
+            await check(client, engine)
+
+    asyncio.run(main())
+
+
+def test_status_answers_why() -> None:
+    async def check(client: TestClient, _engine: Any) -> None:
+        response = await client.get("/status")
+        assert response.status == 200
+        data = await response.json()
+        assert data["state"] == "degraded" and data["announced"] is True
+        assert data["pool"] == {"healthy": 1, "total": 2, "fraction": 0.5}
+        b = data["servers"][1]
+        assert (b["state"], b["decided_by"], b["reason"]) == ("down", "tcp", "refused: port 443 refused; fell after 1 definitive failures")
+        assert data["bgp"]["desired"][0]["med"] == 50
+        assert data["events"][0]["subject"] == "b" and data["events"][0]["to"] == "down"
+
+    serve(check)
+
+
+def test_noc_page_and_metrics() -> None:
+    async def check(client: TestClient, _engine: Any) -> None:
+        page = await (await client.get("/")).text()
+        assert "PoP t1" in page and "degraded" in page and "refused: port 443 refused" in page
+        metrics = await (await client.get("/metrics")).text()
+        assert 'pop_announced{pop="t1"} 1.0' in metrics
+        assert 'pop_server_up{pop="t1",server="b"} 0.0' in metrics
+        assert 'pop_server_state{pop="t1",server="b",state="down"} 1.0' in metrics
+        assert 'pop_check_results_total{outcome="fail",pop="t1",server="b",tier="tcp"} 1.0' in metrics
+        assert 'pop_verdict_changes_total{pop="t1"} 1.0' in metrics
+
+    serve(check)
+
+
+def test_drain_and_undrain() -> None:
+    async def check(client: TestClient, engine: Any) -> None:
+        drained = await (await client.post("/drain")).json()
+        assert drained == {"drained": True, "state": "drained"}
+        assert engine.desired == ()
+        assert (await client.get("/drain")).status == 405  # a GET never changes anything
+        undrained = await (await client.post("/undrain")).json()
+        assert undrained["drained"] is False and undrained["state"] == "withdrawn"  # 1/2 is below high 1.0
+        assert not engine.verdict.drained
+
+    serve(check)
+
+
+def test_html_is_escaped() -> None:
+    async def check(client: TestClient, engine: Any) -> None:
+        engine.observe("a", "tcp", CheckResult.failure("error", detail="<script>alert(1)</script>"))
+        page = await (await client.get("/")).text()
+        assert "<script>" not in page and "&lt;script&gt;" in page
+
+    serve(check)
