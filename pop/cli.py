@@ -1,4 +1,8 @@
-"""The `pop` command line: run, engine, check-config, drain, undrain, status, wg-probe."""
+"""The `pop` command line: run, engine, check-config, drain, undrain, status, wg-probe.
+
+`check-config` reads the key files the checks need too (a world-readable probe key is a
+configuration error); the loader itself stays free of side effects.
+"""
 
 from __future__ import annotations
 
@@ -22,11 +26,11 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
-def _load(path: Path) -> Config | None:
+def _load(path: Path, *, with_keys: bool = False) -> Config | None:
     from pop.runner import load_file
 
     try:
-        return load_file(path)
+        return load_file(path, with_keys=with_keys)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem)
@@ -34,7 +38,7 @@ def _load(path: Path) -> Config | None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, with_keys=True)
     if config is None:
         return 2
     print("ok")
@@ -106,10 +110,19 @@ def parser() -> argparse.ArgumentParser:
     with_config("status", "print the running engine's /status").set_defaults(func=cmd_status)
     with_config("drain", "withdraw this PoP gracefully and keep it withdrawn").set_defaults(func=cmd_drain)
     with_config("undrain", "end a drain; re-announce after the hold-down").set_defaults(func=cmd_undrain)
+    # listed for --help; main() hands `pop wg-probe ...` to pop.wgprobe before parsing
+    sub.add_parser("wg-probe", help="send WireGuard handshakes to one server and print each like ping")
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["wg-probe"]:
+        # the diagnostic owns its whole command line (and its --help)
+        from pop.wgprobe import main as wg_probe
+
+        _setup_logging(False)
+        return wg_probe(argv[1:])
     args = parser().parse_args(argv)
     _setup_logging(args.verbose)
     code: int = args.func(args)

@@ -70,18 +70,25 @@ def validate(conf: Path, env: Path) -> tuple[bool, str]:
     return result.returncode == 0, (result.stdout + result.stderr).strip()
 
 
-def load_file(path: Path) -> Config:
+def load_file(path: Path, *, with_keys: bool = False) -> Config:
+    """Load and validate a PoP's YAML; `with_keys` also reads and checks the key files the
+    checks need (what `check-config` and `pop run` do before anything starts)."""
     try:
         text = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: (file): cannot read: {exc.strerror}"]) from None
-    return config_module.load(text, str(path))
+    config = config_module.load(text, str(path))
+    if with_keys:
+        from pop import checks
+
+        checks.build(config)
+    return config
 
 
 def run(config_path: Path) -> int:
     config_path = config_path.resolve()
     try:
-        config = load_file(config_path)
+        config = load_file(config_path, with_keys=True)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -118,7 +125,7 @@ def run(config_path: Path) -> int:
 
 def _reload(current: Config, config_path: Path, child: subprocess.Popen[bytes]) -> Config:
     try:
-        new = load_file(config_path)
+        new = load_file(config_path, with_keys=True)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("reload.rejected %s", problem)

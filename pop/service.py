@@ -58,19 +58,26 @@ def _reload(engine: Engine, config_path: Path) -> None:
     """SIGHUP: re-read the YAML; a broken file changes nothing."""
     try:
         new = load_file(config_path)
+        checks = check_builder.build(new)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("reload.rejected %s", problem)
         return
     if new.status != engine.config.status or new.name != engine.config.name:
         log.warning("reload.partial pop.name and status changes take effect at the next restart")
-    engine.reload(new, check_builder.build(new))
+    engine.reload(new, checks)
 
 
 async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
+    try:
+        checks = check_builder.build(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("engine.config %s", problem)
+        return 2
     reader, writer = await _open_channel(channel_fd)
     speaker = ExaBgpSpeaker(config, reader, writer)
-    engine = Engine(config, speaker, check_builder.build(config))
+    engine = Engine(config, speaker, checks)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

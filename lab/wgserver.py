@@ -1,0 +1,92 @@
+"""A real WireGuard server (wireguard-go) in a lab namespace, with the probe key as a peer.
+
+`WireGuardServer(ns, ifname, workdir, port)` runs `wireguard-go -f IFNAME` as a foreground
+child of the harness and configures it with `wg`: a fresh private key, the listen port, and
+peers added with `add_peer()`. `stop()` kills the daemon (the UDP port then answers with ICMP
+port unreachable) and `start()` brings it back with the same key and peers.
+
+wireguard-go's UAPI socket lives in /var/run/wireguard/<ifname>.sock for *every* namespace,
+so interface names must be unique on the host: give each server a name with a run-unique part.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from lab.netns import Netns
+from pop import wgkeys
+
+UAPI_DIR = Path("/var/run/wireguard")
+
+
+def keypair() -> tuple[bytes, bytes]:
+    key = X25519PrivateKey.generate()
+    return key.private_bytes_raw(), key.public_key().public_bytes_raw()
+
+
+def write_key(path: Path, raw: bytes) -> Path:
+    """A key file as `wg genkey` writes it, readable by its owner only."""
+    path.write_text(wgkeys.encode_key(raw) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+class WireGuardServer:
+    def __init__(self, ns: Netns, ifname: str, workdir: Path, port: int = 51820) -> None:
+        self.ns = ns
+        self.ifname = ifname
+        self.workdir = workdir
+        self.port = port
+        self.private, self.public = keypair()
+        self.peers: list[tuple[bytes, bytes | None]] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / f"{ifname}.log"
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def uapi(self) -> Path:
+        return UAPI_DIR / f"{self.ifname}.sock"
+
+    @property
+    def public_key(self) -> str:
+        return wgkeys.encode_key(self.public)
+
+    def start(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self.uapi.unlink(missing_ok=True)
+        self.proc = self.ns.popen("wireguard-go", "-f", self.ifname, log=self.log)
+        deadline = time.monotonic() + 10
+        while not self.uapi.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"wireguard-go {self.ifname} did not start: {self.log.read_text()}")
+            time.sleep(0.02)
+        key = write_key(self.workdir / f"{self.ifname}.key", self.private)
+        self.ns.run("wg", "set", self.ifname, "listen-port", str(self.port), "private-key", str(key))
+        self.ns.run("ip", "link", "set", self.ifname, "up")
+        for public, psk in self.peers:
+            self._set_peer(public, psk)
+
+    def add_peer(self, public: bytes, psk: bytes | None = None) -> None:
+        self.peers.append((public, psk))
+        if self.proc is not None and self.proc.poll() is None:
+            self._set_peer(public, psk)
+
+    def _set_peer(self, public: bytes, psk: bytes | None) -> None:
+        # a /32 nobody uses: the probe peer never sends data, it only proves the handshake
+        args = ["wg", "set", self.ifname, "peer", wgkeys.encode_key(public), "allowed-ips",
+                f"10.255.{len(self.peers)}.1/32"]
+        if psk is not None:
+            args += ["preshared-key", str(write_key(self.workdir / f"{self.ifname}.psk", psk))]
+        self.ns.run(*args)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.ns.stop(self.proc)
+            self.proc = None
+        # wireguard-go removes its socket on a clean exit, not after SIGKILL
+        self.uapi.unlink(missing_ok=True)
