@@ -1,0 +1,59 @@
+"""Kernel tests: features this host's kernel lacks (IPVS, kernel WireGuard), run in the microVM.
+
+Host-side tests (``tests/kernel/test_*.py``) take the ``microvm`` fixture and call
+``lab.microvm.run_in_vm`` / ``run_pytest_in_vm``. Tests under ``tests/kernel/inner/`` are what
+those host-side tests run *inside* the guest: elsewhere they are skipped, with that reason.
+
+The ``microvm`` fixture skips, naming what is missing, only when the parts cannot be there
+(no root, no QEMU, no busybox-static, cpio or depmod to build the cache). When they are
+present it prepares the kernel cache (a download on first use, as in CI's setup step) and
+any failure is an error, never a skip. Every test here gets the ``kernel`` marker.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lab.microvm import BUSYBOX, QEMU, KernelCache, kernel_cache
+
+KERNEL_DIR = Path(__file__).parent
+INNER_DIR = KERNEL_DIR / "inner"
+IN_MICROVM = os.environ.get("POP_IN_MICROVM") == "1"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(str(item.path))
+        if KERNEL_DIR not in path.parents:
+            continue
+        item.add_marker(pytest.mark.kernel)
+        if INNER_DIR in path.parents and not IN_MICROVM:
+            item.add_marker(pytest.mark.skip(
+                reason="runs only inside the microVM (POP_IN_MICROVM=1), started by a host-side test"))
+
+
+def _missing() -> list[str]:
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("root (euid 0)")
+    if shutil.which(QEMU) is None:
+        missing.append(f"{QEMU} (apt-get install qemu-system-x86)")
+    if not BUSYBOX.exists():
+        missing.append(f"{BUSYBOX} (apt-get install busybox-static)")
+    for tool, package in (("cpio", "cpio"), ("depmod", "kmod"), ("apt-get", "apt")):
+        if shutil.which(tool) is None:
+            missing.append(f"{tool} ({package})")
+    return missing
+
+
+@pytest.fixture(scope="session")
+def microvm() -> KernelCache:
+    if IN_MICROVM:
+        pytest.skip("already inside the microVM: no nested VMs")
+    if missing := _missing():
+        pytest.skip("microVM tests need " + ", ".join(missing))
+    return kernel_cache()
