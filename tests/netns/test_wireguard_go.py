@@ -19,92 +19,31 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from lab.netns import Netns, veth
+from lab.wgserver import WireGuardServer, keypair, write_key
 from pop import wgkeys
 from pop.checks import noise
 from pop.checks.base import CheckResult
 from pop.checks.wireguard import MIN_INITIATION_INTERVAL, WireGuardCheck
 
-_missing = [tool for tool in ("wireguard-go", "wg") if shutil.which(tool) is None]
-if _missing:
-    pytest.skip(
-        f"needs {' and '.join(_missing)} (apt-get install wireguard-go wireguard-tools)", allow_module_level=True
-    )
-if not Path("/dev/net/tun").exists():
-    pytest.skip("needs /dev/net/tun for wireguard-go", allow_module_level=True)
-
 SERVER_IP, CLIENT_IP, PORT = "10.203.0.1", "10.203.0.2", 51820
-UAPI_DIR = Path("/var/run/wireguard")
-REPO = Path(__file__).resolve().parents[2]
-
-
-def keypair() -> tuple[bytes, bytes]:
-    k = X25519PrivateKey.generate()
-    return k.private_bytes_raw(), k.public_key().public_bytes_raw()
-
-
-def key_file(directory: Path, name: str, raw: bytes) -> Path:
-    path = directory / name
-    path.write_text(wgkeys.encode_key(raw) + "\n")
-    path.chmod(0o600)
-    return path
-
-
-@dataclass
-class WgServer:
-    ns: Netns
-    ifname: str
-    tmp: Path
-    private: bytes
-    public: bytes
-    proc: subprocess.Popen[bytes] | None = None
-    log: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.log = self.tmp / f"{self.ifname}.log"
-
-    @property
-    def uapi(self) -> Path:
-        return UAPI_DIR / f"{self.ifname}.sock"
-
-    def start(self) -> None:
-        self.proc = self.ns.popen("wireguard-go", "-f", self.ifname, log=self.log, env={"LOG_LEVEL": "verbose"})
-        deadline = time.monotonic() + 10
-        while not self.uapi.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"wireguard-go did not start: {self.log.read_text()}")
-            time.sleep(0.02)
-        keyfile = key_file(self.tmp, f"{self.ifname}.key", self.private)
-        self.wg("set", self.ifname, "listen-port", str(PORT), "private-key", str(keyfile))
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.ns.stop(self.proc)
-            self.proc = None
-        # wireguard-go removes its socket on a clean exit, not after SIGKILL
-        self.uapi.unlink(missing_ok=True)
-
-    def wg(self, *args: str) -> None:
-        self.ns.run("wg", *args)
-
-    def add_peer(self, public: bytes, psk: bytes | None = None) -> None:
-        args = ["set", self.ifname, "peer", wgkeys.encode_key(public), "allowed-ips", "10.99.0.2/32"]
-        if psk is not None:
-            args += ["preshared-key", str(key_file(self.tmp, "server.psk", psk))]
-        self.wg(*args)
 
 
 @dataclass
 class Lab:
-    server: WgServer
+    server: WireGuardServer
     client: Netns
+    timeout: float = 0.5  # per answer; the microVM's emulated CPU needs more
+    # initiations that put the responder "under load": wireguard-go is from 128 queued (of
+    # 1024, and drops when full); the kernel from 512 (of 4096; past 2048 it rate-limits the
+    # source address, which the probe shares with the flood)
+    flood: int = 800
 
     def run(self, coro: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         """Run an async function on its own event loop, in a thread inside the client namespace."""
@@ -133,18 +72,22 @@ class Lab:
 
     def check(self, probe_private: bytes, **kwargs: Any) -> WireGuardCheck:
         server_key = kwargs.pop("server_key", self.server.public)
-        kwargs.setdefault("timeout", 0.5)
+        kwargs.setdefault("timeout", self.timeout)
         return WireGuardCheck(SERVER_IP, PORT, server_key, probe_private, **kwargs)
 
 
 @pytest.fixture
 def lab(netns_factory: Callable[[str], Netns], tmp_path: Path) -> Iterator[Lab]:
+    missing = [tool for tool in ("wireguard-go", "wg") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"needs {' and '.join(missing)} (apt-get install wireguard-go wireguard-tools)")
+    if not Path("/dev/net/tun").exists():
+        pytest.skip("needs /dev/net/tun for wireguard-go")
     server_ns, client_ns = netns_factory("wgs"), netns_factory("wgc")
     veth(server_ns, "twg-s", f"{SERVER_IP}/24", client_ns, "twg-c", f"{CLIENT_IP}/24")
-    private, public = keypair()
     # wireguard-go's UAPI socket is named after the interface in a directory shared by all
     # namespaces: the name must be unique on the host
-    server = WgServer(server_ns, f"twg{secrets.token_hex(4)}", tmp_path, private, public)
+    server = WireGuardServer(server_ns, f"twg{secrets.token_hex(4)}", tmp_path, PORT)
     try:
         server.start()
         yield Lab(server, client_ns)
@@ -162,7 +105,7 @@ def probe_key(lab: Lab) -> bytes:
 def test_right_key_succeeds_with_rtt(lab: Lab, probe_key: bytes) -> None:
     results = lab.probe(lab.check(probe_key), count=3)
     assert all(r.ok for r in results), results
-    assert all(r.latency is not None and 0 < r.latency < 0.1 for r in results), results
+    assert all(r.latency is not None and 0 < r.latency < lab.timeout for r in results), results
 
 
 def test_wrong_server_key_is_silence(lab: Lab, probe_key: bytes) -> None:
@@ -203,7 +146,7 @@ def test_psk_mismatch_is_reported_as_such(lab: Lab, server_has: bool, probe_has:
 
 
 def test_closed_port_is_icmp_unreachable(lab: Lab, probe_key: bytes) -> None:
-    check = WireGuardCheck(SERVER_IP, PORT + 1, lab.server.public, probe_key, timeout=0.5)
+    check = WireGuardCheck(SERVER_IP, PORT + 1, lab.server.public, probe_key, timeout=lab.timeout)
     (result,) = lab.probe(check)
     assert (result.ok, result.error, result.definitive) == (False, "icmp-unreachable", True), result
 
@@ -231,29 +174,38 @@ def test_rapid_probes_respect_the_per_peer_rate_limit(lab: Lab, probe_key: bytes
 
 
 def test_the_rate_limit_is_real_without_pacing(lab: Lab, probe_key: bytes) -> None:
-    """Negative control: two initiations 5 ms apart from one key, bypassing the pacer."""
+    """Negative control: a second initiation right after the first answer, bypassing the pacer."""
     initiator = noise.Initiator(probe_key, lab.server.public)
     clock = noise.Tai64nClock()
 
-    async def pair_of_initiations() -> list[noise.Outcome | None]:
+    async def answer(loop: asyncio.AbstractEventLoop, sock: socket.socket, wait: float) -> bytes | None:
+        try:
+            async with asyncio.timeout(wait):
+                return await loop.sock_recv(sock, 2048)
+        except TimeoutError:
+            return None
+
+    async def attempts() -> list[tuple[noise.Outcome | None, bytes | None]]:
         loop = asyncio.get_running_loop()
-        outcomes: list[noise.Outcome | None] = []
+        seen = []
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.setblocking(False)
             sock.connect((SERVER_IP, PORT))
-            for index in (1, 2):
-                msg, hs = initiator.initiation(index, clock.next())
+            for index in range(0, 6, 2):
+                await asyncio.sleep(0.05)
+                msg, first = initiator.initiation(index, clock.next())
                 sock.send(msg)
-                try:
-                    async with asyncio.timeout(0.005 if index == 1 else 0.3):
-                        outcomes.append(hs.validate(await loop.sock_recv(sock, 2048)).outcome)
-                except TimeoutError:
-                    outcomes.append(None)
-                if index == 1:
-                    await asyncio.sleep(0.005)
-        return outcomes
+                data = await answer(loop, sock, lab.timeout)
+                outcome = first.validate(data).outcome if data else None
+                sock.send(initiator.initiation(index + 1, clock.next())[0])
+                seen.append((outcome, await answer(loop, sock, 0.3)))
+        return seen
 
-    assert lab.run(pair_of_initiations) == [noise.Outcome.VALID, None]
+    seen = lab.run(attempts)
+    assert all(outcome is noise.Outcome.VALID for outcome, _ in seen), seen
+    # the consumption of the second is well within 20 ms of the first's (which preceded its
+    # answer); a loaded machine may stretch one attempt past that, not all three
+    assert any(second is None for _, second in seen), seen
 
 
 def test_replayed_timestamp_is_silence(lab: Lab, probe_key: bytes) -> None:
@@ -270,7 +222,7 @@ def test_replayed_timestamp_is_silence(lab: Lab, probe_key: bytes) -> None:
             msg, _ = initiator.initiation(3, noise.tai64n(time.time_ns() - 10_000_000_000))
             sock.send(msg)
             try:
-                async with asyncio.timeout(0.3):
+                async with asyncio.timeout(lab.timeout):
                     return await loop.sock_recv(sock, 2048)
             except TimeoutError:
                 return None
@@ -280,7 +232,7 @@ def test_replayed_timestamp_is_silence(lab: Lab, probe_key: bytes) -> None:
 
 
 def test_cookie_reply_under_load_then_success_with_mac2(lab: Lab, probe_key: bytes) -> None:
-    """wireguard-go is "under load" while 128+ handshakes queue, and for a second after.
+    """A responder is "under load" while many handshakes queue (Lab.flood), and for a second after.
 
     Flood it with initiations that carry a valid mac1 (anyone who knows the server's public
     key can compute it) from another socket, then probe: it must answer with a cookie reply,
@@ -288,7 +240,7 @@ def test_cookie_reply_under_load_then_success_with_mac2(lab: Lab, probe_key: byt
     """
     mac1_key = noise.hash_(noise.LABEL_MAC1, lab.server.public)
     junk = []
-    for _ in range(800):  # past 128 queued (under load), short of 1024 (a full queue drops)
+    for _ in range(lab.flood):
         body = b"\x01\x00\x00\x00" + os.urandom(112)
         junk.append(body + noise.mac(mac1_key, body) + bytes(16))
     check = lab.check(probe_key)
@@ -314,17 +266,14 @@ def test_cookie_reply_under_load_then_success_with_mac2(lab: Lab, probe_key: byt
 
 
 def wg_probe(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
-    return lab.client.run(
-        sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-        "from pop.wgprobe import main; sys.exit(main(sys.argv[1:]))",
-        *args, check=False, timeout=30,
-    )  # fmt: skip
+    """`pop wg-probe ...` as an engineer runs it (pop is installed in the venv, editable)."""
+    return lab.client.run(sys.executable, "-m", "pop", "wg-probe", *args, check=False, timeout=30)
 
 
 def test_wg_probe_exit_codes(lab: Lab, tmp_path: Path) -> None:
     private, public = keypair()
     lab.server.add_peer(public)
-    keyfile = key_file(tmp_path, "probe.key", private)
+    keyfile = write_key(tmp_path / "probe.key", private)
     common = ["--probe-key-file", str(keyfile), "--count", "3", "--interval", "0.05", "--timeout", "0.3"]
     server_key = wgkeys.encode_key(lab.server.public)
 
