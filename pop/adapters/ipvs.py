@@ -15,8 +15,11 @@ Contract:
   connections but schedules no new ones to that real server. When to remove it is the
   engine's decision; `loads()` reports active/inactive connection counts per real server
   (UDP "connections" are counted as inactive).
-- Scheduler flags (`mh-port`, `mh-fallback`, ...) are set per adapter until the desired
-  state carries them per service.
+- Scheduler flags (`mh-fallback`, `mh-port`, `sh-...`) are set per adapter until the
+  desired state carries them per service; each applies to services of its scheduler only.
+  The default is `mh-fallback`, because Debian's 6.1 kernel does not re-populate the mh
+  lookup table on a weight change (observed in the microVM): without fallback, new flows
+  that hash to a real server drained to weight 0 are dropped instead of going elsewhere.
 - Forwarding is per real server in the kernel: a service read back without real servers
   reports forward="dr". For dr/tunnel the real server's port is the service's port (0
   in the desired state means the same).
@@ -47,6 +50,9 @@ FORWARD = {"nat": 0, "tunnel": 2, "dr": 3}
 _FORWARD_NAMES = {v: k for k, v in FORWARD.items()}
 # ip_vs.h: IP_VS_SVC_F_SCHED1/2/3, named as ipvsadm names them for mh (and sh).
 SCHED_FLAGS = {"mh-fallback": 0x0008, "mh-port": 0x0010, "sh-fallback": 0x0008, "sh-port": 0x0010}
+# The bits this adapter manages. The kernel reports others too (IP_VS_SVC_F_HASHED on every
+# service), and IP_VS_SVC_F_PERSISTENT / ONEPACKET are not ours to change.
+SCHED_FLAG_MASK = 0x0038
 _ENOENT = 2
 _ESRCH = 3
 _EEXIST = 17
@@ -54,12 +60,14 @@ _EEXIST = 17
 ServiceKey = tuple[str, str, int]  # (protocol, address, port)
 
 
-def sched_flags(names: Iterable[str]) -> int:
+def sched_flags(names: Iterable[str], scheduler: str | None = None) -> int:
+    """The flag bits of `names`; with `scheduler`, only the names meant for it ("mh-...")."""
     value = 0
     for name in names:
         if name not in SCHED_FLAGS:
             raise ValueError(f"scheduler flag {name!r}: not one of {sorted(SCHED_FLAGS)}")
-        value |= SCHED_FLAGS[name]
+        if scheduler is None or name.startswith(f"{scheduler}-"):
+            value |= SCHED_FLAGS[name]
     return value
 
 
@@ -225,7 +233,7 @@ def _service_attrs(entry: ServiceEntry) -> _Attrs:
     full = [
         *key,
         ("IPVS_SVC_ATTR_SCHED_NAME", s.scheduler),
-        ("IPVS_SVC_ATTR_FLAGS", {"flags": entry.flags, "mask": 0xFFFFFFFF}),
+        ("IPVS_SVC_ATTR_FLAGS", {"flags": entry.flags, "mask": SCHED_FLAG_MASK}),
         ("IPVS_SVC_ATTR_TIMEOUT", 0),
         ("IPVS_SVC_ATTR_NETMASK", netmask),
     ]
@@ -254,13 +262,14 @@ class IpvsTable:
         *,
         owned: Sequence[str],
         netns: str | None = None,
-        flags: Iterable[str] = (),
+        flags: Iterable[str] = ("mh-fallback",),
     ) -> None:
         self.owned = tuple(ipaddress.ip_network(p, strict=True) for p in owned)
         if not self.owned:
             raise ValueError("an IpvsTable needs the prefixes of the services it owns")
         self.netns = netns
-        self.flags = sched_flags(flags)
+        self.flags = tuple(flags)
+        sched_flags(self.flags)  # validate now, not at the first set()
         self._sock: AsyncIPVS | None = None
 
     def owns(self, address: str) -> bool:
@@ -359,11 +368,10 @@ class IpvsTable:
         for s in services:
             if not self.owns(s.address):
                 raise ValueError(f"service {s.address}:{s.port}: address outside the owned prefixes")
-        # Only the flags that mean something are compared: the kernel adds its own
-        # (e.g. IP_VS_SVC_F_HASHED) to what it reports.
         entries, _ = await self._dump()
-        current = [ServiceEntry(e.service, e.flags & 0x1F) for e in entries]
-        return plan_services((ServiceEntry(s, self.flags) for s in services), current)
+        current = [ServiceEntry(e.service, e.flags & SCHED_FLAG_MASK) for e in entries]
+        wanted = (ServiceEntry(s, sched_flags(self.flags, s.scheduler)) for s in services)
+        return plan_services(wanted, current)
 
     async def set(self, services: Sequence[VirtualService]) -> None:
         ops = await self.plan(services)

@@ -226,6 +226,9 @@ def test_normalize_service_rejects(service: VirtualService, error: str) -> None:
 
 def test_sched_flags() -> None:
     assert sched_flags(["mh-port", "mh-fallback"]) == 0x18
+    # each flag applies to its own scheduler only
+    assert sched_flags(["mh-port", "sh-fallback"], "mh") == 0x10
+    assert sched_flags(["mh-fallback"], "rr") == 0
     with pytest.raises(ValueError, match="mh-prot"):
         sched_flags(["mh-prot"])
 
