@@ -17,9 +17,10 @@ Contract:
   (UDP "connections" are counted as inactive).
 - Scheduler flags (`mh-fallback`, `mh-port`, `sh-...`) are set per adapter until the
   desired state carries them per service; each applies to services of its scheduler only.
-  The default is `mh-fallback`, because Debian's 6.1 kernel does not re-populate the mh
-  lookup table on a weight change (observed in the microVM): without fallback, new flows
-  that hash to a real server drained to weight 0 are dropped instead of going elsewhere.
+  The default is `mh-fallback`: mh builds its lookup table from each real server's last
+  non-zero weight (ip_vs_mh.c, `last_weight`), so a server drained to weight 0 keeps its
+  slots (nobody else's flows move) and is merely "unavailable"; without fallback, new flows
+  that hash to it are dropped instead of going elsewhere (seen in the microVM test).
 - Forwarding is per real server in the kernel: a service read back without real servers
   reports forward="dr". For dr/tunnel the real server's port is the service's port (0
   in the desired state means the same).
