@@ -1,0 +1,320 @@
+"""Fault injection into a running lab, each fault with a timestamp and an undo.
+
+Contract:
+
+- ``lab.faults.apply(kind, target, **params) -> Fault``; ``Fault.at`` is the
+  ``time.monotonic()`` right after the fault took effect (the process is dead and reaped,
+  the nftables table is committed), ``Fault.began`` the moment just before it was injected.
+  ``undo(fault) -> float`` reverts it and returns when the revert took effect; undoing twice
+  is an error. ``clear()`` undoes every active fault, newest first.
+- Kinds and targets (a *server target* is a vpn node, or a pop node meaning all its servers):
+
+  ==================  =================  ===================================================
+  kind                target             effect (undo)
+  ==================  =================  ===================================================
+  server-down         server target      TCP service and wireguard-go stopped: connections
+                                         refused, ICMP port unreachable (both started again)
+  wireguard-down      server target      only wireguard-go stopped: "alive but useless"
+  loss                link target        ``percent`` (1..100) of packets dropped in each
+                                         direction, by nftables ``numgen random`` (rules gone)
+  blackhole           link target        every packet dropped silently in each direction
+  flap                server target      a background thread takes the servers down for
+                                         ``down`` s and up for ``period - down`` s, over and
+                                         over; ``Fault.transitions`` lists (time, "down"/"up")
+                                         (thread stopped, servers left up)
+  exabgp-kill         pop node           SIGKILL to ExaBGP; ``pop run`` exits with it
+                                         (``pop run`` started again)
+  engine-kill         pop node           SIGKILL to the engine; ExaBGP respawns it by itself
+                                         (undo waits for the new engine's /status)
+  pop-stop            pop node           SIGTERM to ``pop run``: a graceful stop (started again)
+  router-down         router node        FRR's bgpd and zebra stopped (started again)
+  ==================  =================  ===================================================
+
+  A *link target* is a link end ``node:ifname`` (the rules sit on that interface), a vpn node
+  (its side of the check path) or a pop node (every interface toward its servers: the PoP's
+  check path). There is no netem in this kernel; nftables drops in the namespace instead,
+  each fault in its own table ``inet poplab_f<id>``, so that an undo removes exactly it.
+- The lab's supervisor owns the daemons, so faults run in the process that holds the ``Lab``;
+  the CLI reaches them through the supervisor (``python -m lab fault ...``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lab.runner import Lab, VpnServer
+
+KINDS = ("server-down", "wireguard-down", "loss", "blackhole", "flap", "exabgp-kill", "engine-kill",
+         "pop-stop", "router-down")
+
+
+class FaultError(ValueError):
+    pass
+
+
+@dataclass
+class Fault:
+    id: int
+    kind: str
+    target: str
+    params: Mapping[str, float]
+    began: float
+    at: float
+    undone_at: float | None = None
+    transitions: list[tuple[float, str]] = field(default_factory=list)
+    _undo: Callable[[], float] | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        extra = "".join(f" {key}={value:g}" for key, value in self.params.items())
+        return f"#{self.id} {self.kind} {self.target}{extra}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "target": self.target, "params": dict(self.params),
+                "began": self.began, "at": self.at, "undone_at": self.undone_at,
+                "transitions": [list(t) for t in self.transitions]}
+
+
+class Faults:
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self._lock = threading.Lock()
+        self._next_id = 1
+        self._active: dict[int, Fault] = {}
+        self._flappers: dict[int, threading.Event] = {}
+
+    def active(self) -> list[Fault]:
+        with self._lock:
+            return list(self._active.values())
+
+    def get(self, fault_id: int) -> Fault:
+        with self._lock:
+            if fault_id not in self._active:
+                raise FaultError(f"no active fault #{fault_id}")
+            return self._active[fault_id]
+
+    def apply(self, kind: str, target: str, **params: float) -> Fault:
+        handlers: dict[str, Callable[[Fault], Callable[[], float]]] = {
+            "server-down": lambda f: self._server_down(f, wireguard_only=False),
+            "wireguard-down": lambda f: self._server_down(f, wireguard_only=True),
+            "loss": self._loss, "blackhole": self._loss, "flap": self._flap,
+            "exabgp-kill": self._exabgp_kill, "engine-kill": self._engine_kill,
+            "pop-stop": self._pop_stop, "router-down": self._router_down,
+        }
+        if kind not in handlers:
+            raise FaultError(f"unknown fault kind {kind!r}; one of {', '.join(KINDS)}")
+        with self._lock:
+            fault_id = self._next_id
+            self._next_id += 1
+        fault = Fault(fault_id, kind, target, dict(params), began=time.monotonic(), at=0.0)
+        fault._undo = handlers[kind](fault)
+        if not fault.at:
+            fault.at = time.monotonic()
+        with self._lock:
+            self._active[fault_id] = fault
+        return fault
+
+    def undo(self, fault: Fault | int) -> float:
+        fault = self.get(fault if isinstance(fault, int) else fault.id)
+        with self._lock:
+            self._active.pop(fault.id, None)
+        assert fault._undo is not None
+        fault.undone_at = fault._undo()
+        return fault.undone_at
+
+    def clear(self) -> list[Fault]:
+        undone = []
+        for fault in sorted(self.active(), key=lambda f: f.id, reverse=True):
+            self.undo(fault)
+            undone.append(fault)
+        return undone
+
+    def stop_all(self) -> None:
+        """Stop the flapping threads without reverting anything (the lab is being torn down)."""
+        with self._lock:
+            events = list(self._flappers.values())
+            self._flappers.clear()
+            self._active.clear()
+        for event in events:
+            event.set()
+
+    # --- servers ------------------------------------------------------------------------
+
+    def _servers(self, target: str, *, wireguard: bool = False) -> list[VpnServer]:
+        try:
+            servers = self.lab.servers_of(target)
+        except KeyError as exc:
+            raise FaultError(str(exc.args[0])) from None
+        if wireguard and any(s.wireguard is None for s in servers):
+            raise FaultError(f"{target}: a server without wireguard-go")
+        return servers
+
+    def _server_down(self, fault: Fault, *, wireguard_only: bool) -> Callable[[], float]:
+        servers = self._servers(fault.target, wireguard=wireguard_only)
+        for server in servers:
+            server.stop(wireguard_only=wireguard_only)
+
+        def undo() -> float:
+            for server in servers:
+                server.start()
+            return time.monotonic()
+        return undo
+
+    def _flap(self, fault: Fault) -> Callable[[], float]:
+        servers = self._servers(fault.target)
+        period = float(fault.params.get("period", 4.0))
+        down = float(fault.params.get("down", period / 2))
+        if not 0 < down < period:
+            raise FaultError(f"flap: need 0 < down ({down}) < period ({period})")
+        stop = threading.Event()
+        first = threading.Event()
+
+        def run() -> None:
+            start = time.monotonic()
+            cycle = 0
+            while not stop.is_set():
+                for server in servers:
+                    server.stop()
+                fault.transitions.append((time.monotonic(), "down"))
+                first.set()
+                # an absolute schedule: the time servers take to start must not stretch it
+                if stop.wait(max(0.0, start + cycle * period + down - time.monotonic())):
+                    break
+                for server in servers:
+                    server.start()
+                fault.transitions.append((time.monotonic(), "up"))
+                cycle += 1
+                stop.wait(max(0.0, start + cycle * period - time.monotonic()))
+
+        thread = threading.Thread(target=run, name=f"flap {fault.target}", daemon=True)
+        with self._lock:
+            self._flappers[fault.id] = stop
+        thread.start()
+        first.wait(10)
+        fault.at = fault.transitions[0][0] if fault.transitions else time.monotonic()
+
+        def undo() -> float:
+            stop.set()
+            thread.join(30)
+            with self._lock:
+                self._flappers.pop(fault.id, None)
+            if not fault.transitions or fault.transitions[-1][1] == "down":
+                for server in servers:
+                    server.start()
+                fault.transitions.append((time.monotonic(), "up"))
+            return fault.transitions[-1][0]
+        return undo
+
+    # --- packets ------------------------------------------------------------------------
+
+    def link_ends(self, target: str) -> list[tuple[str, str]]:
+        """(node, ifname) pairs a link target means."""
+        topology = self.lab.topology
+        if ":" in target:
+            node, _, ifname = target.partition(":")
+            if not any(str(end) == target for link in topology.links for end in (link.a, link.b)):
+                raise FaultError(f"{target}: no link has this end")
+            return [(node, ifname)]
+        if target not in topology.nodes or topology.nodes[target].role not in ("pop", "vpn"):
+            raise FaultError(f"{target}: name a link end (node:ifname), a vpn node or a pop node")
+        ends = []
+        for link in topology.links:
+            for mine, other in ((link.a, link.b), (link.b, link.a)):
+                if mine.node == target and topology.nodes[other.node].role in ("vpn", "pop"):
+                    ends.append((mine.node, mine.ifname))
+        return ends
+
+    def _loss(self, fault: Fault) -> Callable[[], float]:
+        percent = 100.0 if fault.kind == "blackhole" else float(fault.params.get("percent", 0))
+        if not 0 < percent <= 100 or percent != int(percent):
+            raise FaultError(f"loss: percent must be a whole number 1..100, not {percent:g}")
+        match = "" if percent == 100 else f"numgen random mod 100 < {int(percent)} "
+        table = f"poplab_f{fault.id}"
+        by_node: dict[str, list[str]] = {}
+        for node, ifname in self.link_ends(fault.target):
+            by_node.setdefault(node, []).append(ifname)
+        scripts = {}
+        for node, ifnames in by_node.items():
+            # prerouting sees what arrives on the interface, postrouting what leaves by it,
+            # whether the namespace is the packet's end or forwards it
+            rules_in = "".join(f'    iifname "{i}" {match}drop\n' for i in ifnames)
+            rules_out = "".join(f'    oifname "{i}" {match}drop\n' for i in ifnames)
+            scripts[node] = (f"table inet {table} {{\n"
+                             f"  chain pre {{ type filter hook prerouting priority raw; policy accept;\n"
+                             f"{rules_in}  }}\n"
+                             f"  chain post {{ type filter hook postrouting priority 300; policy accept;\n"
+                             f"{rules_out}  }}\n}}\n")
+        fault.began = time.monotonic()
+        for node, script in scripts.items():
+            self.lab.ns(node).run("nft", "-f", "-", input=script)
+
+        def undo() -> float:
+            for node in scripts:
+                self.lab.ns(node).run("nft", "delete", "table", "inet", table, check=False)
+            return time.monotonic()
+        return undo
+
+    # --- daemons ------------------------------------------------------------------------
+
+    def _pop_node(self, target: str) -> Any:
+        if target not in self.lab.pops:
+            raise FaultError(f"{target}: not a pop node")
+        return self.lab.pop(target)
+
+    def _restart_pop(self, target: str) -> Callable[[], float]:
+        def undo() -> float:
+            node = self._pop_node(target)
+            node.stop()  # reaps a `pop run` that already exited
+            node.start()
+            return time.monotonic()
+        return undo
+
+    def _exabgp_kill(self, fault: Fault) -> Callable[[], float]:
+        node = self._pop_node(fault.target)
+        pid = node.exabgp_pid()
+        fault.began = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        fault.at = time.monotonic()
+        fault.params = {**fault.params, "pid": pid}
+        return self._restart_pop(fault.target)
+
+    def _engine_kill(self, fault: Fault) -> Callable[[], float]:
+        node = self._pop_node(fault.target)
+        fault.began = time.monotonic()
+        pid = node.kill_engine()
+        fault.at = time.monotonic()
+        fault.params = {**fault.params, "pid": pid}
+
+        def undo() -> float:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                with contextlib.suppress(OSError, ValueError):
+                    if node.engine_pid() != pid and self.lab.pop_status(fault.target):
+                        return time.monotonic()
+                time.sleep(0.05)
+            raise TimeoutError(f"{fault.target}: ExaBGP did not respawn the engine\n{node.log_tail()}")
+        return undo
+
+    def _pop_stop(self, fault: Fault) -> Callable[[], float]:
+        node = self._pop_node(fault.target)
+        fault.began = time.monotonic()
+        node.stop()
+        return self._restart_pop(fault.target)
+
+    def _router_down(self, fault: Fault) -> Callable[[], float]:
+        if fault.target not in self.lab.routers:
+            raise FaultError(f"{fault.target}: not a router node")
+        router = self.lab.router(fault.target)
+        router.stop()
+
+        def undo() -> float:
+            router.start()
+            return time.monotonic()
+        return undo

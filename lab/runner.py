@@ -1,0 +1,466 @@
+"""containerlab.yml realised with network namespaces, veth pairs and the real daemons.
+
+Contract:
+
+- ``Lab.from_file("containerlab.yml")`` reads the topology (``lab.topology.load``); nothing
+  runs yet. ``up()`` builds one namespace per node (``<prefix><node>``), one veth pair per
+  link with the same interface names as under containerlab, runs each node's ``exec`` ``ip``
+  commands in its namespace, then starts every daemon as a foreground child of the calling
+  process: FRR (zebra, bgpd) in routers from their ``frr.conf``, ``pop run`` in PoPs from their
+  ``pop.yaml`` (``lab.popnode.PopNode``), a TCP service and wireguard-go in each VPN server
+  (``lab.popnode.TcpService``, ``lab.wgserver.WireGuardServer``), and in each PoP a "who am I"
+  service on every anycast address (``lab/nodes/whoami.py``, port ``WHOAMI_PORT``). ``up()``
+  returns once every PoP reports ``announced`` and every router forwards the anycast prefixes
+  to all of its PoP neighbours; it returns the seconds that took.
+- ``down()`` stops everything and removes the namespaces, the wireguard-go UAPI sockets and
+  the state directory. It is idempotent, and ``Lab`` is a context manager that calls it.
+- State on disk: before creating anything, ``up()`` writes ``<statedir>/state.json`` (prefix,
+  namespaces, wireguard interfaces, owner pid). ``sweep(statedir)`` uses it to remove a lab
+  whose owner crashed: it kills the supervisor if it still runs, then every namespace carrying
+  the prefix with its processes, the UAPI sockets and the state directory.
+- Everything stays inside the lab's namespaces: no address, route, link or rule is ever added
+  to the host's own namespace.
+- Data path: ``ask(node)`` connects from ``node`` (e.g. the client) to the anycast address's
+  who-am-I port and returns the name of the PoP that answered, or None.
+- Faults: ``lab.faults`` (``lab.faults.Faults``), each with a monotonic timestamp and an undo.
+
+Times are ``time.monotonic()`` throughout (CLOCK_MONOTONIC is system-wide, so timestamps from
+the supervisor and from a CLI process compare directly).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import http.client
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from lab.faults import Faults
+from lab.frr import FrrRouter
+from lab.netns import Netns, cleanup_prefix, veth
+from lab.popnode import PopNode, TcpService
+from lab.routewatch import RouteWatcher, read_nexthops
+from lab.topology import LabSpec, Node, load
+from lab.wgserver import UAPI_DIR, WireGuardServer, keypair, write_key
+from pop import wgkeys
+
+REPO = Path(__file__).resolve().parent.parent
+STATE_ROOT = REPO / ".lab"  # git-ignored
+WHOAMI = Path(__file__).resolve().parent / "nodes" / "whoami.py"
+WHOAMI_PORT = 8080
+WG_KEY = "/etc/pop-lab/wg.key"
+STATE_FILE = "state.json"
+
+
+def new_prefix(kind: str = "plab") -> str:
+    """A namespace name prefix unique to one run (short: interface names derive from it)."""
+    return f"{kind}-{secrets.token_hex(2)}-"
+
+
+@dataclass
+class VpnServer:
+    """One VPN server node: its TCP service and (when its PoP checks it) wireguard-go."""
+
+    name: str
+    ns: Netns
+    tcp: TcpService
+    wireguard: WireGuardServer | None
+
+    def start(self) -> None:
+        self.tcp.start()
+        if self.wireguard is not None:
+            self.wireguard.start()
+
+    def stop(self, *, wireguard_only: bool = False) -> None:
+        if self.wireguard is not None:
+            self.wireguard.stop()
+        if not wireguard_only:
+            self.tcp.stop()
+
+
+@dataclass(frozen=True)
+class RouterRoute:
+    router: str
+    prefix: str
+    nexthops: tuple[tuple[str, str], ...]  # (address, node holding it), sorted
+
+
+@dataclass(frozen=True)
+class PopVerdict:
+    pop: str
+    state: str  # the engine's state, or "unreachable"
+    reason: str
+
+
+@dataclass(frozen=True)
+class LabStatus:
+    prefix: str
+    routes: tuple[RouterRoute, ...]
+    pops: tuple[PopVerdict, ...]
+    faults: tuple[str, ...] = field(default=())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "routes": [{"router": r.router, "prefix": r.prefix,
+                        "nexthops": [{"address": a, "node": n} for a, n in r.nexthops]} for r in self.routes],
+            "pops": [{"pop": p.pop, "state": p.state, "reason": p.reason} for p in self.pops],
+            "faults": list(self.faults),
+        }
+
+
+class Lab:
+    def __init__(self, spec: LabSpec, *, prefix: str | None = None, statedir: Path | None = None) -> None:
+        self.spec = spec
+        self.topology = spec.topology
+        self.prefix = prefix or new_prefix()
+        self.statedir = statedir or STATE_ROOT / self.prefix.rstrip("-")
+        self.namespaces: dict[str, Netns] = {}
+        self.routers: dict[str, FrrRouter] = {}
+        self.pops: dict[str, PopNode] = {}
+        self.vpns: dict[str, VpnServer] = {}
+        self.whoami: dict[str, list[subprocess.Popen[bytes]]] = {}
+        self.faults = Faults(self)
+        self.owner_pid = os.getpid()
+        self.supervised = False
+        self._up = False
+        self.phases: dict[str, float] = {}  # seconds from the start of up() to the end of each phase
+        token = self.prefix.rstrip("-").rpartition("-")[2][:6]
+        # wireguard-go's UAPI socket directory is global: the names must be unique on the host
+        self.wg_ifnames = {name: f"wg{token}{name}"[:15] for name in spec.vpns}
+
+    @classmethod
+    def from_file(cls, path: Path | str = REPO / "containerlab.yml", **kwargs: Any) -> Lab:
+        return cls(load(Path(path)), **kwargs)
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.down()
+
+    # --- access -------------------------------------------------------------------------
+
+    def ns(self, node: str) -> Netns:
+        return self.namespaces[node]
+
+    def router(self, name: str) -> FrrRouter:
+        return self.routers[name]
+
+    def pop(self, name: str) -> PopNode:
+        return self.pops[name]
+
+    def vpn(self, name: str) -> VpnServer:
+        return self.vpns[name]
+
+    @property
+    def anycast(self) -> str:
+        """The first anycast prefix (the lab's topology has exactly one)."""
+        return self.spec.anycast[0]
+
+    def servers_of(self, target: str) -> list[VpnServer]:
+        """A VPN server by name, or every server of a PoP."""
+        if target in self.vpns:
+            return [self.vpns[target]]
+        if target in self.spec.pops:
+            return [self.vpns[s.name] for s in self.spec.pops[target].config.servers]
+        raise KeyError(f"{target!r} is neither a vpn nor a pop node")
+
+    def pop_address(self, router: str, pop: str) -> str:
+        """The address by which ``router`` reaches ``pop`` directly (its BGP next hop)."""
+        for nbr in self.spec.routers[router].neighbors:
+            if self.topology.owner_of(nbr.address) == pop:
+                return nbr.address
+        raise KeyError(f"router {router} has no session with {pop}")
+
+    def nexthop_nodes(self, nexthops: Iterable[str]) -> set[str]:
+        """Node names for kernel next hops (an address no node holds stays as it is)."""
+        return {self.topology.owner_of(hop) or hop for hop in nexthops}
+
+    def expected_nexthops(self, router: str) -> frozenset[str]:
+        """With every PoP announcing, ``router`` forwards to all PoPs it peers with directly."""
+        return frozenset(nbr.address for nbr in self.spec.routers[router].neighbors
+                         if self.topology.owner_of(nbr.address) in self.spec.pops)
+
+    def watch(self, router: str, prefix: str | None = None) -> RouteWatcher:
+        """A started RouteWatcher on ``router``'s kernel table (stop it, or use ``with``)."""
+        watcher = RouteWatcher(self.ns(router), prefix or self.anycast)
+        watcher.start()
+        return watcher
+
+    def ask(self, node: str, address: str | None = None, timeout: float = 1.0) -> str | None:
+        """Which PoP answers ``node``'s TCP connection to the anycast address (None: nobody)."""
+        target = address or str(ipaddress.ip_network(self.anycast).network_address)
+        with self.ns(node).enter():
+            # the socket belongs to the namespace it was created in, whatever thread uses it
+            sock = socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET, socket.SOCK_STREAM)
+        with sock:
+            sock.settimeout(timeout)
+            try:
+                sock.connect((target, WHOAMI_PORT))
+                answer = sock.recv(256).decode(errors="replace").strip()
+            except OSError:
+                return None
+        return answer or None
+
+    # --- bring-up -----------------------------------------------------------------------
+
+    def up(self, timeout: float = 60.0) -> float:
+        """Build the lab and start every daemon; the seconds until routes converged."""
+        if self._up:
+            raise RuntimeError("lab is already up")
+        started = time.monotonic()
+        self._up = True
+        self.statedir.mkdir(parents=True, exist_ok=True)
+        self.write_state()
+        try:
+            self._build_network()
+            self.phases["network"] = time.monotonic() - started
+            keydir = self.statedir / "keys"
+            keydir.mkdir(mode=0o700, exist_ok=True)
+            probe_private, probe_public = keypair()
+            probe_key = write_key(keydir / "probe.key", probe_private)
+            # `pop run` takes longest (ExaBGP validates, then starts the engine), so it goes
+            # first; its checks see the servers once they are up, as after any restart
+            for name in self.spec.pops:
+                self._start_pop(name, probe_key)
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                jobs = [pool.submit(self._start_router, node) for node in self.topology.by_role("router")]
+                jobs += [pool.submit(self._start_vpn, name, probe_public) for name in self.spec.vpns]
+                for job in jobs:
+                    job.result()
+            self.phases["daemons"] = time.monotonic() - started
+            self.wait_converged(timeout=max(1.0, timeout - (time.monotonic() - started)))
+            self.phases["converged"] = time.monotonic() - started
+        except BaseException:
+            self.down()
+            raise
+        return time.monotonic() - started
+
+    def write_state(self, **extra: Any) -> None:
+        state = {"prefix": self.prefix, "owner_pid": self.owner_pid, "supervised": self.supervised,
+                 "namespaces": [self.prefix + n for n in self.topology.nodes],
+                 "wg_ifnames": sorted(self.wg_ifnames.values()), "topology": self.topology.name,
+                 "statedir": str(self.statedir), **extra}
+        tmp = self.statedir / f"{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(state, indent=1) + "\n")
+        tmp.replace(self.statedir / STATE_FILE)
+
+    def _build_network(self) -> None:
+        for node in self.topology.nodes.values():
+            ns = Netns(self.prefix + node.name)
+            self.namespaces[node.name] = ns
+            with ns.enter():
+                # Reverse-path filtering would drop the replies that come back over the other
+                # upstream of a dual-homed PoP; "all" and "default" must be off before links exist.
+                for conf in ("all", "default"):
+                    Path(f"/proc/sys/net/ipv4/conf/{conf}/rp_filter").write_text("0\n")
+                if node.role in ("router", "pop"):
+                    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+        for link in self.topology.links:
+            veth(self.ns(link.a.node), link.a.ifname, None, self.ns(link.b.node), link.b.ifname, None)
+        for node in self.topology.nodes.values():
+            self._exec(node)
+
+    def _exec(self, node: Node) -> None:
+        if node.exec:
+            # one `ip -batch` per node instead of a process per command; order is kept
+            script = "".join(" ".join(argv[1:]) + "\n" for argv in node.exec)
+            self.ns(node.name).run("ip", "-batch", "-", input=script)
+
+    def _start_router(self, node: Node) -> None:
+        config = self.spec.routers[node.name]
+        router = FrrRouter(self.ns(node.name), config.name, config.asn, config.router_id, config.neighbors,
+                           config.networks, workdir=self.statedir / node.name,
+                           maximum_paths=config.maximum_paths, extra_config=config.extra_config)
+        self.routers[node.name] = router
+        router.start()
+
+    def _start_vpn(self, name: str, probe_public: bytes) -> None:
+        spec = self.spec.vpns[name]
+        ns = self.ns(name)
+        workdir = self.statedir / name
+        workdir.mkdir(parents=True, exist_ok=True)
+        tcp = TcpService(ns, spec.address, spec.tcp_port, log=workdir / "tcp.log")
+        wireguard = None
+        if spec.wireguard_port is not None:
+            wireguard = WireGuardServer(ns, self.wg_ifnames[name], workdir, spec.wireguard_port)
+            key_file = self.topology.nodes[name].bind_source(WG_KEY)
+            if key_file is not None:
+                # the node's own key, so that the public key in its PoP's pop.yaml matches
+                wireguard.private = wgkeys.decode_key(key_file.read_text())
+                wireguard.public = wgkeys.public_key_of(wireguard.private)
+            wireguard.add_peer(probe_public)
+        server = VpnServer(name, ns, tcp, wireguard)
+        self.vpns[name] = server
+        server.start()
+
+    def _start_pop(self, name: str, probe_key: Path) -> None:
+        spec = self.spec.pops[name]
+        ns = self.ns(name)
+        workdir = self.statedir / name
+        document = copy.deepcopy(dict(spec.document))
+        document["pop"]["runtime_dir"] = str(workdir / "run")
+        wg = document.get("checks", {}).get("wireguard")
+        if isinstance(wg, dict) and wg.get("enabled"):
+            wg["probe_key_file"] = str(probe_key)
+        node = PopNode(ns, document, workdir)
+        self.pops[name] = node
+        self.whoami[name] = [
+            ns.popen(sys.executable, str(WHOAMI), str(ipaddress.ip_network(p.prefix).network_address),
+                     str(WHOAMI_PORT), name, log=workdir / "whoami.log")
+            for p in spec.config.prefixes]
+        node.start()
+
+    def wait_converged(self, timeout: float = 60.0) -> float:
+        """Wait until every PoP is announced and every router forwards to all its PoPs."""
+        deadline = time.monotonic() + timeout
+        pending: list[str] = []
+        while time.monotonic() < deadline:
+            # the kernel tables first: a netlink dump costs nothing, a /status request more
+            pending = [f"{name}: {prefix} via {sorted(hops)}" for name in self.routers for prefix in self.spec.anycast
+                       if not self.expected_nexthops(name) <= (hops := read_nexthops(self.ns(name), prefix))]
+            if not pending:
+                pending = [f"{name}: {state}" for name in self.pops
+                           if (state := self.pop_status(name).get("state", "unreachable")) != "announced"]
+            if not pending:
+                return time.monotonic()
+            time.sleep(0.05)
+        raise TimeoutError("lab did not converge: " + "; ".join(pending) + "\n" + self.log_tails())
+
+    def pop_status(self, name: str, timeout: float = 2.0) -> dict[str, Any]:
+        """GET /status of a PoP's engine, in-process through a socket in its namespace.
+
+        Cheaper than ``PopNode.status()`` (no interpreter started per request), which matters
+        while polling during bring-up. ``{}`` when the engine does not answer.
+        """
+        node = self.pops[name]
+        with self.ns(name).enter():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            with sock:
+                sock.settimeout(timeout)
+                sock.connect(("127.0.0.1", node.status_port))
+                conn = http.client.HTTPConnection("127.0.0.1", node.status_port, timeout=timeout)
+                conn.sock = sock
+                conn.request("GET", "/status")
+                response = conn.getresponse()
+                data: dict[str, Any] = json.loads(response.read()) if response.status == 200 else {}
+                return data
+        except (OSError, ValueError, http.client.HTTPException):
+            return {}
+
+    def log_tails(self, lines: int = 15) -> str:
+        parts = [f"--- {name} ---\n{node.log_tail(lines)}" for name, node in self.pops.items()]
+        parts += [f"--- {name} bgpd ---\n{router.log_tail('bgpd', lines)}" for name, router in self.routers.items()]
+        return "\n".join(parts)
+
+    # --- status -------------------------------------------------------------------------
+
+    def status(self) -> LabStatus:
+        routes = []
+        for name in self.routers:
+            for prefix in self.spec.anycast:
+                hops = read_nexthops(self.ns(name), prefix)
+                routes.append(RouterRoute(name, prefix, tuple(sorted(
+                    (hop, self.topology.owner_of(hop) or "?") for hop in hops))))
+        verdicts = []
+        for name in self.pops:
+            data = self.pop_status(name)
+            verdicts.append(PopVerdict(name, str(data.get("state", "unreachable")),
+                                       str(data.get("last_change_reason") or "")))
+        return LabStatus(self.prefix, tuple(routes), tuple(verdicts),
+                         tuple(str(f) for f in self.faults.active()))
+
+    # --- teardown -----------------------------------------------------------------------
+
+    def down(self) -> None:
+        """Stop every daemon and remove every trace of the lab. Idempotent."""
+        self.faults.stop_all()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            # PoPs first, in parallel: each withdraws and closes its sessions on SIGTERM
+            list(pool.map(lambda node: node.stop(timeout=5), list(self.pops.values())))
+            list(pool.map(lambda router: router.stop(), list(self.routers.values())))
+            list(pool.map(lambda vpn: vpn.stop(), list(self.vpns.values())))
+            list(pool.map(lambda ns: ns.close(), list(self.namespaces.values())))
+        self.pops.clear()
+        self.routers.clear()
+        self.vpns.clear()
+        self.whoami.clear()
+        self.namespaces.clear()
+        _remove_leftovers(self.prefix, self.wg_ifnames.values(), self.statedir)
+        self._up = False
+
+
+def _remove_leftovers(prefix: str, wg_ifnames: Iterable[str], statedir: Path) -> None:
+    cleanup_prefix(prefix)
+    for ifname in wg_ifnames:
+        # wireguard-go removes its socket on a clean exit only
+        (UAPI_DIR / f"{ifname}.sock").unlink(missing_ok=True)
+    shutil.rmtree(statedir, ignore_errors=True)
+
+
+def read_state(statedir: Path) -> dict[str, Any] | None:
+    try:
+        state: dict[str, Any] = json.loads((statedir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in {"Z", "X"}
+
+
+def sweep(statedir: Path, *, timeout: float = 20.0) -> list[str]:
+    """Remove the lab recorded in ``statedir``, whatever became of its owner.
+
+    A supervisor that still runs is asked to stop (SIGTERM, then SIGKILL after ``timeout``);
+    then every namespace with the recorded prefix, its processes, the UAPI sockets and the
+    state directory go. Returns the namespaces that were still there.
+    """
+    state = read_state(statedir)
+    if state is None:
+        shutil.rmtree(statedir, ignore_errors=True)
+        return []
+    pid = int(state.get("owner_pid", 0))
+    if state.get("supervised") and pid > 1 and pid != os.getpid() and pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    prefix = str(state["prefix"])
+    left = sorted(p.name for p in Path("/run/netns").glob(f"{prefix}*"))
+    _remove_leftovers(prefix, state.get("wg_ifnames", []), statedir)
+    return left
+
+
+def lab_resources(prefix: str, wg_ifnames: Iterable[str]) -> Iterator[str]:
+    """Whatever of a lab still exists on the host (for tests proving ``down`` left nothing)."""
+    yield from (f"netns {p.name}" for p in Path("/run/netns").glob(f"{prefix}*"))
+    yield from (f"rundir {p}" for p in Path("/run/pop-lab").glob(f"{prefix}*"))
+    yield from (f"uapi {UAPI_DIR / (i + '.sock')}" for i in wg_ifnames if (UAPI_DIR / f"{i}.sock").exists())

@@ -1,0 +1,403 @@
+"""containerlab.yml and the node files it binds, read into typed values.
+
+Contract:
+
+- ``parse(text, source, base)`` is pure: containerlab YAML text in, a ``Topology`` out, or a
+  ``TopologyError`` listing every problem as ``source: key.path: what is wrong``. ``base`` is
+  the directory relative bind sources are resolved against (containerlab's rule: the
+  topology file's directory); nothing is opened.
+- ``load(path)`` reads the topology and the node files its binds name and returns a
+  ``LabSpec``: routers as ``lab.frr.BgpConfig``, PoPs as their ``pop.yaml`` (raw mapping and
+  ``pop.config.Config``), VPN servers as (pop, address, ports) taken from that PoP's
+  ``servers``. It checks that the pieces fit: every link end is a node's interface used once,
+  every address a config names sits on the right node, router and PoP ASNs agree.
+- The node files are the single source of truth for containerlab and for the namespace
+  runner alike. A router's ``frr.conf`` must be exactly what ``BgpConfig.render()`` produces
+  for the values read from it, so the runner feeds FRR byte for byte the file containerlab
+  mounts. Addresses and routes live in each node's ``exec`` list as ``ip`` commands, which
+  containerlab runs in the container and the runner runs in the namespace.
+- Which part a node plays is its label ``pop.lab.role``: router, pop, vpn, client or probe.
+  A vpn node is the server of the same name in some PoP's ``servers``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import yaml
+
+from lab.frr import BgpConfig, BgpNeighbor
+from lab.netns import IFNAMSIZ
+from pop import config as pop_config
+
+Role = Literal["router", "pop", "vpn", "client", "probe"]
+ROLES: tuple[Role, ...] = ("router", "pop", "vpn", "client", "probe")
+ROLE_LABEL = "pop.lab.role"
+FRR_CONF = "/etc/frr/frr.conf"
+FRR_DAEMONS = "/etc/frr/daemons"
+POP_YAML = "/etc/pop/pop.yaml"
+
+_NODE_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")  # short: it becomes part of namespace names
+_IFNAME = re.compile(r"^(eth[0-9]{1,3}|lo)$")
+_ADDR_ADD = re.compile(r"^ip (?:-[46] )?(?:addr|address) add (\S+) dev (\S+)$")
+
+
+class TopologyError(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = tuple(problems)
+
+
+@dataclass(frozen=True)
+class Bind:
+    source: Path  # absolute, resolved against the topology file's directory
+    target: str
+    mode: str = ""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    node: str
+    ifname: str
+
+    def __str__(self) -> str:
+        return f"{self.node}:{self.ifname}"
+
+
+@dataclass(frozen=True)
+class Link:
+    a: Endpoint
+    b: Endpoint
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    role: Role
+    kind: str
+    image: str
+    binds: tuple[Bind, ...]
+    exec: tuple[tuple[str, ...], ...]  # argv of each `ip` command, in order
+    addresses: tuple[tuple[str, str], ...]  # (ifname, CIDR) added by those commands
+
+    def bind_source(self, target: str) -> Path | None:
+        return next((bind.source for bind in self.binds if bind.target == target), None)
+
+    def owns(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return any(ipaddress.ip_interface(cidr).ip == ip for _, cidr in self.addresses)
+
+
+@dataclass(frozen=True)
+class Topology:
+    name: str
+    nodes: Mapping[str, Node]
+    links: tuple[Link, ...]
+    source: str = "containerlab.yml"
+
+    def by_role(self, role: Role) -> list[Node]:
+        return [node for node in self.nodes.values() if node.role == role]
+
+    def owner_of(self, address: str) -> str | None:
+        """The node that holds ``address`` on one of its interfaces."""
+        return next((node.name for node in self.nodes.values() if node.owns(address)), None)
+
+
+@dataclass(frozen=True)
+class PopSpec:
+    name: str
+    document: Mapping[str, Any]  # the YAML as written; the runner adds run-specific values
+    config: pop_config.Config
+    path: Path
+
+
+@dataclass(frozen=True)
+class VpnSpec:
+    name: str
+    pop: str
+    address: str
+    tcp_port: int
+    wireguard_port: int | None  # None: the PoP does not configure WireGuard for it
+
+
+@dataclass(frozen=True)
+class LabSpec:
+    topology: Topology
+    routers: Mapping[str, BgpConfig]
+    pops: Mapping[str, PopSpec]
+    vpns: Mapping[str, VpnSpec]
+    anycast: tuple[str, ...] = field(default=())  # every PoP prefix, in first-seen order
+
+
+# --- containerlab.yml ----------------------------------------------------------------------
+
+
+def parse(text: str, source: str = "containerlab.yml", base: Path = Path()) -> Topology:
+    problems: list[str] = []
+
+    def error(path: str, message: str) -> None:
+        problems.append(f"{source}: {path}: {message}")
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise TopologyError([f"{source}: not valid YAML: {exc}"]) from None
+    if not isinstance(doc, dict):
+        raise TopologyError([f"{source}: (top level): must be a mapping"])
+    name = doc.get("name")
+    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", name):
+        error("name", "required: letters, digits, '-' and '_'")
+        name = ""
+    topo = doc.get("topology")
+    if not isinstance(topo, dict):
+        raise TopologyError([*problems, f"{source}: topology: required mapping"])
+    kinds = topo.get("kinds") or {}
+    if not isinstance(kinds, dict):
+        error("topology.kinds", "must be a mapping")
+        kinds = {}
+    raw_nodes = topo.get("nodes")
+    if not isinstance(raw_nodes, dict) or not raw_nodes:
+        raise TopologyError([*problems, f"{source}: topology.nodes: required, at least one node"])
+    nodes: dict[str, Node] = {}
+    for node_name, raw in raw_nodes.items():
+        node = _node(str(node_name), raw, kinds, base, lambda p, m, n=node_name: error(f"topology.nodes.{n}{p}", m))
+        if node is not None:
+            nodes[node.name] = node
+    links = _links(topo.get("links"), nodes, error)
+    if problems:
+        raise TopologyError(problems)
+    return Topology(name, nodes, tuple(links), source)
+
+
+def _node(name: str, raw: Any, kinds: Mapping[str, Any], base: Path,
+          error: Any) -> Node | None:
+    if not _NODE_NAME.match(name):
+        error("", "node names: a lowercase letter, then lowercase letters or digits, at most 12")
+        return None
+    if not isinstance(raw, dict):
+        error("", "must be a mapping")
+        return None
+    kind = raw.get("kind")
+    if not isinstance(kind, str) or kind not in kinds:
+        error(".kind", f"must name one of topology.kinds ({', '.join(sorted(map(str, kinds)))})")
+        return None
+    kind_defaults = kinds[kind] if isinstance(kinds[kind], dict) else {}
+    image = raw.get("image", kind_defaults.get("image"))
+    if not isinstance(image, str) or not image:
+        error(".image", "required (on the node or its kind)")
+    role = (raw.get("labels") or {}).get(ROLE_LABEL)
+    if role not in ROLES:
+        error(f".labels.{ROLE_LABEL}", f"must be one of {', '.join(ROLES)}")
+        return None
+    binds = []
+    for i, text in enumerate(raw.get("binds") or []):
+        parts = str(text).split(":")
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1].startswith("/"):
+            error(f".binds[{i}]", f"{text!r} is not SOURCE:/TARGET[:MODE]")
+            continue
+        source_path = Path(parts[0]) if Path(parts[0]).is_absolute() else base / parts[0]
+        binds.append(Bind(source_path, parts[1], parts[2] if len(parts) == 3 else ""))
+    commands: list[tuple[str, ...]] = []
+    addresses: list[tuple[str, str]] = []
+    for i, line in enumerate(raw.get("exec") or []):
+        argv = tuple(shlex.split(str(line)))
+        if not argv or argv[0] != "ip":
+            error(f".exec[{i}]", f"{line!r}: only `ip` commands (addresses, routes) are allowed")
+            continue
+        commands.append(argv)
+        if match := _ADDR_ADD.match(" ".join(argv)):
+            try:
+                ipaddress.ip_interface(match[1])
+            except ValueError:
+                error(f".exec[{i}]", f"{match[1]!r} is not an address with prefix length")
+                continue
+            addresses.append((match[2], match[1]))
+    return Node(name, cast(Role, role), kind, str(image), tuple(binds), tuple(commands), tuple(addresses))
+
+
+def _links(raw: Any, nodes: Mapping[str, Node], error: Any) -> list[Link]:
+    links: list[Link] = []
+    used: set[Endpoint] = set()
+    for i, item in enumerate(raw or []):
+        ends = item.get("endpoints") if isinstance(item, dict) else None
+        if not isinstance(ends, list) or len(ends) != 2:
+            error(f"topology.links[{i}]", "needs `endpoints` with exactly two NODE:IFNAME")
+            continue
+        parsed = []
+        for end in ends:
+            node_name, _, ifname = str(end).partition(":")
+            if node_name not in nodes:
+                error(f"topology.links[{i}]", f"{end!r}: no node named {node_name!r}")
+            elif not _IFNAME.match(ifname) or ifname == "lo" or len(ifname) > IFNAMSIZ:
+                error(f"topology.links[{i}]", f"{end!r}: interface must be eth1, eth2, ... (eth0 is management)")
+            elif ifname == "eth0":
+                error(f"topology.links[{i}]", f"{end!r}: eth0 is containerlab's management interface")
+            elif Endpoint(node_name, ifname) in used:
+                error(f"topology.links[{i}]", f"{end!r}: interface already used by another link")
+            else:
+                parsed.append(Endpoint(node_name, ifname))
+        if len(parsed) == 2:
+            if parsed[0].node == parsed[1].node:
+                error(f"topology.links[{i}]", "a link must join two different nodes")
+                continue
+            used.update(parsed)
+            links.append(Link(parsed[0], parsed[1]))
+    for node in nodes.values():
+        for ifname, cidr in node.addresses:
+            if ifname != "lo" and Endpoint(node.name, ifname) not in used:
+                error(f"topology.nodes.{node.name}.exec", f"{cidr} on {ifname}, which no link creates")
+    return links
+
+
+# --- frr.conf ------------------------------------------------------------------------------
+
+
+def parse_frr(text: str, source: str) -> BgpConfig:
+    """The BgpConfig whose ``render()`` is exactly ``text``; TopologyError otherwise."""
+    name = asn = router_id = None
+    maximum_paths = 8
+    neighbors: dict[str, dict[str, Any]] = {}
+    networks: list[str] = []
+    family = "ipv4"
+    body, sep, extra = text.partition("\nexit\n!\n")
+    for line in body.splitlines():
+        words = line.split()
+        if line.startswith("hostname "):
+            name = words[1]
+        elif line.startswith("router bgp "):
+            asn = int(words[2])
+        elif line.startswith(" bgp router-id "):
+            router_id = words[2]
+        elif line.startswith(" neighbor "):
+            peer = neighbors.setdefault(words[1], {})
+            rest = words[2:]
+            if rest[0] == "remote-as":
+                peer["remote_as"] = int(rest[1])
+            elif rest[0] == "description":
+                peer["description"] = line.split(" description ", 1)[1]
+            elif rest[0] == "passive":
+                peer["passive"] = True
+            elif rest[:2] == ["timers", "connect"]:
+                peer["connect_retry"] = int(rest[2])
+            elif rest[0] == "timers":
+                peer["keepalive"], peer["hold_time"] = int(rest[1]), int(rest[2])
+        elif line.startswith("  neighbor ") and words[2] == "activate":
+            neighbors.setdefault(words[1], {}).setdefault("families", []).append(family)
+        elif line.startswith(" address-family "):
+            family = words[1]
+        elif line.startswith("  network "):
+            networks.append(words[1])
+        elif line.startswith("  maximum-paths ") and words[1] != "ibgp":
+            maximum_paths = int(words[1])
+    if name is None or asn is None or router_id is None or not sep:
+        raise TopologyError([f"{source}: needs hostname, router bgp, bgp router-id and the closing exit"])
+    extra = extra.removesuffix("!\n").strip("\n")
+    try:
+        config = BgpConfig(name, asn, router_id, tuple(
+            BgpNeighbor(address, families=tuple(values.pop("families", ())), **values)
+            for address, values in neighbors.items()), tuple(networks), maximum_paths, extra)
+    except (TypeError, ValueError) as exc:
+        raise TopologyError([f"{source}: {exc}"]) from None
+    rendered = config.render()
+    if rendered != text:
+        diff = next((f"line {n}: file {a!r}, rendered {b!r}"
+                     for n, (a, b) in enumerate(zip(text.splitlines(), rendered.splitlines(), strict=False), 1)
+                     if a != b), "lengths differ")
+        raise TopologyError([f"{source}: not in the form lab.frr.BgpConfig renders ({diff})"])
+    return config
+
+
+# --- the whole lab -------------------------------------------------------------------------
+
+
+def load(path: Path) -> LabSpec:
+    """Read containerlab.yml and every node file it binds; check that they fit together."""
+    path = path.resolve()
+    topology = parse(path.read_text(), path.name, path.parent)
+    problems: list[str] = []
+    routers: dict[str, BgpConfig] = {}
+    pops: dict[str, PopSpec] = {}
+    for node in topology.nodes.values():
+        wanted = {"router": [FRR_CONF, FRR_DAEMONS], "pop": [POP_YAML]}.get(node.role, [])
+        for target in wanted:
+            source = node.bind_source(target)
+            if source is None:
+                problems.append(f"{topology.source}: topology.nodes.{node.name}.binds: needs a bind to {target}")
+            elif not source.is_file():
+                problems.append(f"{topology.source}: topology.nodes.{node.name}.binds: {source} does not exist")
+        for bind in node.binds:
+            if not bind.source.exists():
+                problems.append(f"{topology.source}: topology.nodes.{node.name}.binds: {bind.source} does not exist")
+        try:
+            if node.role == "router" and (frr := node.bind_source(FRR_CONF)) and frr.is_file():
+                routers[node.name] = parse_frr(frr.read_text(), str(frr))
+            if node.role == "pop" and (yml := node.bind_source(POP_YAML)) and yml.is_file():
+                text = yml.read_text()
+                pops[node.name] = PopSpec(node.name, yaml.safe_load(text), pop_config.load(text, str(yml)), yml)
+        except (TopologyError, pop_config.ConfigError) as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise TopologyError(problems)
+    vpns = _vpns(topology, pops, problems)
+    _check_sessions(topology, routers, pops, problems)
+    if problems:
+        raise TopologyError(problems)
+    anycast: list[str] = []
+    for spec in pops.values():
+        anycast += [p.prefix for p in spec.config.prefixes if p.prefix not in anycast]
+    return LabSpec(topology, routers, pops, vpns, tuple(anycast))
+
+
+def _vpns(topology: Topology, pops: Mapping[str, PopSpec], problems: list[str]) -> dict[str, VpnSpec]:
+    vpns: dict[str, VpnSpec] = {}
+    for spec in pops.values():
+        for server in spec.config.servers:
+            node = topology.nodes.get(server.name)
+            if node is None or node.role != "vpn":
+                problems.append(f"{spec.path}: servers: {server.name} is not a vpn node of {topology.source}")
+                continue
+            if not node.owns(server.address):
+                problems.append(f"{spec.path}: servers: {server.name}'s address {server.address} "
+                                f"is not on node {node.name}")
+            if server.name in vpns:
+                problems.append(f"{spec.path}: servers: {server.name} already serves {vpns[server.name].pop}")
+            vpns[server.name] = VpnSpec(
+                server.name, spec.name, server.address,
+                server.port or spec.config.checks.l4.port,
+                server.wireguard.port if server.wireguard is not None else None)
+    for node in topology.by_role("vpn"):
+        if node.name not in vpns:
+            problems.append(f"{topology.source}: topology.nodes.{node.name}: a vpn node no PoP lists in servers")
+    return vpns
+
+
+def _check_sessions(topology: Topology, routers: Mapping[str, BgpConfig], pops: Mapping[str, PopSpec],
+                    problems: list[str]) -> None:
+    """Every BGP session is configured on both ends with matching addresses and ASNs."""
+    asn_of = {name: cfg.asn for name, cfg in routers.items()} | {n: s.config.asn for n, s in pops.items()}
+    for name, cfg in routers.items():
+        for nbr in cfg.neighbors:
+            peer = topology.owner_of(nbr.address)
+            if peer is None or peer not in asn_of:
+                problems.append(f"router {name}: neighbor {nbr.address} is on no router or pop node")
+            elif asn_of[peer] != nbr.remote_as:
+                problems.append(f"router {name}: neighbor {nbr.address} ({peer}) is AS {asn_of[peer]}, "
+                                f"not {nbr.remote_as}")
+    for name, spec in pops.items():
+        for neighbor in spec.config.neighbors:
+            peer = topology.owner_of(neighbor.address)
+            if peer is None or peer not in routers:
+                problems.append(f"{spec.path}: neighbors: {neighbor.address} is on no router node")
+                continue
+            if routers[peer].asn != neighbor.peer_as:
+                problems.append(f"{spec.path}: neighbors: {neighbor.address} ({peer}) is AS {routers[peer].asn}")
+            if neighbor.local_address and not topology.nodes[name].owns(neighbor.local_address):
+                problems.append(f"{spec.path}: neighbors: local_address {neighbor.local_address} is not on {name}")
+            if not any(topology.nodes[name].owns(n.address) for n in routers[peer].neighbors):
+                problems.append(f"router {peer}: no neighbor statement for {name}")
