@@ -154,6 +154,32 @@ class ExaBGP:
 
 
 @dataclass(frozen=True, slots=True)
+class ServicePort:
+    protocol: str  # "udp" | "tcp"
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Dataplane:
+    """The local data plane toward the healthy servers (docs/dataplane.md).
+
+    mode "none": BGP only (the servers hold the VIP and the upstream routes to them);
+    "ecmp": a multipath route for the anycast prefixes via the healthy servers;
+    "ipvs": IPVS virtual services on the anycast addresses with the healthy servers as reals.
+    """
+
+    mode: str = "none"
+    vip: bool = False  # hold the anycast host addresses on lo (ipvs mode always does)
+    withdraw_dwell: float = 2.0  # after a withdraw is acknowledged, keep the data plane this long
+    table: int = 254  # ecmp: routing table
+    protocol: int = 200  # rtnetlink protocol marking our routes and VIPs
+    hash_policy: int | None = None  # ecmp: set fib_multipath_hash_policy (None: leave it, report it)
+    scheduler: str = "mh"  # ipvs
+    forward: str = "dr"  # ipvs: dr | tunnel | nat
+    services: tuple[ServicePort, ...] = (ServicePort("udp", 51820),)  # ipvs: ports on the anycast address
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     name: str
     asn: int
@@ -165,6 +191,7 @@ class Config:
     pool: Pool = field(default_factory=Pool)
     status: StatusEndpoint = field(default_factory=StatusEndpoint)
     exabgp: ExaBGP = field(default_factory=ExaBGP)
+    dataplane: Dataplane = field(default_factory=Dataplane)
     runtime_dir: str = "/run/pop"
     source: str = "pop.yaml"
 
@@ -604,7 +631,70 @@ def _exabgp(r: _Reader, value: Any, path: str) -> ExaBGP:
     )
 
 
-_TOP = {"pop", "neighbors", "prefixes", "servers", "checks", "pool", "status", "exabgp"}
+_SCHEDULERS = {"mh", "sh", "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sed", "nq", "fo", "ovf", "twos"}
+
+
+def _dataplane(r: _Reader, value: Any, path: str) -> Dataplane:
+    data = r.mapping(value, path, {"mode", "vip", "withdraw_dwell", "table", "protocol", "hash_policy",
+                                   "scheduler", "forward", "services"})
+    default = Dataplane()
+    if data is None:
+        return default
+
+    def choice(key: str, allowed: set[str], what: str, fallback: str) -> str:
+        pattern = re.compile("^(" + "|".join(sorted(allowed)) + ")$")
+        return r.optional(data, key, path, lambda v, p: r.string(v, p, pattern=pattern, what=what), fallback)
+
+    mode = choice("mode", {"none", "ecmp", "ipvs"}, "a data plane mode (none, ecmp or ipvs)", default.mode)
+    services = default.services
+    if "services" in data:
+        parsed = []
+        for index, item in enumerate(r.sequence(data["services"], _join(path, "services")) or []):
+            item_path = _join(_join(path, "services"), index)
+            entry = r.mapping(item, item_path, {"protocol", "port"})
+            if entry is None:
+                continue
+            protocol = r.need(entry, "protocol", item_path, lambda v, p: r.string(
+                v, p, pattern=re.compile(r"^(udp|tcp)$"), what="a protocol (udp or tcp)"))
+            port = r.need(entry, "port", item_path, lambda v, p: r.integer(v, p, 1, _U16))
+            if protocol is not None and port is not None:
+                parsed.append(ServicePort(protocol, port))
+        if len(set(parsed)) != len(parsed):
+            r.error(_join(path, "services"), "lists the same protocol and port twice")
+        services = tuple(parsed)
+    result = Dataplane(
+        mode=mode,
+        vip=r.optional(data, "vip", path, r.boolean, mode == "ipvs"),
+        withdraw_dwell=r.optional(data, "withdraw_dwell", path, lambda v, p: r.number(v, p, 0, 600),
+                                  default.withdraw_dwell),
+        table=r.optional(data, "table", path, lambda v, p: _table(r, v, p), default.table),
+        protocol=r.optional(data, "protocol", path, lambda v, p: r.integer(v, p, 4, 255), default.protocol),
+        hash_policy=r.optional(data, "hash_policy", path, lambda v, p: r.integer(v, p, 0, 3), None),
+        scheduler=choice("scheduler", _SCHEDULERS, "an IPVS scheduler (" + ", ".join(sorted(_SCHEDULERS)) + ")",
+                         default.scheduler),
+        forward=choice("forward", {"dr", "tunnel", "nat"}, "a forwarding method (dr, tunnel or nat)",
+                       default.forward),
+        services=services,
+    )
+    if result.mode == "ipvs" and not result.services:
+        r.error(_join(path, "services"), "ipvs mode needs at least one service port")
+    if result.mode == "ipvs" and "vip" in data and not result.vip:
+        r.error(_join(path, "vip"), "ipvs mode needs the VIP on lo (IPVS only sees traffic to a local address)")
+    if result.mode == "ecmp" and result.vip:
+        r.error(_join(path, "vip"), "ecmp mode must not hold the VIP on the PoP: a local address wins over "
+                                    "the multipath route and the PoP would answer itself")
+    return result
+
+
+def _table(r: _Reader, value: Any, path: str) -> int | None:
+    table = r.integer(value, path, 1, _U32)
+    if table in (253, 255):  # the kernel's own `default` and `local` tables
+        r.error(path, f"{table} is a table the kernel owns (253 default, 255 local)")
+        return None
+    return table
+
+
+_TOP = {"pop", "neighbors", "prefixes", "servers", "checks", "pool", "status", "exabgp", "dataplane"}
 
 
 def load(text: str | bytes, source: str = "pop.yaml") -> Config:
@@ -647,11 +737,12 @@ def _build(r: _Reader, document: Any) -> Config:
     pool = _pool(r, top.get("pool"), "pool")
     status = _status(r, top.get("status"), "status")
     exabgp = _exabgp(r, top.get("exabgp"), "exabgp")
+    dataplane = _dataplane(r, top.get("dataplane"), "dataplane")
     _cross_checks(r, neighbors, prefixes, servers, checks)
     if r.problems or name is None or asn is None or router_id is None:
         raise ConfigError(r.problems or [f"{r.source}: pop: is incomplete"])
     return Config(name=name, asn=asn, router_id=router_id, neighbors=tuple(neighbors), prefixes=tuple(prefixes),
-                  servers=tuple(servers), checks=checks, pool=pool, status=status, exabgp=exabgp,
+                  servers=tuple(servers), checks=checks, pool=pool, status=status, exabgp=exabgp, dataplane=dataplane,
                   runtime_dir=runtime_dir, source=r.source)
 
 

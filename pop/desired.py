@@ -6,9 +6,11 @@ adapter receives the part it owns, whole, and works out the difference itself.
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pop.config import Prefix
+from pop.config import Dataplane, Prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,3 +87,40 @@ def announcements(prefixes: tuple[Prefix, ...], announce: bool, degraded: bool) 
             as_path_prepend=attributes.as_path_prepend,
         ))
     return tuple(result)
+
+
+def host_addresses(prefixes: tuple[Prefix, ...]) -> tuple[str, ...]:
+    """The anycast prefixes that are single addresses (/32, /128): the VIPs a PoP can hold."""
+    result = []
+    for prefix in prefixes:
+        network = ipaddress.ip_network(prefix.prefix)
+        if network.prefixlen == network.max_prefixlen:
+            result.append(str(network))
+    return tuple(result)
+
+
+def dataplane(prefixes: tuple[Prefix, ...], pool: Sequence[tuple[str, int]], config: Dataplane) -> DesiredState:
+    """The data plane toward the servers in the pool, as (address, weight) pairs.
+
+    No announcements here: the engine decides *when* the data plane is wanted (before an
+    announce, and until the withdraw has had time to propagate).
+    """
+    vips = tuple(f"{address}" for address in host_addresses(prefixes)) if config.vip or config.mode == "ipvs" else ()
+    routes: tuple[EcmpRoute, ...] = ()
+    services: tuple[VirtualService, ...] = ()
+    if config.mode == "ecmp" and pool:
+        routes = tuple(
+            EcmpRoute(prefix=p.prefix, nexthops=tuple(NextHop(address, weight) for address, weight in pool
+                                                     if ipaddress.ip_address(address).version == p.version),
+                      table=config.table, protocol=config.protocol)
+            for p in prefixes)
+        routes = tuple(r for r in routes if r.nexthops)
+    if config.mode == "ipvs":
+        services = tuple(
+            VirtualService(protocol=port.protocol, address=vip.split("/")[0], port=port.port,
+                           scheduler=config.scheduler, forward=config.forward,
+                           reals=tuple(RealServer(address, port.port, weight) for address, weight in pool
+                                       if ipaddress.ip_address(address).version
+                                       == ipaddress.ip_network(vip).version))
+            for vip in host_addresses(prefixes) for port in config.services)
+    return DesiredState(vips=vips, routes=routes, services=services)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import random
@@ -26,10 +27,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pop import desired as plan
 from pop import hysteresis, verdict
 from pop.checks.base import Check, CheckResult
 from pop.config import Config
-from pop.desired import Announcement, announcements
+from pop.desired import Announcement, DesiredState, announcements
 from pop.hysteresis import Policy, ServerHealth, State, TierState
 from pop.verdict import PoolView, Verdict, VerdictPolicy
 
@@ -40,6 +42,16 @@ class Speaker(Protocol):
     async def set(self, announcements: Sequence[Announcement], *, force: bool = False) -> None: ...
 
     def announced(self) -> tuple[Announcement, ...]: ...
+
+
+class Dataplane(Protocol):
+    """VIPs, IPVS services and ECMP routes; `set()` takes them whole (pop.adapters.dataplane)."""
+
+    async def set(self, state: DesiredState) -> None: ...
+
+
+class DataplaneFailure(Exception):
+    """What a data plane adapter raises for a kernel error (pop.adapters.routes.DataplaneError)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +94,18 @@ class Snapshot:
 
 
 class Engine:
-    def __init__(self, config: Config, speaker: Speaker, checks: Mapping[str, Sequence[tuple[Check, Policy]]],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: Config, speaker: Speaker, checks: Mapping[str, Sequence[tuple[Check, Policy]]], *,
+                 clock: Callable[[], float] = time.monotonic, dataplane: Dataplane | None = None,
+                 dataplane_errors: tuple[type[Exception], ...] = (DataplaneFailure,)) -> None:
         self.config = config
         self.speaker = speaker
+        self.dataplane = dataplane
+        self._dataplane_errors = dataplane_errors
+        self.desired_dataplane = DesiredState()
+        self.applied_dataplane = DesiredState()
+        self.dataplane_error = ""
+        self.dataplane_failures = 0
+        self._withdrawn_at: float | None = None
         self.checks = checks
         self.clock = clock
         self.started = clock()
@@ -164,8 +184,11 @@ class Engine:
                      self.verdict.hold_down_until - now, self.verdict.reason)
         self._wake_timer.set()
         desired = announcements(self.config.prefixes, self.verdict.announce, self.degraded)
-        if desired != self.desired:
+        members = [(s.address, s.weight) for s in self.config.servers if self.health[s.name].in_pool]
+        dataplane = plan.dataplane(self.config.prefixes, members, self.config.dataplane)
+        if desired != self.desired or dataplane != self.desired_dataplane:
             self.desired = desired
+            self.desired_dataplane = dataplane
             self._applied.clear()
             self._dirty.set()
 
@@ -259,9 +282,59 @@ class Engine:
             force = reassert > 0 and self.clock() >= last_full + reassert
             if force:
                 last_full = self.clock()
-            await self.speaker.set(self.desired, force=force)
-            if not self._dirty.is_set():
+            if await self._apply(force) and not self._dirty.is_set():
                 self._applied.set()
+
+    async def _apply(self, force: bool) -> bool:
+        """One pass of making the adapters hold the newest desired state, in the safe order.
+
+        Announcing: the data plane first (VIP, IPVS service, routes), then BGP, so that the
+        first packet attracted finds a way to a server. Withdrawing: BGP first, then the data
+        plane only after `dataplane.withdraw_dwell`, so that traffic already on its way while
+        the withdraw propagates is still delivered. A re-announce during the dwell cancels the
+        teardown. Returns False when the pass must be retried.
+        """
+        if self.dataplane is None:
+            await self.speaker.set(self.desired, force=force)
+            return True
+        if self.desired:
+            self._withdrawn_at = None
+            if not await self._set_dataplane(self.desired_dataplane) and not self.speaker.announced():
+                return False  # never attract traffic onto a data plane that is not there
+            await self.speaker.set(self.desired, force=force)
+            return True
+        await self.speaker.set((), force=force)
+        if self.applied_dataplane == DesiredState():
+            return True
+        if self._withdrawn_at is None:
+            self._withdrawn_at = self.clock()
+        remaining = self._withdrawn_at + self.config.dataplane.withdraw_dwell - self.clock()
+        if remaining > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._dirty.wait()
+            if self._dirty.is_set():
+                return False  # something changed during the dwell: decide again
+        return await self._set_dataplane(DesiredState())
+
+    async def _set_dataplane(self, state: DesiredState) -> bool:
+        assert self.dataplane is not None
+        if state == self.applied_dataplane and not self.dataplane_error:
+            return True
+        try:
+            await self.dataplane.set(state)
+        except self._dataplane_errors as exc:
+            self.dataplane_failures += 1
+            if str(exc) != self.dataplane_error:
+                log.error("dataplane.failed error=%s", exc)
+            self.dataplane_error = str(exc)
+            asyncio.get_running_loop().call_later(1.0, self._dirty.set)  # retry: the kernel may recover
+            return False
+        if self.dataplane_error:
+            log.info("dataplane.recovered")
+        self.dataplane_error = ""
+        self.applied_dataplane = state
+        return True
 
     async def _timer(self) -> None:
         """Re-decide when a hold-down expires (nothing else would wake the verdict then)."""

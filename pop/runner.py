@@ -79,9 +79,9 @@ def load_file(path: Path, *, with_keys: bool = False) -> Config:
         raise ConfigError([f"{path}: (file): cannot read: {exc.strerror}"]) from None
     config = config_module.load(text, str(path))
     if with_keys:
-        from pop import checks
+        from pop.checks import cascade
 
-        checks.build(config)
+        cascade.build(config)
     return config
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from pop import checks as check_builder
 from pop.adapters.bgp import ChannelError, ExaBgpSpeaker
+from pop.checks import cascade as check_builder
 from pop.config import Config, ConfigError
 from pop.engine import Engine
 from pop.runner import engine_pidfile, load_file
@@ -77,7 +77,16 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
         return 2
     reader, writer = await _open_channel(channel_fd)
     speaker = ExaBgpSpeaker(config, reader, writer)
-    engine = Engine(config, speaker, checks)
+    dataplane = None
+    if config.dataplane.mode != "none" or config.dataplane.vip:
+        # pyroute2 loads only for PoPs that program the kernel
+        from pop.adapters.dataplane import KernelDataplane
+        from pop.adapters.routes import DataplaneError
+
+        dataplane = KernelDataplane(config.dataplane, config.prefixes)
+        engine = Engine(config, speaker, checks, dataplane=dataplane, dataplane_errors=(DataplaneError,))
+    else:
+        engine = Engine(config, speaker, checks)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -87,7 +96,15 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
 
     def extra() -> dict[str, object]:
         return {"sessions": {peer: view.state for peer, view in speaker.peers.items()},
-                "exabgp_command_errors": speaker.errors, "exabgp_unparsed_messages": speaker.unparsed}
+                "exabgp_command_errors": speaker.errors, "exabgp_unparsed_messages": speaker.unparsed,
+                "dataplane": {"mode": config.dataplane.mode, "error": engine.dataplane_error or None,
+                              "vips": list(engine.applied_dataplane.vips),
+                              "routes": [{"prefix": r.prefix, "nexthops": [h.address for h in r.nexthops]}
+                                         for r in engine.applied_dataplane.routes],
+                              "services": [{"service": f"{s.protocol}/{s.address}:{s.port}",
+                                            "reals": [f"{x.address}:{x.port}*{x.weight}" for x in s.reals]}
+                                           for s in engine.applied_dataplane.services]},
+                "dataplane_failures": engine.dataplane_failures}
 
     runner: web.AppRunner | None = None
     if config.status.enabled:
@@ -124,6 +141,8 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
         code = 1
     finally:
         reading.cancel()
+        if dataplane is not None:
+            await dataplane.close()
         if runner is not None:
             await runner.cleanup()
         with contextlib.suppress(OSError):
