@@ -196,3 +196,42 @@ def test_drain_withdraws_and_undrain_returns_after_hold_down(
         assert watch.nexthops == frozenset() and pop.status()["state"] == "drained"
         pop.post("/undrain")
         watch.wait_for(has("10.0.1.2"), timeout=5, since=time.monotonic())
+
+
+def test_sighup_reload_never_flaps_and_a_broken_file_changes_nothing(
+        netns_factory: NsFactory, frr_factory: Callable[..., FrrRouter], tmp_path: Path,
+        dumps: list[PopNode]) -> None:
+    import signal
+
+    import yaml
+
+    r1 = router(netns_factory, frr_factory, 1)
+    with RouteWatcher(r1.ns, ANYCAST) as watch:
+        pop, _ = build_pop(1, netns_factory, r1.ns, tmp_path)
+        dumps.append(pop)
+        watch.wait_for(has("10.0.1.2"), timeout=30)
+        pop.wait_status(lambda s: s["state"] == "announced", timeout=10)
+        settled = time.monotonic()
+        assert pop.proc is not None
+
+        # a broken file: rejected whole, the running engine and its route untouched
+        good = pop.config_path.read_text()
+        pop.config_path.write_text(good.replace("peer_as: 65000", "peer_as: banana"))
+        pop.proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert "reload.rejected" in pop.log.read_text()
+        assert pop.status()["state"] == "announced"
+
+        # a good change: new community on the prefix, a third (dead) server; no withdrawal
+        config = yaml.safe_load(good)
+        config["prefixes"][0]["healthy"]["communities"] = ["65101:2"]
+        config["servers"].append({"name": "vpn3", "address": "10.1.9.9"})
+        config["pool"] = {"low_watermark": 0.3}
+        pop.config_path.write_text(yaml.safe_dump(config))
+        pop.proc.send_signal(signal.SIGHUP)
+        status = pop.wait_status(lambda s: len(s["servers"]) == 3 and s["servers"][2]["state"] == "down", timeout=10)
+        assert status["servers"][0]["state"] == "up"  # kept its state across the reload
+        assert status["state"] == "degraded"  # 2/3 up; announced with the degraded attributes
+        time.sleep(1.0)
+        assert "500" in str(r1.bgp_routes(ANYCAST))
+        assert all(event.nexthops for event in watch.events if event.timestamp >= settled), watch.events
