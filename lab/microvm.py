@@ -32,9 +32,9 @@ The pattern for kernel tests (files under ``tests/kernel/inner/`` only run in th
         result = run_pytest_in_vm(["tests/kernel/inner/test_ipvs.py"], modules=["ip_vs", "ip_vs_mh"])
         assert result.returncode == 0, result.output  # the inner pytest report, on failure
 
-``run_pytest_in_vm`` runs ``python -m pytest -q -p no:cacheprovider`` with the host's venv
-(the repo is read-only in the guest, so pytest's cache is off); an inner test can check
-``os.environ.get("POP_IN_MICROVM") == "1"``.
+``run_pytest_in_vm`` runs ``python -m pytest -q`` with the host's venv, without pytest's cache
+(the repo is read-only in the guest) and without Hypothesis's plugin (a minute of emulated
+imports); an inner test can check ``os.environ.get("POP_IN_MICROVM") == "1"``.
 
 The kernel, its module tree (net, crypto, lib, virtio, 9p, the virtual NICs; no hardware
 drivers) and the initramfs (busybox-static, the 9p modules, ``microvm_init.sh`` as /init) are
@@ -402,9 +402,16 @@ def _boot(cache: KernelCache, run_dir: Path, memory_mb: int, timeout: float) -> 
 
 
 def run_pytest_in_vm(paths: Sequence[str], *, modules: Sequence[str] = (), timeout: float = 600,
-                     extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> VmResult:
-    """Run pytest with the host's venv inside the microVM (the kernel-test pattern)."""
-    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra_args, *paths]
+                     extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                     hypothesis: bool = False) -> VmResult:
+    """Run pytest with the host's venv inside the microVM (the kernel-test pattern).
+
+    The cache provider is off (the repo is read-only in the guest) and so, unless
+    ``hypothesis=True``, is Hypothesis's pytest plugin: importing it costs about a minute
+    of emulated CPU, more than most inner suites take to run.
+    """
+    plugins = ["-p", "no:cacheprovider"] + ([] if hypothesis else ["-p", "no:hypothesispytest"])
+    argv = [sys.executable, "-m", "pytest", "-q", *plugins, *extra_args, *paths]
     return run_in_vm(argv, modules=modules, timeout=timeout, env=env)
 
 
