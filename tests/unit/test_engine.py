@@ -11,7 +11,7 @@ from pop.desired import Announcement
 from pop.engine import Engine
 from pop.hysteresis import Policy, State
 
-CONFIG = load("""
+CONFIG_TEXT = """
 pop: {name: t1, asn: 65101, router_id: 192.0.2.1}
 neighbors: [{address: 10.0.0.1, peer_as: 65000}]
 prefixes:
@@ -20,7 +20,8 @@ prefixes:
     degraded: {med: 50}
 servers: [{name: a, address: 10.0.2.1}, {name: b, address: 10.0.2.2}]
 pool: {low_watermark: 0.5, high_watermark: 1.0, hold_down: 0.3}
-""")
+"""
+CONFIG = load(CONFIG_TEXT)
 POLICY = Policy(rise=2, fall=3, fall_definitive=1, interval=0.02, fast_interval=0.01)
 OK = CheckResult.success(0.001)
 DOWN = CheckResult.failure("refused", definitive=True)
@@ -214,5 +215,29 @@ pool: {low_watermark: 0.5, high_watermark: 0.6, hold_down: 0.3}
         assert engine.verdict.announce
         assert [a.prefix for a in engine.desired] == [a.prefix for a in announced]
         assert engine.desired[0].med == 50  # c is not up yet: degraded
+
+    asyncio.run(main())
+
+
+def test_periodic_reassertion_resends_unchanged_announcements() -> None:
+    class Counting(FakeSpeaker):
+        def __init__(self) -> None:
+            super().__init__()
+            self.forced = 0
+
+        async def set(self, announcements: Sequence[Announcement], *, force: bool = False) -> None:
+            self.forced += force
+            await super().set(announcements, force=force)
+
+    async def main() -> None:
+        config = load(CONFIG_TEXT + "exabgp: {reassert_interval: 0.1}\n")
+        speaker = Counting()
+        engine = Engine(config, speaker, {"a": [(Scripted(), POLICY)], "b": [(Scripted(), POLICY)]})
+        task = asyncio.create_task(engine.run())
+        await asyncio.sleep(0.65)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert speaker.forced >= 4 and all(len(call) == 1 for call in speaker.calls[1:])
 
     asyncio.run(main())
