@@ -13,6 +13,7 @@ Run as root from the repository root:  .venv/bin/python -m lab.demo
 from __future__ import annotations
 
 import secrets
+import shutil
 import socket
 import sys
 import tempfile
@@ -59,6 +60,7 @@ def main() -> int:
     namespaces: list[Netns] = []
     nodes: list[PopNode] = []
     router: FrrRouter | None = None
+    failed = True
 
     def ns(name: str) -> Netns:
         made = Netns(prefix + name)
@@ -132,6 +134,7 @@ def main() -> int:
                 f"(hold-down {nodes[0].config.get('pool', {}).get('hold_down', 5)} s)")
             say(f"pop{victim} /status: {nodes[victim - 1].status()['state']}")
         say("demo complete: announce, failover and recovery shown against a real FRR router")
+        failed = False
         return 0
     except (TimeoutError, RuntimeError, OSError) as exc:
         say(f"demo FAILED: {exc}")
@@ -146,7 +149,11 @@ def main() -> int:
         for made in reversed(namespaces):
             made.close()
         cleanup_prefix(prefix)
-        say("teardown: namespaces and processes removed")
+        if failed:
+            say(f"teardown: namespaces and processes removed; logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+            say("teardown: namespaces, processes and files removed")
 
 
 if __name__ == "__main__":
