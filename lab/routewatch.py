@@ -344,16 +344,21 @@ class RouteWatcher:
                  since: float | None = None) -> float:
         """The monotonic time at which the next hops first satisfied ``predicate``.
 
-        Only the state at ``since`` (default, and at the earliest: when the watcher started)
-        and the events after it count; if the state at ``since`` already satisfies the
-        predicate, ``since`` is returned. Raises TimeoutError listing the events seen.
+        Only the state at ``since`` and the events after it count; if the state at ``since``
+        already satisfies the predicate, ``since`` is returned. Without ``since``: if the
+        current state satisfies it, the time that state began (its event, or the watcher's
+        start); otherwise the first matching event from now on. Pass ``since=t0`` (taken
+        before injecting a change) to time that change: an earlier, unrelated state then
+        cannot satisfy the wait. Raises TimeoutError listing the events seen.
         """
         if self.started_at is None:
             raise RuntimeError("RouteWatcher not started")
-        # Before the watcher started nothing was observed: the initial dump is the state then.
-        since = self.started_at if since is None else max(since, self.started_at)
         deadline = time.monotonic() + timeout
         with self._cond:
+            if since is None:
+                since = self._events[-1].timestamp if self._events else self.started_at
+            # Before the watcher started nothing was observed: the initial dump is the state then.
+            since = max(since, self.started_at)
             while True:
                 at = self._first_match(predicate, since)
                 if at is not None:

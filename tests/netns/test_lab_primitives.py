@@ -204,10 +204,13 @@ def test_routewatch_records_add_replace_delete(netns_factory: NsFactory) -> None
                      ("add", {"10.0.0.2", "10.0.0.3"}),  # the metric-50 route hides behind ECMP
                      ("del", {"10.0.0.4"}), ("del", set())]
     assert all(e.prefix == "192.0.2.7/32" for e in watch.events)
-    # Waiting for a state that held at `since` returns `since` itself.
+    # Waiting for a state that held at `since` returns `since` itself; without `since`, the
+    # current state counts from when it began, and earlier states never match.
     assert watch.wait_for(lambda hops: not hops, timeout=1, since=gone) == gone
+    assert watch.wait_for(lambda hops: not hops, timeout=1) == gone
+    assert watch.wait_for(lambda hops: hops == {"10.0.0.2"}, timeout=1, since=before) == added
     with pytest.raises(TimeoutError, match=r"192\.0\.2\.7/32"):
-        watch.wait_for(lambda hops: "10.0.0.9" in hops, timeout=0.2)
+        watch.wait_for(bool, timeout=0.2)
 
 
 def test_routewatch_sees_existing_route_and_ipv6_ecmp(netns_factory: NsFactory) -> None:
