@@ -30,10 +30,11 @@ Contract:
   router-down         router node        FRR's bgpd and zebra stopped (started again)
   ==================  =================  ===================================================
 
-  A *link target* is a link end ``node:ifname`` (the rules sit on that interface), a vpn node
-  (its side of the check path) or a pop node (every interface toward its servers: the PoP's
-  check path). There is no netem in this kernel; nftables drops in the namespace instead,
-  each fault in its own table ``inet poplab_f<id>``, so that an undo removes exactly it.
+  A *link target* is a link end ``node:ifname`` (that link), a vpn node (its links: its side
+  of the check path) or a pop node (every link toward its servers: the PoP's check path).
+  There is no netem in this kernel: nftables drops each direction where it arrives (prerouting
+  of the receiving end, so that senders see silence, never an error), each fault in its own
+  table ``inet poplab_f<id>`` per namespace, so that an undo removes exactly it.
 - The lab's supervisor owns the daemons, so faults run in the process that holds the ``Lab``;
   the CLI reaches them through the supervisor (``python -m lab fault ...``).
 """
@@ -231,26 +232,31 @@ class Faults:
                     ends.append((mine.node, mine.ifname))
         return ends
 
+    def _peer_end(self, node: str, ifname: str) -> tuple[str, str]:
+        for link in self.lab.topology.links:
+            for mine, other in ((link.a, link.b), (link.b, link.a)):
+                if (mine.node, mine.ifname) == (node, ifname):
+                    return other.node, other.ifname
+        raise FaultError(f"{node}:{ifname}: no link has this end")
+
     def _loss(self, fault: Fault) -> Callable[[], float]:
         percent = 100.0 if fault.kind == "blackhole" else float(fault.params.get("percent", 0))
         if not 0 < percent <= 100 or percent != int(percent):
             raise FaultError(f"loss: percent must be a whole number 1..100, not {percent:g}")
         match = "" if percent == 100 else f"numgen random mod 100 < {int(percent)} "
         table = f"poplab_f{fault.id}"
+        # Each direction is dropped where it *arrives*: a drop on the sender's own output path
+        # would fail its send() with EPERM, which no real loss does; arriving packets vanish.
         by_node: dict[str, list[str]] = {}
         for node, ifname in self.link_ends(fault.target):
-            by_node.setdefault(node, []).append(ifname)
+            for end_node, end_ifname in ((node, ifname), self._peer_end(node, ifname)):
+                by_node.setdefault(end_node, []).append(end_ifname)
         scripts = {}
         for node, ifnames in by_node.items():
-            # prerouting sees what arrives on the interface, postrouting what leaves by it,
-            # whether the namespace is the packet's end or forwards it
-            rules_in = "".join(f'    iifname "{i}" {match}drop\n' for i in ifnames)
-            rules_out = "".join(f'    oifname "{i}" {match}drop\n' for i in ifnames)
+            rules = "".join(f'    iifname "{i}" {match}drop\n' for i in ifnames)
             scripts[node] = (f"table inet {table} {{\n"
                              f"  chain pre {{ type filter hook prerouting priority raw; policy accept;\n"
-                             f"{rules_in}  }}\n"
-                             f"  chain post {{ type filter hook postrouting priority 300; policy accept;\n"
-                             f"{rules_out}  }}\n}}\n")
+                             f"{rules}  }}\n}}\n")
         fault.began = time.monotonic()
         for node, script in scripts.items():
             self.lab.ns(node).run("nft", "-f", "-", input=script)

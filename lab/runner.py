@@ -43,7 +43,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,10 +199,8 @@ class Lab:
                          if self.topology.owner_of(nbr.address) in self.spec.pops)
 
     def watch(self, router: str, prefix: str | None = None) -> RouteWatcher:
-        """A started RouteWatcher on ``router``'s kernel table (stop it, or use ``with``)."""
-        watcher = RouteWatcher(self.ns(router), prefix or self.anycast)
-        watcher.start()
-        return watcher
+        """A RouteWatcher on ``router``'s kernel table: ``with lab.watch("r1") as watch: ...``."""
+        return RouteWatcher(self.ns(router), prefix or self.anycast)
 
     def ask(self, node: str, address: str | None = None, timeout: float = 1.0) -> str | None:
         """Which PoP answers ``node``'s TCP connection to the anycast address (None: nobody)."""
@@ -218,6 +216,19 @@ class Lab:
             except OSError:
                 return None
         return answer or None
+
+    def wait_answer(self, node: str, predicate: Callable[[str | None], bool] = lambda who: who is not None,
+                    timeout: float = 10.0, interval: float = 0.05) -> tuple[str | None, float]:
+        """Ask from ``node`` until the answer satisfies ``predicate``: (answer, monotonic time)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            who = self.ask(node, timeout=min(1.0, max(0.05, deadline - time.monotonic())))
+            now = time.monotonic()
+            if predicate(who):
+                return who, now
+            if now >= deadline:
+                raise TimeoutError(f"{node}: anycast answer still {who!r} after {timeout}s")
+            time.sleep(interval)
 
     # --- bring-up -----------------------------------------------------------------------
 

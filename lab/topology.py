@@ -299,9 +299,15 @@ def parse_frr(text: str, source: str) -> BgpConfig:
         raise TopologyError([f"{source}: needs hostname, router bgp, bgp router-id and the closing exit"])
     extra = extra.removesuffix("!\n").strip("\n")
     try:
-        config = BgpConfig(name, asn, router_id, tuple(
-            BgpNeighbor(address, families=tuple(values.pop("families", ())), **values)
-            for address, values in neighbors.items()), tuple(networks), maximum_paths, extra)
+        parsed = []
+        for address, values in neighbors.items():
+            if "remote_as" not in values:
+                raise TopologyError([f"{source}: neighbor {address}: no remote-as line"])
+            families = tuple(values.pop("families", ()))
+            default = ("ipv4" if ipaddress.ip_address(address).version == 4 else "ipv6",)
+            # the neighbor's own family is BgpNeighbor's default: keep the value as one writes it
+            parsed.append(BgpNeighbor(address, families=() if families == default else families, **values))
+        config = BgpConfig(name, asn, router_id, tuple(parsed), tuple(networks), maximum_paths, extra)
     except (TypeError, ValueError) as exc:
         raise TopologyError([f"{source}: {exc}"]) from None
     rendered = config.render()
