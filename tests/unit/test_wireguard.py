@@ -403,10 +403,10 @@ class _Server(asyncio.DatagramProtocol):
             self.transport.sendto(reply, addr)
 
 
-async def serve(answer: object) -> tuple[_Server, int]:
+async def serve(answer: object, host: str = "127.0.0.1") -> tuple[_Server, int]:
     loop = asyncio.get_running_loop()
     server = _Server(answer)
-    await loop.create_datagram_endpoint(lambda: server, local_addr=("127.0.0.1", 0))
+    await loop.create_datagram_endpoint(lambda: server, local_addr=(host, 0))
     assert server.transport is not None
     return server, server.transport.get_extra_info("sockname")[1]
 
@@ -433,6 +433,39 @@ def test_check_succeeds_and_reports_rtt() -> None:
         server.transport.close()
         assert all(r.ok and r.latency is not None and 0 < r.latency < 0.3 for r in results), results
         assert len(p.responder.consumed) == 3
+
+    asyncio.run(main())
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="needs IPv6 on loopback (::1)")
+def test_check_over_ipv6() -> None:
+    async def main() -> None:
+        p = pair()
+        server, port = await serve(one(p.responder), host="::1")
+        result = await WireGuardCheck("::1", port, p.responder.public, p.probe, timeout=0.3).probe()
+        server.transport.close()
+        assert result.ok, result
+
+    asyncio.run(main())
+
+
+def test_check_resolves_names() -> None:
+    async def main() -> None:
+        p = pair()
+        server, port = await serve(one(p.responder))
+        result = await WireGuardCheck("localhost", port, p.responder.public, p.probe, timeout=0.3).probe()
+        server.transport.close()
+        # localhost may resolve to ::1 first, where nothing listens: then the kernel says so
+        assert result.ok or result.error == "icmp-unreachable", result
 
     asyncio.run(main())
 
