@@ -204,7 +204,7 @@ class FrrRouter:
         if self.running:
             raise FrrError(f"{self!r} already running")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        assert self.ns.rundir == self.rundir.parent  # creates the namespace's runtime dir
+        self.rundir = self.ns.rundir / f"frr-{self.name}"  # Netns.rundir creates the parent
         shutil.rmtree(self.rundir, ignore_errors=True)
         self.rundir.mkdir(mode=0o750)
         frr = pwd.getpwnam(FRR_USER)
@@ -290,8 +290,10 @@ class FrrRouter:
         self._network_command(prefix, negate=True)
 
     def neighbor_state(self, peer: str) -> str:
-        data = self.vtysh_json(f"show bgp neighbors {ipaddress.ip_address(peer)} json")
-        return str(data.get(peer, {}).get("bgpState", "Unknown"))
+        """The BGP FSM state of the session to ``peer`` ("Established", "Active", ...)."""
+        address = str(ipaddress.ip_address(peer))
+        data = self.vtysh_json(f"show bgp neighbors {address} json")
+        return str(data.get(address, {}).get("bgpState", "Unknown"))
 
     def wait_established(self, peer: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout

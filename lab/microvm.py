@@ -42,7 +42,8 @@ built once into ``<repo>/.cache/microvm/<kernel version>/`` by ``python -m lab.m
 prepare`` (downloads about 70 MB with ``apt-get download``; about 20 s), and reused by every
 run. ``python -m lab.microvm run [-m MODULE]... -- CMD...`` runs one command.
 
-QEMU is always killed (and reaped) when the run times out or anything raises.
+QEMU is always killed (and reaped) when the run times out or anything raises, and dies with
+the process that started it. Run directories of runs whose process died are swept.
 """
 
 from __future__ import annotations
@@ -360,6 +361,7 @@ def run_in_vm(argv: Sequence[str], *, modules: Sequence[str] = (), timeout: floa
         raise VmError(f"{QEMU} not found (apt-get install qemu-system-x86)")
     cache = kernel_cache()
     RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    _sweep_stale_runs()
     run_dir = RUNS_DIR / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
     run_dir.mkdir()
     try:
@@ -374,10 +376,21 @@ def run_in_vm(argv: Sequence[str], *, modules: Sequence[str] = (), timeout: floa
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _sweep_stale_runs() -> None:
+    """Remove run directories left by runs whose process died (named <time>-<pid>-<random>)."""
+    for run_dir in RUNS_DIR.iterdir():
+        parts = run_dir.name.split("-")
+        if len(parts) == 3 and parts[1].isdigit() and not Path(f"/proc/{parts[1]}").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def _boot(cache: KernelCache, run_dir: Path, memory_mb: int, timeout: float) -> VmResult:
     started = time.monotonic()
-    qemu = subprocess.Popen(_qemu_argv(cache, run_dir, memory_mb), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    # If the test process is killed outright, QEMU must not run on with a hung guest; setpriv
+    # sets the parent-death signal without a preexec_fn (unsafe in a threaded test process).
+    argv = ["setpriv", "--pdeathsig", "KILL", "--", *_qemu_argv(cache, run_dir, memory_mb)]
+    qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         try:
             qemu_out, _ = qemu.communicate(timeout=timeout)
