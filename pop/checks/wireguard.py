@@ -7,7 +7,7 @@ server) from a fresh connected UDP socket and validates the response completely
 (pop.checks.noise). A valid response proves the daemon, its keys and its crypto path work;
 WireGuard answers nothing else, so no other check can tell a live server from a dead one.
 
-Results (`CheckResult.error`), as observed against wireguard-go:
+Results (`CheckResult.error`), as observed against wireguard-go and the kernel module:
 - ok, latency = round trip of the handshake that succeeded;
 - "timeout": no answer. Not definitive. WireGuard is silent to a wrong server public key
   (mac1 fails), to a probe key that is not a peer, to a replayed timestamp and to an
@@ -15,12 +15,14 @@ Results (`CheckResult.error`), as observed against wireguard-go:
 - "icmp-unreachable": the kernel reported an ICMP error (nothing listens on the port:
   ECONNREFUSED on the connected socket; host or network unreachable). Definitive;
 - "bad-response": an answer that fails validation (length/type, reserved bytes, mac1, a
-  low-order ephemeral, an undecryptable cookie reply). Definitive;
+  mac2 we gave no cookie for, a low-order ephemeral, an undecryptable cookie reply).
+  Definitive;
 - "psk-mismatch": an intact response (mac1 valid, addressed to us) whose empty payload does
   not decrypt: the server keyed it with another preshared key. Definitive;
 - "cookie": the responder is under load and answered with a cookie reply twice (the retry
   carries mac2 as the protocol requires) or not at all to the retry. Not definitive. A
-  retry that succeeds is a success whose detail mentions the cookie;
+  retry that succeeds is a success whose detail mentions the cookie. The cookie is bound to
+  the source port, so it is not kept across probes (each has its own socket);
 - "socket-error": a local socket error (not the target's fault). Not definitive.
 
 `timeout` bounds the wait for each answer; a probe sends at most two initiations (the
