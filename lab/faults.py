@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lab.popnode import PopNode
     from lab.runner import Lab, VpnServer
 
 KINDS = ("server-down", "wireguard-down", "loss", "blackhole", "flap", "exabgp-kill", "engine-kill",
@@ -89,7 +90,7 @@ class Faults:
         self._lock = threading.Lock()
         self._next_id = 1
         self._active: dict[int, Fault] = {}
-        self._flappers: dict[int, threading.Event] = {}
+        self._flappers: dict[int, tuple[threading.Event, threading.Thread]] = {}
 
     def active(self) -> list[Fault]:
         with self._lock:
@@ -140,11 +141,14 @@ class Faults:
     def stop_all(self) -> None:
         """Stop the flapping threads without reverting anything (the lab is being torn down)."""
         with self._lock:
-            events = list(self._flappers.values())
+            flappers = list(self._flappers.values())
             self._flappers.clear()
             self._active.clear()
-        for event in events:
-            event.set()
+        for stop, _ in flappers:
+            stop.set()
+        for _, thread in flappers:
+            # joined, so that no server is started again behind the teardown's back
+            thread.join(30)
 
     # --- servers ------------------------------------------------------------------------
 
@@ -176,8 +180,16 @@ class Faults:
             raise FaultError(f"flap: need 0 < down ({down}) < period ({period})")
         stop = threading.Event()
         first = threading.Event()
+        failure: list[BaseException] = []
 
         def run() -> None:
+            try:
+                cycle_servers()
+            except BaseException as exc:  # surfaced by undo(), never lost in the thread
+                failure.append(exc)
+                first.set()
+
+        def cycle_servers() -> None:
             start = time.monotonic()
             cycle = 0
             while not stop.is_set():
@@ -196,7 +208,7 @@ class Faults:
 
         thread = threading.Thread(target=run, name=f"flap {fault.target}", daemon=True)
         with self._lock:
-            self._flappers[fault.id] = stop
+            self._flappers[fault.id] = (stop, thread)
         thread.start()
         first.wait(10)
         fault.at = fault.transitions[0][0] if fault.transitions else time.monotonic()
@@ -206,6 +218,8 @@ class Faults:
             thread.join(30)
             with self._lock:
                 self._flappers.pop(fault.id, None)
+            if failure:
+                raise RuntimeError(f"flap {fault.target} failed") from failure[0]
             if not fault.transitions or fault.transitions[-1][1] == "down":
                 for server in servers:
                     server.start()
@@ -269,7 +283,7 @@ class Faults:
 
     # --- daemons ------------------------------------------------------------------------
 
-    def _pop_node(self, target: str) -> Any:
+    def _pop_node(self, target: str) -> PopNode:
         if target not in self.lab.pops:
             raise FaultError(f"{target}: not a pop node")
         return self.lab.pop(target)

@@ -13,7 +13,8 @@ Contract:
   returns once every PoP reports ``announced`` and every router forwards the anycast prefixes
   to all of its PoP neighbours; it returns the seconds that took.
 - ``down()`` stops everything and removes the namespaces, the wireguard-go UAPI sockets and
-  the state directory. It is idempotent, and ``Lab`` is a context manager that calls it.
+  the state directory (``statedir``, default ``.lab/<prefix>``: it belongs to the lab, logs
+  and generated keys included). It is idempotent; ``Lab`` is a context manager that calls it.
 - State on disk: before creating anything, ``up()`` writes ``<statedir>/state.json`` (prefix,
   namespaces, wireguard interfaces, owner pid). ``sweep(statedir)`` uses it to remove a lab
   whose owner crashed: it kills the supervisor if it still runs, then every namespace carrying
@@ -23,6 +24,21 @@ Contract:
 - Data path: ``ask(node)`` connects from ``node`` (e.g. the client) to the anycast address's
   who-am-I port and returns the name of the PoP that answered, or None.
 - Faults: ``lab.faults`` (``lab.faults.Faults``), each with a monotonic timestamp and an undo.
+
+How a test or benchmark drives it (as root, from the repository root)::
+
+    with Lab.from_file("containerlab.yml") as lab:   # down() on exit, also on failure
+        lab.up()                                     # seconds to converged routes
+        with lab.watch("r1") as watch:               # rtnetlink events of r1's anycast route
+            fault = lab.faults.apply("server-down", "pop1")
+            gone = watch.wait_for(lambda hops: lab.pop_address("r1", "pop1") not in hops,
+                                  since=fault.at)
+            print(gone - fault.at, lab.ask("client1"))  # detection time; who answers now
+            back = lab.faults.undo(fault)
+
+A benchmark that runs another speaker in a PoP (ExaBGP's healthcheck) stops that PoP's
+``pop run`` with ``lab.pop(name).stop()`` and starts its own process with
+``lab.ns(name).popen(...)``; the neighbors to peer with are in ``lab.spec.pops[name].config``.
 
 Times are ``time.monotonic()`` throughout (CLOCK_MONOTONIC is system-wide, so timestamps from
 the supervisor and from a CLI process compare directly).
@@ -344,6 +360,9 @@ class Lab:
         deadline = time.monotonic() + timeout
         pending: list[str] = []
         while time.monotonic() < deadline:
+            for name, node in self.pops.items():
+                if node.proc is not None and node.proc.poll() is not None:
+                    raise RuntimeError(f"{name}: `pop run` exited with {node.proc.returncode}:\n{node.log_tail()}")
             # the kernel tables first: a netlink dump costs nothing, a /status request more
             pending = [f"{name}: {prefix} via {sorted(hops)}" for name in self.routers for prefix in self.spec.anycast
                        if not self.expected_nexthops(name) <= (hops := read_nexthops(self.ns(name), prefix))]

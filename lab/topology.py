@@ -25,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -166,7 +166,10 @@ def parse(text: str, source: str = "containerlab.yml", base: Path = Path()) -> T
         raise TopologyError([*problems, f"{source}: topology.nodes: required, at least one node"])
     nodes: dict[str, Node] = {}
     for node_name, raw in raw_nodes.items():
-        node = _node(str(node_name), raw, kinds, base, lambda p, m, n=node_name: error(f"topology.nodes.{n}{p}", m))
+        def node_error(path: str, message: str, name: str = str(node_name)) -> None:
+            error(f"topology.nodes.{name}{path}", message)
+
+        node = _node(str(node_name), raw, kinds, base, node_error)
         if node is not None:
             nodes[node.name] = node
     links = _links(topo.get("links"), nodes, error)
@@ -176,7 +179,7 @@ def parse(text: str, source: str = "containerlab.yml", base: Path = Path()) -> T
 
 
 def _node(name: str, raw: Any, kinds: Mapping[str, Any], base: Path,
-          error: Any) -> Node | None:
+          error: Callable[[str, str], None]) -> Node | None:
     if not _NODE_NAME.match(name):
         error("", "node names: a lowercase letter, then lowercase letters or digits, at most 12")
         return None
@@ -221,7 +224,7 @@ def _node(name: str, raw: Any, kinds: Mapping[str, Any], base: Path,
     return Node(name, cast(Role, role), kind, str(image), tuple(binds), tuple(commands), tuple(addresses))
 
 
-def _links(raw: Any, nodes: Mapping[str, Node], error: Any) -> list[Link]:
+def _links(raw: Any, nodes: Mapping[str, Node], error: Callable[[str, str], None]) -> list[Link]:
     links: list[Link] = []
     used: set[Endpoint] = set()
     for i, item in enumerate(raw or []):

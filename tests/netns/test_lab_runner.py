@@ -303,7 +303,8 @@ def test_pop_process_stopped_leaves_the_router_and_restart_brings_it_back(
         fault = lab.faults.apply(kind, pop)
         at = watch.wait_for(lambda h: h == hops(lab, router, other), timeout=10, since=fault.began)
         print(f"\nMEASURED {kind} {pop} -> route off {router}: {(at - fault.began) * 1000:.0f} ms")
-        assert lab.pop_status(pop) == {} and lab.ask("client1") != pop
+        behind = {"r1": "client1", "r2": "probe1"}[router]
+        assert lab.pop_status(pop) == {} and lab.ask(behind) == other
         if kind == "exabgp-kill":
             assert not pid_alive(int(fault.params["pid"]))
         back = lab.faults.undo(fault)
