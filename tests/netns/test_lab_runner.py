@@ -270,8 +270,9 @@ def test_ten_percent_loss_on_the_check_path_withdraws_nothing(fresh: Lab) -> Non
         time.sleep(6)
         lab.faults.undo(fault)
         assert [e for e in watch.events if e.timestamp > fault.at] == []
-    servers = lab.pop_status("pop1")["servers"]
-    assert all(s["state"] == "up" for s in servers)
+    # one server may have wobbled (a WireGuard probe lost three times running: ~1% per run),
+    # but never the PoP's verdict
+    assert lab.pop_status("pop1")["state"] in {"announced", "degraded"}
 
 
 def test_flapping_servers_follow_the_schedule_and_stop_on_undo(fresh: Lab) -> None:
