@@ -1,4 +1,4 @@
-"""IPVS virtual services and their real servers, programmed over generic netlink (pyroute2).
+"""IPVS virtual services and their real servers, programmed over generic netlink.
 
 Contract:
 
@@ -29,17 +29,33 @@ Contract:
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from socket import AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP
-from typing import Any
 
-from pyroute2.ipvs import AsyncIPVS
-from pyroute2.netlink.exceptions import NetlinkError
-
-from pop.adapters.routes import DataplaneError, kernel_error
+from pop.adapters.netlink import (
+    IPVS_CMD_DEL_DEST,
+    IPVS_CMD_DEL_SERVICE,
+    IPVS_CMD_GET_DEST,
+    IPVS_CMD_GET_SERVICE,
+    IPVS_CMD_NEW_DEST,
+    IPVS_CMD_NEW_SERVICE,
+    IPVS_CMD_SET_DEST,
+    IPVS_CMD_SET_SERVICE,
+    IpvsServiceKey,
+    NetlinkSocket,
+    decode_dest,
+    decode_service,
+    encode_dest,
+    encode_service,
+    encode_service_key_attr,
+    genl,
+    resolve_family,
+)
+from pop.adapters.routes import DataplaneError, kernel_error, run_in_netns
 from pop.desired import RealServer, VirtualService
 
 log = logging.getLogger(__name__)
@@ -54,9 +70,6 @@ SCHED_FLAGS = {"mh-fallback": 0x0008, "mh-port": 0x0010, "sh-fallback": 0x0008, 
 # The bits this adapter manages. The kernel reports others too (IP_VS_SVC_F_HASHED on every
 # service), and IP_VS_SVC_F_PERSISTENT / ONEPACKET are not ours to change.
 SCHED_FLAG_MASK = 0x0038
-_ENOENT = 2
-_ESRCH = 3
-_EEXIST = 17
 
 ServiceKey = tuple[str, str, int]  # (protocol, address, port)
 
@@ -198,61 +211,33 @@ class RealServerLoad:
         return self.active + self.inactive
 
 
-class _Attrs:
-    """The duck type pyroute2's AsyncIPVS.service()/dest() expect: prebuilt NLA lists."""
-
-    def __init__(self, attrs: list[tuple[str, Any]], key: list[tuple[str, Any]] | None = None) -> None:
-        self._attrs = attrs
-        self._key = key if key is not None else attrs
-
-    def dump_nla(self) -> dict[str, Any]:
-        return {"attrs": self._attrs}
-
-    def dump_key(self) -> dict[str, Any]:
-        return {"attrs": self._key}
+def _key(service: VirtualService) -> IpvsServiceKey:
+    family = AF_INET6 if ":" in service.address else AF_INET
+    return IpvsServiceKey(family, PROTOCOLS[service.protocol], service.address, service.port)
 
 
-def _family(address: str) -> int:
-    return AF_INET if ipaddress.ip_address(address).version == 4 else AF_INET6
+_COMMANDS = {
+    "add-service": IPVS_CMD_NEW_SERVICE,
+    "edit-service": IPVS_CMD_SET_SERVICE,
+    "del-service": IPVS_CMD_DEL_SERVICE,
+    "add-real": IPVS_CMD_NEW_DEST,
+    "edit-real": IPVS_CMD_SET_DEST,
+    "del-real": IPVS_CMD_DEL_DEST,
+}
 
 
-def _service_key_attrs(service: VirtualService) -> list[tuple[str, Any]]:
-    return [
-        ("IPVS_SVC_ATTR_AF", _family(service.address)),
-        ("IPVS_SVC_ATTR_PROTOCOL", PROTOCOLS[service.protocol]),
-        ("IPVS_SVC_ATTR_ADDR", service.address),
-        ("IPVS_SVC_ATTR_PORT", service.port),
-    ]
-
-
-def _service_attrs(entry: ServiceEntry) -> _Attrs:
-    s = entry.service
-    key = _service_key_attrs(s)
-    # The kernel reads the netmask as a raw be32 and, for IPv6, wants a prefix length
-    # 1..128 in it; pyroute2 encodes this attribute as a dotted quad, so 128 is "128.0.0.0".
-    netmask = "255.255.255.255" if _family(s.address) == AF_INET else "128.0.0.0"
-    full = [
-        *key,
-        ("IPVS_SVC_ATTR_SCHED_NAME", s.scheduler),
-        ("IPVS_SVC_ATTR_FLAGS", {"flags": entry.flags, "mask": SCHED_FLAG_MASK}),
-        ("IPVS_SVC_ATTR_TIMEOUT", 0),
-        ("IPVS_SVC_ATTR_NETMASK", netmask),
-    ]
-    return _Attrs(full, key)
-
-
-def _dest_attrs(service: VirtualService, real: RealServer) -> _Attrs:
-    return _Attrs(
-        [
-            ("IPVS_DEST_ATTR_ADDR_FAMILY", _family(real.address)),
-            ("IPVS_DEST_ATTR_ADDR", real.address),
-            ("IPVS_DEST_ATTR_PORT", real.port),
-            ("IPVS_DEST_ATTR_FWD_METHOD", FORWARD[service.forward]),
-            ("IPVS_DEST_ATTR_WEIGHT", real.weight),
-            ("IPVS_DEST_ATTR_U_THRESH", 0),
-            ("IPVS_DEST_ATTR_L_THRESH", 0),
-        ]
-    )
+def encode_op(op: IpvsOp) -> bytes:
+    """The generic netlink payload of one operation."""
+    service = op.entry.service
+    key = _key(service)
+    if op.kind in ("add-service", "edit-service"):
+        attrs = encode_service(key, service.scheduler, op.entry.flags, SCHED_FLAG_MASK)
+    elif op.kind == "del-service":
+        attrs = encode_service_key_attr(key)
+    else:
+        assert op.real is not None
+        attrs = encode_dest(key, op.real.address, op.real.port, FORWARD[service.forward], op.real.weight)
+    return genl(_COMMANDS[op.kind], attrs)
 
 
 class IpvsTable:
@@ -271,31 +256,32 @@ class IpvsTable:
         self.netns = netns
         self.flags = tuple(flags)
         sched_flags(self.flags)  # validate now, not at the first set()
-        self._sock: AsyncIPVS | None = None
+        self._sock: NetlinkSocket | None = None
+        self._family = 0
 
     def owns(self, address: str) -> bool:
         addr = ipaddress.ip_address(address)
         return any(addr in net for net in self.owned)
 
-    async def _socket(self) -> AsyncIPVS:
+    async def _socket(self) -> tuple[NetlinkSocket, int]:
         if self._sock is None:
-            sock = AsyncIPVS(netns=self.netns, flags=0, ext_ack=True)
             try:
-                await sock.setup_endpoint()
-            except NetlinkError as exc:
+                sock = NetlinkSocket(await run_in_netns(self.netns, NetlinkSocket.make_generic))
+            except OSError as exc:
+                raise kernel_error(f"open generic netlink netns={self.netns}", exc) from exc
+            try:
+                self._family = await resolve_family(sock, "IPVS")
+            except OSError as exc:
                 sock.close()
-                if exc.code == _ENOENT:
+                if exc.errno == errno.ENOENT:
                     raise DataplaneError(
                         "open IPVS generic netlink",
                         "no IPVS in this kernel (module ip_vs not loaded)",
-                        exc.code,
+                        exc.errno,
                     ) from exc
                 raise kernel_error("open IPVS generic netlink", exc) from exc
-            except OSError as exc:
-                sock.close()
-                raise kernel_error(f"open IPVS generic netlink netns={self.netns}", exc) from exc
             self._sock = sock
-        return self._sock
+        return self._sock, self._family
 
     async def close(self) -> None:
         if self._sock is not None:
@@ -309,47 +295,33 @@ class IpvsTable:
         await self.close()
 
     async def _dump(self) -> tuple[list[ServiceEntry], list[RealServerLoad]]:
-        sock = await self._socket()
+        sock, family = await self._socket()
         entries: list[ServiceEntry] = []
         loads: list[RealServerLoad] = []
         try:
-            for msg in await sock.service("dump"):
-                svc = msg.get_attr("IPVS_CMD_ATTR_SERVICE")
-                proto = _PROTOCOL_NAMES.get(svc.get_attr("IPVS_SVC_ATTR_PROTOCOL"))
-                address = svc.get_attr("IPVS_SVC_ATTR_ADDR")
-                if proto is None or address is None or not self.owns(address):
+            for body in await sock.dump(family, genl(IPVS_CMD_GET_SERVICE, b"")):
+                record = decode_service(body)
+                key = record.key
+                proto = _PROTOCOL_NAMES.get(key.protocol) if key is not None else None
+                if key is None or proto is None or not self.owns(key.address):
                     continue  # fwmark services, SCTP, other owners' addresses
-                port = int(svc.get_attr("IPVS_SVC_ATTR_PORT"))
-                base = VirtualService(
-                    proto, str(address), port, str(svc.get_attr("IPVS_SVC_ATTR_SCHED_NAME"))
-                )
-                flags = int((svc.get_attr("IPVS_SVC_ATTR_FLAGS") or {}).get("flags", 0))
                 reals: list[RealServer] = []
                 forward = "dr"
-                for dmsg in await sock.dest("dump", service=_Attrs(_service_key_attrs(base))):
-                    d = dmsg.get_attr("IPVS_CMD_ATTR_DEST")
-                    real = RealServer(
-                        str(d.get_attr("IPVS_DEST_ATTR_ADDR")),
-                        int(d.get_attr("IPVS_DEST_ATTR_PORT")),
-                        int(d.get_attr("IPVS_DEST_ATTR_WEIGHT")),
-                    )
-                    forward = _FORWARD_NAMES.get(int(d.get_attr("IPVS_DEST_ATTR_FWD_METHOD")) & 7, "dr")
+                for dbody in await sock.dump(family, genl(IPVS_CMD_GET_DEST, encode_service_key_attr(key))):
+                    dest = decode_dest(dbody, key.family)
+                    real = RealServer(dest.address, dest.port, dest.weight)
+                    forward = _FORWARD_NAMES.get(dest.forward & 7, "dr")
                     reals.append(real)
                     loads.append(
                         RealServerLoad(
-                            proto,
-                            base.address,
-                            port,
-                            real,
-                            int(d.get_attr("IPVS_DEST_ATTR_ACTIVE_CONNS") or 0),
-                            int(d.get_attr("IPVS_DEST_ATTR_INACT_CONNS") or 0),
-                            int(d.get_attr("IPVS_DEST_ATTR_PERSIST_CONNS") or 0),
+                            proto, key.address, key.port, real, dest.active, dest.inactive, dest.persistent
                         )
                     )
-                entries.append(
-                    ServiceEntry(replace(base, forward=forward, reals=tuple(reals)), flags & 0xFFFF)
+                service = VirtualService(
+                    proto, key.address, key.port, record.scheduler, forward, tuple(reals)
                 )
-        except (OSError, NetlinkError) as exc:
+                entries.append(ServiceEntry(service, record.flags))
+        except OSError as exc:
             raise kernel_error("dump IPVS services", exc) from exc
         return entries, loads
 
@@ -359,7 +331,7 @@ class IpvsTable:
 
     async def read_flags(self) -> Mapping[ServiceKey, int]:
         entries, _ = await self._dump()
-        return {service_key(e.service): e.flags for e in entries}
+        return {service_key(e.service): e.flags & SCHED_FLAG_MASK for e in entries}
 
     async def loads(self) -> tuple[RealServerLoad, ...]:
         _, loads = await self._dump()
@@ -380,34 +352,19 @@ class IpvsTable:
             await self.apply(ops)
 
     async def apply(self, ops: Iterable[IpvsOp]) -> None:
-        sock = await self._socket()
+        sock, family = await self._socket()
         for op in ops:
             service = op.entry.service
             try:
-                if op.kind == "add-service":
-                    await sock.service("add", service=_service_attrs(op.entry))
-                elif op.kind == "edit-service":
-                    await sock.service("set", service=_service_attrs(op.entry))
-                elif op.kind == "del-service":
-                    await sock.service("del", service=_Attrs(_service_key_attrs(service)))
-                else:
-                    assert op.real is not None
-                    command = {"add-real": "add", "edit-real": "set", "del-real": "del"}[op.kind]
-                    await sock.dest(
-                        command,
-                        service=_Attrs(_service_key_attrs(service)),
-                        dest=_dest_attrs(service, op.real),
-                    )
-            except NetlinkError as exc:
-                if op.kind.startswith("del-") and exc.code in (_ENOENT, _ESRCH):
+                await sock.request(family, 0, encode_op(op))
+            except OSError as exc:
+                if op.kind.startswith("del-") and exc.errno in (errno.ENOENT, errno.ESRCH):
                     continue  # already gone
-                if op.kind in ("add-service", "edit-service") and exc.code == _ENOENT:
+                if op.kind in ("add-service", "edit-service") and exc.errno == errno.ENOENT:
                     raise DataplaneError(
                         str(op),
                         f"scheduler {service.scheduler!r} not found (module ip_vs_{service.scheduler})",
-                        exc.code,
+                        exc.errno,
                     ) from exc
-                raise kernel_error(str(op), exc) from exc
-            except OSError as exc:
                 raise kernel_error(str(op), exc) from exc
             log.info("ipvs.apply netns=%s op=%s", self.netns, op)

@@ -38,14 +38,14 @@ from typing import Any, TypeVar
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from pop.adapters.rtnetlink import (
+from pop.adapters.netlink import (
     NLM_F_CREATE,
     NLM_F_EXCL,
     NLM_F_REPLACE,
     RTM_DELROUTE,
     RTM_GETROUTE,
     RTM_NEWROUTE,
-    RtnlSocket,
+    NetlinkSocket,
     decode_route,
     encode_dump_request,
     encode_route,
@@ -264,12 +264,12 @@ class RouteTable:
         self.protocol = protocol
         self.netns = netns
         self.hash_policy = hash_policy
-        self._sock: RtnlSocket | None = None
+        self._sock: NetlinkSocket | None = None
 
-    async def _socket(self) -> RtnlSocket:
+    async def _socket(self) -> NetlinkSocket:
         if self._sock is None:
             try:
-                self._sock = RtnlSocket(await run_in_netns(self.netns, RtnlSocket.make))
+                self._sock = NetlinkSocket(await run_in_netns(self.netns, NetlinkSocket.make_route))
             except OSError as exc:
                 raise kernel_error(f"open rtnetlink netns={self.netns}", exc) from exc
         return self._sock

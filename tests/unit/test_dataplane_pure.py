@@ -7,8 +7,20 @@ from socket import AF_INET, AF_INET6
 import pytest
 
 from pop.adapters.ipvs import ServiceEntry, normalize_service, plan_services, sched_flags
+from pop.adapters.netlink import (
+    IpvsDestRecord,
+    IpvsServiceKey,
+    IpvsServiceRecord,
+    RouteEntry,
+    decode_dest,
+    decode_route,
+    decode_service,
+    encode_dest,
+    encode_route,
+    encode_service,
+    genl,
+)
 from pop.adapters.routes import RoutePlan, normalize_route, plan_routes
-from pop.adapters.rtnetlink import RouteEntry, decode_route, encode_route
 from pop.adapters.vip import PresentAddress, VipPlan, plan_vips
 from pop.desired import EcmpRoute, NextHop, RealServer, VirtualService
 
@@ -262,3 +274,18 @@ def test_route_codec_refuses_what_the_kernel_could_not_dump_back() -> None:
         encode_route(
             AF_INET, "203.0.113.1/32", 254, 200, [(f"10.0.{i // 256}.{i % 256}", 1) for i in range(2001)]
         )
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        IpvsServiceKey(AF_INET, 17, "203.0.113.1", 51820),
+        IpvsServiceKey(AF_INET6, 6, "2001:db8::1", 443),
+    ],
+)
+def test_ipvs_codec_round_trip(key: IpvsServiceKey) -> None:
+    service = decode_service(memoryview(genl(1, encode_service(key, "mh", 0x18, 0x38))))
+    assert service == IpvsServiceRecord(key, "mh", 0x18)
+    real = "10.0.0.7" if key.family == AF_INET else "fd00::7"
+    dest = decode_dest(memoryview(genl(5, encode_dest(key, real, 1194, 0, 3))), key.family)
+    assert dest == IpvsDestRecord(real, 1194, 0, 3, 0, 0, 0)
