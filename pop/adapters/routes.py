@@ -1,4 +1,4 @@
-"""ECMP routes toward the healthy VPN servers, programmed with pyroute2.
+"""ECMP routes toward the healthy VPN servers, programmed over rtnetlink.
 
 Contract:
 
@@ -14,7 +14,7 @@ Contract:
 - `read()` returns what is in the kernel, in the desired-state vocabulary.
 - `diagnostics()` reports net.ipv{4,6}.fib_multipath_hash_policy: with the L3 policy (0)
   every flow of one client lands on the same server. The sysctl is only written when
-  the adapter is constructed with `hash_policy=`.
+  the adapter is constructed with `hash_policy=` (then by the first set()).
 - Every adapter can be bound to a named network namespace (`netns=`, /run/netns/NAME).
 - Kernel errors (unreachable gateway, EPERM, ...) raise `DataplaneError`, shared by the
   VIP and IPVS adapters, which carries the operation and the kernel's own message.
@@ -265,6 +265,7 @@ class RouteTable:
         self.netns = netns
         self.hash_policy = hash_policy
         self._sock: NetlinkSocket | None = None
+        self._policy_applied = False
 
     async def _socket(self) -> NetlinkSocket:
         if self._sock is None:
@@ -317,6 +318,8 @@ class RouteTable:
 
     async def set(self, routes: Sequence[EcmpRoute]) -> None:
         self._check_slice(routes)
+        if self.hash_policy is not None and not self._policy_applied:
+            await self.apply_hash_policy()
         plan = plan_routes(routes, await self._dump())
         if not plan.empty:
             await self.apply(plan)
@@ -376,17 +379,23 @@ class RouteTable:
         return RouteDiagnostics(tuple(policies), len(await self._dump()), tuple(warnings))
 
     async def apply_hash_policy(self) -> None:
-        """Write the configured hash policy (only if the adapter was given one)."""
+        """Write the configured hash policy where it differs (only if the adapter was given
+        one; set() does this once by itself). A family whose sysctl is absent (IPv6 off)
+        is skipped."""
         if self.hash_policy is None:
             return
         policy = self.hash_policy
         for family in ("ipv4", "ipv6"):
             path = _sysctl_path(family)
+            current = await run_in_netns(self.netns, functools.partial(_read_int, path))
+            if current is None or current == policy:
+                continue
             try:
                 await run_in_netns(self.netns, functools.partial(_write_int, path, policy))
             except OSError as exc:
                 raise kernel_error(f"write {path}={policy} netns={self.netns}", exc) from exc
-            log.info("sysctl.set netns=%s %s=%d", self.netns, path, policy)
+            log.info("sysctl.set netns=%s %s=%d was=%d", self.netns, path, policy, current)
+        self._policy_applied = True
 
 
 def _read_int(path: str) -> int | None:

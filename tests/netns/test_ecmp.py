@@ -141,11 +141,14 @@ def route(*servers: int, weights: dict[int, int] | None = None) -> EcmpRoute:
 def test_ecmp_spreads_flows_and_removal_moves_new_flows_away(lab: Lab) -> None:
     async def program() -> None:
         async with RouteTable(netns=lab.pop.name, hash_policy=1) as rt:
-            await rt.apply_hash_policy()
+            # A fresh namespace has the kernel's default, L3 hashing, and says so.
+            before = await rt.diagnostics()
+            assert [p.policy for p in before.hash_policies] == [0, 0] and len(before.warnings) == 2
+            await rt.set([route(0, 1, 2)])  # writes the configured policy once
             diag = await rt.diagnostics()
             assert [p.policy for p in diag.hash_policies] == [1, 1]
             assert diag.warnings == ()
-            await rt.set([route(0, 1, 2)])
+            assert diag.owned_routes == 1
             assert await rt.read() == (route(0, 1, 2),)
 
     asyncio.run(program())
