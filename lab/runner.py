@@ -68,7 +68,7 @@ from typing import Any
 
 from lab.faults import Faults
 from lab.frr import FrrRouter
-from lab.netns import Netns, cleanup_prefix, veth
+from lab.netns import IFNAMSIZ, Netns, cleanup_prefix, veth
 from lab.popnode import PopNode, TcpService
 from lab.routewatch import RouteWatcher, read_nexthops
 from lab.topology import LabSpec, Node, load
@@ -86,6 +86,20 @@ STATE_FILE = "state.json"
 def new_prefix(kind: str = "plab") -> str:
     """A namespace name prefix unique to one run (short: interface names derive from it)."""
     return f"{kind}-{secrets.token_hex(2)}-"
+
+
+def wireguard_ifnames(prefix: str, servers: list[str]) -> dict[str, str]:
+    """wireguard-go interface names, unique on the host: its UAPI socket directory is global.
+
+    ``w`` + the prefix's first letter and random part + the server's name, or its index when
+    the name would not fit the kernel's 15 characters.
+    """
+    kind, _, token = prefix.rstrip("-").rpartition("-")
+    stem = f"w{kind[:1]}{token}"
+    names = {name: f"{stem}{name}" for name in servers}
+    if any(len(ifname) > IFNAMSIZ for ifname in names.values()):
+        names = {name: f"{stem}v{index}" for index, name in enumerate(servers)}
+    return names
 
 
 @dataclass
@@ -156,9 +170,7 @@ class Lab:
         self.supervised = False
         self._up = False
         self.phases: dict[str, float] = {}  # seconds from the start of up() to the end of each phase
-        token = self.prefix.rstrip("-").rpartition("-")[2][:6]
-        # wireguard-go's UAPI socket directory is global: the names must be unique on the host
-        self.wg_ifnames = {name: f"wg{token}{name}"[:15] for name in spec.vpns}
+        self.wg_ifnames = wireguard_ifnames(self.prefix, list(spec.vpns))
 
     @classmethod
     def from_file(cls, path: Path | str = REPO / "containerlab.yml", **kwargs: Any) -> Lab:

@@ -132,7 +132,7 @@ def test_down_after_the_supervisor_was_killed_leaves_nothing(needs: None, tmp_pa
 
 @pytest.fixture(scope="module")
 def lab(needs: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = Lab.from_file(TOPOLOGY, prefix=new_prefix("tlab"), statedir=tmp_path_factory.mktemp("lab") / "state")
+    lab = Lab.from_file(TOPOLOGY, prefix=new_prefix("tlr"), statedir=tmp_path_factory.mktemp("lab") / "state")
     try:
         seconds = lab.up()
         print(f"\nMEASURED in-process bring-up to converged routes: {seconds:.1f} s (phases {lab.phases})")

@@ -16,6 +16,7 @@ import yaml
 
 from lab import topology
 from lab.frr import BgpConfig, BgpNeighbor
+from lab.runner import wireguard_ifnames
 from lab.topology import LabSpec, TopologyError, load, parse, parse_frr
 from pop import config as pop_config
 from pop import wgkeys
@@ -217,3 +218,11 @@ def test_a_node_file_that_does_not_fit(tmp_path: Path, path: str, old: str, new:
     node_file.write_text(node_file.read_text().replace(old, new))
     with pytest.raises(TopologyError, match=message):
         load(topology_file)
+
+
+def test_wireguard_interface_names_are_unique_and_fit(spec: LabSpec) -> None:
+    names = wireguard_ifnames("plab-a1b2-", list(spec.vpns))
+    assert names["vpn11"] == "wpa1b2vpn11"
+    assert wireguard_ifnames("tlr-a1b2-", ["vpn11"])["vpn11"] != names["vpn11"]  # CLI lab and test lab
+    long = wireguard_ifnames("plab-a1b2-", ["vpnserver001", "vpnserver002"])
+    assert long == {"vpnserver001": "wpa1b2v0", "vpnserver002": "wpa1b2v1"}
