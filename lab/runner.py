@@ -36,9 +36,11 @@ How a test or benchmark drives it (as root, from the repository root)::
             print(gone - fault.at, lab.ask("client1"))  # detection time; who answers now
             back = lab.faults.undo(fault)
 
-A benchmark that runs another speaker in a PoP (ExaBGP's healthcheck) stops that PoP's
-``pop run`` with ``lab.pop(name).stop()`` and starts its own process with
-``lab.ns(name).popen(...)``; the neighbors to peer with are in ``lab.spec.pops[name].config``.
+``restart_pop(name, changes)`` runs a PoP with its pop.yaml changed (an L4-only PoP for a
+comparison, other timings) and ``restart_pop(name)`` goes back to the file. A benchmark that
+runs another speaker in a PoP (ExaBGP's healthcheck) stops that PoP's ``pop run`` with
+``lab.pop(name).stop()`` and starts its own process with ``lab.ns(name).popen(...)``; the
+neighbors to peer with are in ``lab.spec.pops[name].config``.
 
 Times are ``time.monotonic()`` throughout (CLOCK_MONOTONIC is system-wide, so timestamps from
 the supervisor and from a CLI process compare directly).
@@ -59,12 +61,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import yaml
 
 from lab.faults import Faults
 from lab.frr import FrrRouter
@@ -73,6 +77,7 @@ from lab.popnode import PopNode, TcpService
 from lab.routewatch import RouteWatcher, read_nexthops
 from lab.topology import LabSpec, Node, load
 from lab.wgserver import UAPI_DIR, WireGuardServer, keypair, write_key
+from pop import config as pop_config
 from pop import wgkeys
 
 REPO = Path(__file__).resolve().parent.parent
@@ -274,11 +279,11 @@ class Lab:
             keydir = self.statedir / "keys"
             keydir.mkdir(mode=0o700, exist_ok=True)
             probe_private, probe_public = keypair()
-            probe_key = write_key(keydir / "probe.key", probe_private)
+            write_key(keydir / "probe.key", probe_private)
             # `pop run` takes longest (ExaBGP validates, then starts the engine), so it goes
             # first; its checks see the servers once they are up, as after any restart
             for name in self.spec.pops:
-                self._start_pop(name, probe_key)
+                self._start_pop(name)
             with ThreadPoolExecutor(max_workers=8) as pool:
                 jobs = [pool.submit(self._start_router, node) for node in self.topology.by_role("router")]
                 jobs += [pool.submit(self._start_vpn, name, probe_public) for name in self.spec.vpns]
@@ -350,22 +355,41 @@ class Lab:
         self.vpns[name] = server
         server.start()
 
-    def _start_pop(self, name: str, probe_key: Path) -> None:
+    def _pop_document(self, name: str, changes: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The PoP's pop.yaml as written, with the run's paths (and ``changes``) merged in."""
+        document = _merged(self.spec.pops[name].document, changes or {})
+        document["pop"]["runtime_dir"] = str(self.statedir / name / "run")
+        wg = document.get("checks", {}).get("wireguard")
+        if isinstance(wg, dict) and wg.get("enabled"):
+            wg["probe_key_file"] = str(self.statedir / "keys" / "probe.key")
+        return document
+
+    def _start_pop(self, name: str) -> None:
         spec = self.spec.pops[name]
         ns = self.ns(name)
         workdir = self.statedir / name
-        document = copy.deepcopy(dict(spec.document))
-        document["pop"]["runtime_dir"] = str(workdir / "run")
-        wg = document.get("checks", {}).get("wireguard")
-        if isinstance(wg, dict) and wg.get("enabled"):
-            wg["probe_key_file"] = str(probe_key)
-        node = PopNode(ns, document, workdir)
+        node = PopNode(ns, self._pop_document(name, None), workdir)
         self.pops[name] = node
         self.whoami[name] = [
             ns.popen(sys.executable, str(WHOAMI), str(ipaddress.ip_network(p.prefix).network_address),
                      str(WHOAMI_PORT), name, log=workdir / "whoami.log")
             for p in spec.config.prefixes]
         node.start()
+
+    def restart_pop(self, name: str, changes: Mapping[str, Any] | None = None) -> float:
+        """Restart ``pop run`` in a PoP with its pop.yaml merged with ``changes``.
+
+        E.g. ``{"checks": {"wireguard": {"enabled": False}}}`` for an L4-only PoP; None goes
+        back to the file as written. pop's loader checks the result before anything stops.
+        Returns the monotonic time the new ``pop run`` started.
+        """
+        document = self._pop_document(name, changes)
+        pop_config.load(yaml.safe_dump(document), f"{self.spec.pops[name].path} with {changes}")
+        self.pops[name].stop()
+        node = PopNode(self.ns(name), document, self.statedir / name)
+        self.pops[name] = node
+        node.start()
+        return time.monotonic()
 
     def wait_converged(self, timeout: float = 60.0) -> float:
         """Wait until every PoP is announced and every router forwards to all its PoPs."""
@@ -448,6 +472,16 @@ class Lab:
         self.namespaces.clear()
         _remove_leftovers(self.prefix, self.wg_ifnames.values(), self.statedir)
         self._up = False
+
+
+def _merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(dict(base))
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
 def _remove_leftovers(prefix: str, wg_ifnames: Iterable[str], statedir: Path) -> None:

@@ -32,6 +32,7 @@ from lab.faults import FaultError
 from lab.frr import BGPD, ZEBRA
 from lab.netns import Netns
 from lab.runner import REPO, Lab, lab_resources, new_prefix, pid_alive, read_state
+from pop import config as pop_config
 
 TOPOLOGY = REPO / "containerlab.yml"
 ANYCAST = "198.51.100.1/32"
@@ -273,6 +274,19 @@ def test_ten_percent_loss_on_the_check_path_withdraws_nothing(fresh: Lab) -> Non
     # one server may have wobbled (a WireGuard probe lost three times running: ~1% per run),
     # but never the PoP's verdict
     assert lab.pop_status("pop1")["state"] in {"announced", "degraded"}
+
+
+def test_restart_pop_with_changed_config_and_back(fresh: Lab) -> None:
+    lab = fresh
+    with pytest.raises(pop_config.ConfigError, match=r"checks\.l4\.rise: must be an integer"):
+        lab.restart_pop("pop2", {"checks": {"l4": {"rise": "often"}}})
+    assert lab.pop("pop2").proc is not None and lab.pop("pop2").proc.poll() is None  # left running
+    lab.restart_pop("pop2", {"checks": {"wireguard": {"enabled": False}}})
+    status = lab.pop("pop2").wait_status(lambda s: s["state"] == "announced", timeout=30)
+    assert {tier for s in status["servers"] for tier in s["tiers"]} == {"tcp"}
+    lab.restart_pop("pop2")
+    status = lab.pop("pop2").wait_status(lambda s: s["state"] == "announced", timeout=30)
+    assert {tier for s in status["servers"] for tier in s["tiers"]} == {"tcp", "wireguard"}
 
 
 def test_flapping_servers_follow_the_schedule_and_stop_on_undo(fresh: Lab) -> None:
