@@ -51,7 +51,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import gzip
+import hashlib
+import lzma
 import os
 import re
 import secrets
@@ -75,6 +76,7 @@ QEMU = "qemu-system-x86_64"
 BUSYBOX = Path("/bin/busybox")
 KERNEL_META_PACKAGE = "linux-image-amd64"
 KERNEL_PACKAGE_ENV = "POP_MICROVM_KERNEL"  # e.g. linux-image-6.1.0-56-amd64, overrides apt
+CACHE_FORMAT = 2  # 2: with an uncompressed vmlinux (PVH entry)
 
 # What the guest needs before it can reach the host root: virtio PCI, 9p, and an entropy
 # source so that getrandom() never stalls an emulated boot.
@@ -86,6 +88,7 @@ KEPT_MODULE_TREES = ("net", "crypto", "lib", "arch", "drivers/net", "drivers/vir
 DROPPED_MODULE_TREES = ("drivers/net/ethernet", "drivers/net/wireless", "drivers/net/usb",
                         "drivers/net/can", "drivers/net/wwan", "drivers/net/ieee802154")
 
+GUEST_TMPFS = (Path("/tmp"), Path("/var/tmp"), Path("/run"))  # empty in the guest; see microvm_init.sh
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PASSED_HOST_ENV = ("CI",)
 
@@ -124,11 +127,25 @@ class KernelCache:
 
     @property
     def vmlinuz(self) -> Path:
+        """The kernel as Debian ships it (bzImage, XZ-compressed)."""
         return self.path / "vmlinuz"
 
     @property
+    def vmlinux(self) -> Path:
+        """The same kernel uncompressed, bootable through its PVH entry (absent if it has none)."""
+        return self.path / "vmlinux"
+
+    @property
+    def kernel(self) -> Path:
+        # Decompressing XZ inside an emulated CPU takes about 10 s of every boot; QEMU loads
+        # an uncompressed ELF with a PVH entry point directly.
+        return self.vmlinux if self.vmlinux.exists() else self.vmlinuz
+
+    @property
     def initramfs(self) -> Path:
-        return self.path / "initramfs.cpio.gz"
+        # Named after what goes into it, so that changing /init builds a new one beside the old,
+        # which runs in progress may still be booting. Uncompressed, for the same reason.
+        return self.path / f"initramfs-{_initramfs_digest()}.cpio"
 
     @property
     def module_root(self) -> Path:
@@ -205,6 +222,11 @@ def _load_order(names: Sequence[str], deps: Mapping[str, list[str]]) -> list[str
     return order
 
 
+def _initramfs_digest() -> str:
+    content = INIT_SCRIPT.read_bytes() + "\0".join(INITRAMFS_MODULES).encode()
+    return hashlib.sha256(content).hexdigest()[:12]
+
+
 def _write_initramfs(cache: KernelCache, staging: Path) -> None:
     moddir = cache.module_root / "lib" / "modules" / cache.version
     order = _load_order(INITRAMFS_MODULES, _module_deps(moddir))
@@ -226,8 +248,49 @@ def _write_initramfs(cache: KernelCache, staging: Path) -> None:
                              input="\n".join([".", *files]).encode(), capture_output=True, check=False)
     if archive.returncode != 0:
         raise VmError(f"cpio failed: {archive.stderr.decode(errors='replace')}")
-    with gzip.open(cache.initramfs, "wb", compresslevel=6) as out:
-        out.write(archive.stdout)
+    partial = cache.initramfs.with_suffix(".partial")
+    partial.write_bytes(archive.stdout)
+    partial.rename(cache.initramfs)
+
+
+_PVH_NOTE = re.compile(rb"\x04\x00\x00\x00.\x00\x00\x00\x12\x00\x00\x00Xen\x00", re.DOTALL)
+
+
+def _extract_vmlinux(cache: KernelCache) -> None:
+    """Write cache.vmlinux from the bzImage if its payload is XZ and it has a PVH entry."""
+    image = cache.vmlinuz.read_bytes()
+    start = image.find(b"\xfd7zXZ\x00")
+    if start < 0:
+        return
+    try:
+        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(image[start:])
+    except lzma.LZMAError:
+        return
+    # XEN_ELFNOTE_PHYS32_ENTRY (18): without it QEMU cannot boot the ELF directly.
+    if elf[:4] != b"\x7fELF" or not _PVH_NOTE.search(elf):
+        return
+    partial = cache.vmlinux.with_suffix(".partial")
+    partial.write_bytes(elf)
+    partial.rename(cache.vmlinux)
+
+
+def _complete(cache: KernelCache) -> None:
+    """Add what an older cache lacks (uncompressed kernel, the current initramfs), in place.
+
+    Additive only, because other runs may be booting from the cache at this moment.
+    """
+    stamp = cache.path / "complete"
+    if f"format={CACHE_FORMAT}" not in stamp.read_text():
+        if not cache.vmlinux.exists():
+            _extract_vmlinux(cache)
+        stamp.write_text(stamp.read_text().split()[0] + f" format={CACHE_FORMAT}\n")
+    if not cache.initramfs.exists():
+        with tempfile.TemporaryDirectory(prefix=".initramfs-", dir=cache.path) as staging:
+            _write_initramfs(cache, Path(staging))
+
+
+def _up_to_date(cache: KernelCache) -> bool:
+    return f"format={CACHE_FORMAT}" in (cache.path / "complete").read_text() and cache.initramfs.exists()
 
 
 def _build(package: str, version: str, final: Path) -> KernelCache:
@@ -252,12 +315,13 @@ def _build(package: str, version: str, final: Path) -> KernelCache:
         _run(["depmod", "-b", str(root), version], timeout=300)
         cache = KernelCache(version, work / "cache")
         (root / "boot" / f"vmlinuz-{version}").rename(cache.vmlinuz)
+        _extract_vmlinux(cache)
         shutil.rmtree(root / "boot")
         shutil.rmtree(root / "usr", ignore_errors=True)
         staging = work / "initramfs"
         staging.mkdir()
         _write_initramfs(cache, staging)
-        (cache.path / "complete").write_text(f"{package}\n")
+        (cache.path / "complete").write_text(f"{package} format={CACHE_FORMAT}\n")
         cache.path.rename(final)
     return KernelCache(version, final)
 
@@ -271,8 +335,9 @@ def _cache_lock() -> Iterator[None]:
 
 
 def _cached(version: str) -> KernelCache | None:
-    path = CACHE_ROOT / version
-    return KernelCache(version, path) if (path / "complete").exists() else None
+    """The complete cache of ``version``, in whatever format it was built."""
+    cache = KernelCache(version, CACHE_ROOT / version)
+    return cache if (cache.path / "complete").exists() else None
 
 
 def prepare(package: str | None = None) -> KernelCache:
@@ -283,6 +348,8 @@ def prepare(package: str | None = None) -> KernelCache:
         if not re.fullmatch(r"[0-9][\w.+-]*", version):
             raise VmError(f"not a kernel image package: {package}")
         cache = _cached(version) or _build(package, version, CACHE_ROOT / version)
+        if not _up_to_date(cache):
+            _complete(cache)
         (CACHE_ROOT / "current").write_text(version + "\n")
         return cache
 
@@ -291,6 +358,10 @@ def kernel_cache() -> KernelCache:
     """The current kernel cache, preparing it (downloading) on first use."""
     current = CACHE_ROOT / "current"
     if current.exists() and (cache := _cached(current.read_text().strip())) is not None:
+        if not _up_to_date(cache):
+            with _cache_lock():
+                if not _up_to_date(cache):
+                    _complete(cache)
         return cache
     return prepare()
 
@@ -323,6 +394,17 @@ def _guest_env(run_dir: Path, env: Mapping[str, str] | None) -> dict[str, str]:
     return merged
 
 
+def _paths_under_guest_tmpfs(paths: Sequence[Path]) -> list[Path]:
+    """Those of ``paths`` that the guest's empty tmpfs mounts would hide, outermost only."""
+    hidden = [path.resolve() for path in paths
+              if any(path.resolve().is_relative_to(tmp) for tmp in GUEST_TMPFS)]
+    for path in hidden:
+        if any(ch.isspace() for ch in str(path)):
+            raise VmError(f"the microVM cannot keep a path with whitespace visible: {path}")
+    return sorted({path for path in hidden
+                   if not any(path != other and path.is_relative_to(other) for other in hidden)})
+
+
 def _qemu_argv(cache: KernelCache, run_dir: Path, memory_mb: int) -> list[str]:
     return [
         # TCG only: KVM is present on these machines but hangs. "-cpu max" lets the guest use
@@ -331,7 +413,7 @@ def _qemu_argv(cache: KernelCache, run_dir: Path, memory_mb: int) -> list[str]:
         "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none",
         "-serial", f"file:{run_dir / 'console.log'}", "-net", "none",
         "-device", "virtio-rng-pci",
-        "-kernel", str(cache.vmlinuz), "-initrd", str(cache.initramfs),
+        "-kernel", str(cache.kernel), "-initrd", str(cache.initramfs),
         # Speculation mitigations only cost emulated instructions in a throwaway test VM.
         "-append", "console=ttyS0 panic=-1 quiet mitigations=off",
         "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
@@ -368,8 +450,11 @@ def run_in_vm(argv: Sequence[str], *, modules: Sequence[str] = (), timeout: floa
         guest_env = _guest_env(run_dir, env)
         (run_dir / "cmd.sh").write_text(
             _command_script(argv, modules, guest_env, cwd or REPO_ROOT, cache))
+        preserve = _paths_under_guest_tmpfs([REPO_ROOT, cwd or REPO_ROOT, cache.module_root,
+                                             Path(sys.prefix), Path(sys.base_prefix)])
         (run_dir / "vm.env").write_text(f"RUN_DIR={shlex.quote(str(run_dir))}\n"
-                                        f"MODULE_ROOT={shlex.quote(str(cache.module_root))}\n")
+                                        f"MODULE_ROOT={shlex.quote(str(cache.module_root))}\n"
+                                        f"PRESERVE={shlex.quote(' '.join(map(str, preserve)))}\n")
         return _boot(cache, run_dir, memory_mb, timeout)
     finally:
         if not keep:

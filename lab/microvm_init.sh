@@ -17,7 +17,7 @@ die() {
     poweroff -f
 }
 
-mkdir -p /proc /sys /dev /host /out /sbin /tmp
+mkdir -p /proc /sys /dev /host /out /sbin /tmp /keep
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -31,9 +31,16 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose host /h
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 out /out \
     || die "cannot mount the run directory over 9p"
 [ -r /out/vm.env ] || die "no vm.env in the run directory"
-. /out/vm.env  # RUN_DIR, MODULE_ROOT
+. /out/vm.env  # RUN_DIR, MODULE_ROOT, PRESERVE
 
-mount --bind /out "/host$RUN_DIR" || die "cannot bind the run directory to $RUN_DIR"
+# Paths the run needs (repo, venv, module tree) that lie under a directory about to get an
+# empty tmpfs, e.g. a CI checkout in /tmp: keep them visible through bind mounts.
+i=0
+for path in $PRESERVE; do
+    mkdir -p "/keep/$i" && mount --bind "/host$path" "/keep/$i" || die "cannot keep $path"
+    i=$((i + 1))
+done
+
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t devtmpfs devtmpfs /host/dev
@@ -43,6 +50,14 @@ mount -t tmpfs tmpfs /host/dev/shm
 for dir in /host/run /host/tmp /host/var/tmp; do
     mount -t tmpfs -o mode=1777 tmpfs "$dir"
 done
+
+i=0
+for path in $PRESERVE; do
+    mkdir -p "/host$path" && mount --bind "/keep/$i" "/host$path" || die "cannot restore $path"
+    i=$((i + 1))
+done
+mkdir -p "/host$RUN_DIR" 2>/dev/null
+mount --bind /out "/host$RUN_DIR" || die "cannot bind the run directory to $RUN_DIR"
 
 printf '#!/bin/sh\nexec /bin/chroot /host /sbin/modprobe -d "%s" "$@"\n' "$MODULE_ROOT" > /sbin/modprobe-host
 chmod 755 /sbin/modprobe-host
