@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from lab.microvm import REPO_ROOT, KernelCache, VmResult, VmTimeout, run_in_vm, run_pytest_in_vm
+from lab.microvm import (
+    REPO_ROOT,
+    KernelCache,
+    VmError,
+    VmResult,
+    VmTimeout,
+    _paths_under_guest_tmpfs,
+    run_in_vm,
+    run_pytest_in_vm,
+)
 
 FEATURES = r"""
 set -eu
@@ -83,3 +92,11 @@ def test_timeout_kills_qemu(microvm: KernelCache) -> None:
     with pytest.raises(VmTimeout):
         run_in_vm(["sleep", "600"], timeout=3)
     assert _our_qemus() == []
+
+
+def test_paths_hidden_by_the_guest_tmpfs_are_kept_outermost_first() -> None:
+    # A CI checkout in /tmp must stay visible in the guest, whose /tmp is an empty tmpfs.
+    paths = [Path("/tmp/ci/repo"), Path("/tmp/ci/repo/.venv"), Path("/work/main"), Path("/run/x/y")]
+    assert _paths_under_guest_tmpfs(paths) == [Path("/run/x/y"), Path("/tmp/ci/repo")]
+    with pytest.raises(VmError, match="whitespace"):
+        _paths_under_guest_tmpfs([Path("/tmp/with space")])
