@@ -5,7 +5,8 @@
                                       per PoP: the engine's verdict (state, reason)
     python -m lab fault KIND TARGET [--percent N] [--period S] [--down S] [--for S]
     python -m lab fault list | undo ID | clear
-    python -m lab down                stop everything and remove every trace, also after a crash
+    python -m lab down [--all]        stop everything and remove every trace, also after a crash
+                                      (--all: every lab recorded under .lab/, API users' too)
 
 `up` forks a detached supervisor (`python -m lab supervise`, not for direct use) that owns
 every daemon as a foreground child, records the lab in `<state>/state.json` and serves a
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.faults import KINDS, FaultError
-from lab.runner import REPO, STATE_ROOT, Lab, new_prefix, pid_alive, read_state, sweep
+from lab.runner import REPO, STATE_FILE, STATE_ROOT, Lab, new_prefix, pid_alive, read_state, sweep
 from lab.topology import TopologyError, load
 
 CONTROL = "control.sock"
@@ -228,16 +229,17 @@ def cmd_fault(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    statedir: Path = args.state
-    state = read_state(statedir)
-    if state is None:
-        print(f"no lab recorded in {statedir}")
-        return 0
-    started = time.monotonic()
-    left = sweep(statedir)
-    print(f"lab {state['prefix']} down in {time.monotonic() - started:.1f} s"
-          + (f"; swept {len(left)} namespaces a dead supervisor left" if left and not
-             pid_alive(int(state.get("owner_pid", 0))) else ""))
+    statedirs = sorted(p.parent for p in STATE_ROOT.glob(f"*/{STATE_FILE}")) if args.all else [args.state]
+    for statedir in statedirs:
+        state = read_state(statedir)
+        if state is None:
+            print(f"no lab recorded in {statedir}")
+            continue
+        supervised = bool(state.get("supervised")) and pid_alive(int(state.get("owner_pid", 0)))
+        started = time.monotonic()
+        left = sweep(statedir)
+        how = "its supervisor tore it down" if supervised else f"swept {len(left)} namespaces by prefix"
+        print(f"lab {state['prefix']} down in {time.monotonic() - started:.1f} s ({how})")
     return 0
 
 
@@ -257,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     fault.add_argument("--period", type=float, help="flap: seconds per down+up cycle (default 4)")
     fault.add_argument("--down", type=float, help="flap: seconds down per cycle (default period/2)")
     fault.add_argument("--for", dest="hold", type=float, help="undo after this many seconds (0: restart)")
-    sub.add_parser("down", help="tear the lab down (also after a crash)")
+    down = sub.add_parser("down", help="tear the lab down (also after a crash)")
+    down.add_argument("--all", action="store_true", help="every lab recorded under .lab/ (crashed API users too)")
     supervisor = sub.add_parser("supervise", help=argparse.SUPPRESS)
     supervisor.add_argument("--prefix", required=True)
     args = parser.parse_args(argv)
