@@ -1,5 +1,7 @@
 """Suite-wide rules.
 
+tests/kernel/inner is collected only inside the microVM.
+
 Under CI (CI=true) a test marked `netns` or `kernel` that skips is a failure: the lab and
 kernel tests are the proof against real daemons and kernels, so CI must run them, and a
 missing package or a missing root shows up as red rather than as a quiet skip.
@@ -9,10 +11,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator
+from pathlib import Path
 
 import pytest
 
 REAL_THINGS = ("netns", "kernel")
+INNER = Path(__file__).parent / "kernel" / "inner"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/kernel/inner runs only inside the microVM, started by a host-side kernel test;
+    on the host it is not collected at all (rather than collected and skipped)."""
+    if os.environ.get("POP_IN_MICROVM") != "1" and (collection_path == INNER or INNER in collection_path.parents):
+        return True
+    return None
 
 
 @pytest.hookimpl(wrapper=True)
