@@ -229,12 +229,21 @@ async def ipvs_inner(sizes: Sequence[int], repeat: int, flows: int) -> dict[str,
                 smaller = ipvs_service([m for m in members if m != leaving])
                 await ipvs.set([ipvs_service(members), replace(smaller, port=VPORT + 1)])
                 # Fresh source ports per size: a deleted service's connections linger.
-                first = str(10000 + index * (flows + 1000))
+                first = 10000 + index * (flows + 1000)
+                mine = range(first, first + flows)
                 for port in (VPORT, VPORT + 1):
-                    client.run(sys.executable, "-c", SENDER, VIP, str(port), first, str(flows), timeout=600)
+                    client.run(
+                        sys.executable, "-c", SENDER, VIP, str(port), str(first), str(flows), timeout=600
+                    )
                 table = ip_vs_conn(director.name)
-                before = {sport: real for (sport, vport), real in table.items() if vport == VPORT}
-                after = {sport: real for (sport, vport), real in table.items() if vport == VPORT + 1}
+                before = {
+                    sport: real for (sport, vport), real in table.items() if vport == VPORT and sport in mine
+                }
+                after = {
+                    sport: real
+                    for (sport, vport), real in table.items()
+                    if vport == VPORT + 1 and sport in mine
+                }
                 common = sorted(set(before) & set(after))
                 results["sizes"][str(n)] = {
                     "set_ms": ms(times),
@@ -244,6 +253,32 @@ async def ipvs_inner(sizes: Sequence[int], repeat: int, flows: int) -> dict[str,
                 }
                 await ipvs.set([])
     return results
+
+
+def ipvs_host_cpu(sizes: Sequence[int], repeat: int) -> dict[str, Any]:
+    """The adapter's own CPU work in an IPVS set() for one server leaving, on this host
+    (which has no IPVS): decode a dump of N real servers as the kernel sends it, plan,
+    encode the one DEL_DEST. Everything but the kernel's part, which is one request."""
+    from pop.adapters.ipvs import ServiceEntry, encode_op, plan_services
+    from pop.adapters.netlink import IpvsServiceKey, decode_dest, encode_dest, genl
+
+    key = IpvsServiceKey(2, 17, VIP, VPORT)
+    result: dict[str, Any] = {"sizes": {}}
+    for n in sizes:
+        members = list(range(n))
+        dump = [memoryview(genl(5, encode_dest(key, real_address(i), VPORT, 0, 1))) for i in members]
+        times = []
+        for r in range(repeat):
+            desired = ipvs_service([m for m in members if m != members[(r * 7919) % n]])
+            t0 = time.perf_counter()
+            reals = tuple(RealServer(d.address, d.port, d.weight) for d in (decode_dest(m, 2) for m in dump))
+            current = replace(ipvs_service([]), reals=reals)
+            ops = plan_services([ServiceEntry(desired, 8)], [ServiceEntry(current, 8)])
+            payloads = [encode_op(op) for op in ops]
+            times.append(time.perf_counter() - t0)
+            assert len(payloads) == 1, ops
+        result["sizes"][str(n)] = {"set_ms": ms(times)}
+    return result
 
 
 def ipvs_bench(sizes: Sequence[int], repeat: int, flows: int, timeout: float) -> dict[str, Any]:
@@ -295,6 +330,13 @@ def table(results: dict[str, Any]) -> str:
                 f" {kernel} {ok:>5} {row['flows']:>6} {row['moved']:>6} {row['had_to_move']:>7}"
                 f" {ratio:>12.2f}x"
             )
+    for n, row in sorted(
+        results.get("ipvs_host_cpu", {}).get("sizes", {}).items(), key=lambda kv: int(kv[0])
+    ):
+        rows.append(
+            f"IPVS N={n}: adapter CPU on this host (decode N-server dump, plan, encode), no kernel:"
+            f" median {row['set_ms']['median']:.2f} ms, p95 {row['set_ms']['p95']:.2f} ms"
+        )
     ecmp, ipvs = results.get("ecmp", {}).get("sizes", {}), results.get("ipvs", {}).get("sizes", {})
     for n in sorted(set(ecmp) & set(ipvs), key=int):
         e = ecmp[n]["moved"] / ecmp[n]["flows"]
@@ -340,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_ecmp:
         results["ecmp"] = asyncio.run(ecmp_bench(sizes, args.repeat, args.flows))
     if not args.no_ipvs:
+        results["ipvs_host_cpu"] = ipvs_host_cpu(sizes, args.repeat)
         results["ipvs"] = ipvs_bench(sizes, max(3, args.repeat // 4), args.ipvs_flows, args.vm_timeout)
     print(table(results))
     if args.json:

@@ -55,7 +55,7 @@ from pop.adapters.netlink import (
     genl,
     resolve_family,
 )
-from pop.adapters.routes import DataplaneError, kernel_error, run_in_netns
+from pop.adapters.routes import DataplaneError, canonical_address, kernel_error, run_in_netns
 from pop.desired import RealServer, VirtualService
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def sched_flags(names: Iterable[str], scheduler: str | None = None) -> int:
 
 
 def service_key(service: VirtualService) -> ServiceKey:
-    return (service.protocol, str(ipaddress.ip_address(service.address)), service.port)
+    return (service.protocol, canonical_address(service.address)[2], service.port)
 
 
 def normalize_service(service: VirtualService) -> VirtualService:
@@ -101,10 +101,10 @@ def normalize_service(service: VirtualService) -> VirtualService:
         raise ValueError(f"service {service.address}:{service.port}: forward {service.forward!r}")
     if not 0 < service.port < 65536:
         raise ValueError(f"service {service.address}: port {service.port}")
-    address = ipaddress.ip_address(service.address)
-    reals: dict[tuple[str, int], RealServer] = {}
+    version, _, address = canonical_address(service.address)
+    reals: dict[tuple[str, int], tuple[bytes, RealServer]] = {}
     for real in service.reals:
-        raddr = ipaddress.ip_address(real.address)
+        rversion, rpacked, raddr = canonical_address(real.address)
         port = real.port
         if service.forward != "nat":
             # The kernel forwards dr/tunnel packets unchanged, to the service's port.
@@ -118,14 +118,14 @@ def normalize_service(service: VirtualService) -> VirtualService:
             raise ValueError(f"service {address}:{service.port}: real {real.address} port {port}")
         if not 0 <= real.weight <= 65535:
             raise ValueError(f"service {address}:{service.port}: real {real.address} weight {real.weight}")
-        if service.forward != "nat" and raddr.version != address.version:
+        if service.forward != "nat" and rversion != version:
             raise ValueError(f"service {address}:{service.port}: real {real.address}: address family")
-        key = (str(raddr), port)
+        key = (raddr, port)
         if key in reals:
-            raise ValueError(f"service {address}:{service.port}: real {key[0]}:{port} listed twice")
-        reals[key] = RealServer(str(raddr), port, real.weight)
-    ordered = tuple(reals[k] for k in sorted(reals, key=lambda k: (ipaddress.ip_address(k[0]), k[1])))
-    return replace(service, address=str(address), reals=ordered)
+            raise ValueError(f"service {address}:{service.port}: real {raddr}:{port} listed twice")
+        reals[key] = (rpacked, RealServer(raddr, port, real.weight))
+    ordered = tuple(r for _, r in sorted(reals.values(), key=lambda pr: (len(pr[0]), pr[0], pr[1].port)))
+    return replace(service, address=address, reals=ordered)
 
 
 @dataclass(frozen=True, slots=True)
