@@ -24,7 +24,8 @@ Contract:
 - Forwarding is per real server in the kernel: a service read back without real servers
   reports forward="dr". For dr/tunnel the real server's port is the service's port (0
   in the desired state means the same).
-- Errors (no IPVS module, unknown scheduler, EPERM, ...) raise `DataplaneError`.
+- Errors (no IPVS module, unknown scheduler, EPERM, ...) raise `DataplaneError`. Bind to a
+  named network namespace with `netns=`.
 """
 
 from __future__ import annotations
