@@ -2,7 +2,8 @@
 
     python -m lab up                  build the lab, start a supervisor that keeps it running
     python -m lab status [--json]     per router: the anycast route and its next hops;
-                                      per PoP: the engine's verdict (state, reason)
+                                      per PoP: the engine's verdict (state, reason);
+                                      per client/probe node: which PoP answers it
     python -m lab fault KIND TARGET [--percent N] [--period S] [--down S] [--for S]
     python -m lab fault list | undo ID | clear
     python -m lab down [--all]        stop everything and remove every trace, also after a crash
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.faults import KINDS, FaultError
-from lab.runner import REPO, STATE_FILE, STATE_ROOT, Lab, new_prefix, pid_alive, read_state, sweep
+from lab.runner import REPO, STATE_FILE, STATE_ROOT, WHOAMI_PORT, Lab, new_prefix, pid_alive, read_state, sweep
 from lab.topology import TopologyError, load
 
 CONTROL = "control.sock"
@@ -190,6 +191,9 @@ def print_status(data: dict[str, Any]) -> None:
     print("pops (the engine's verdict from /status):")
     for pop in data["pops"]:
         print(f"  {pop['pop']:<8} {pop['state']:<10} {pop['reason']}")
+    print(f"data path (who answers TCP {WHOAMI_PORT} on the anycast address):")
+    for answer in data.get("answers", []):
+        print(f"  {answer['node']:<8} -> {answer['pop'] or 'no answer'}")
     if data.get("faults"):
         print("active faults:")
     for fault in data.get("faults", []):

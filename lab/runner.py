@@ -148,6 +148,7 @@ class LabStatus:
     routes: tuple[RouterRoute, ...]
     pops: tuple[PopVerdict, ...]
     faults: tuple[str, ...] = field(default=())
+    answers: tuple[tuple[str, str | None], ...] = field(default=())  # (client or probe node, PoP)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -156,6 +157,7 @@ class LabStatus:
                         "nexthops": [{"address": a, "node": n} for a, n in r.nexthops]} for r in self.routes],
             "pops": [{"pop": p.pop, "state": p.state, "reason": p.reason} for p in self.pops],
             "faults": list(self.faults),
+            "answers": [{"node": node, "pop": pop} for node, pop in self.answers],
         }
 
 
@@ -451,8 +453,10 @@ class Lab:
             data = self.pop_status(name)
             verdicts.append(PopVerdict(name, str(data.get("state", "unreachable")),
                                        str(data.get("last_change_reason") or "")))
+        answers = tuple((node.name, self.ask(node.name, timeout=0.5))
+                        for node in self.topology.nodes.values() if node.role in ("client", "probe"))
         return LabStatus(self.prefix, tuple(routes), tuple(verdicts),
-                         tuple(str(f) for f in self.faults.active()))
+                         tuple(str(f) for f in self.faults.active()), answers)
 
     # --- teardown -----------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ prove that `down` leaves nothing behind, after a clean run and after the supervi
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -98,6 +99,7 @@ def test_cli_up_status_fault_down_leaves_nothing(needs: None, tmp_path: Path) ->
     assert status.returncode == 0, status.stderr
     assert "r1       198.51.100.1/32    via 10.0.1.2 (pop1), 10.0.3.2 (pop3)" in status.stdout
     assert "pop2     announced" in status.stdout
+    assert re.search(r"client1  -> pop[13]\n", status.stdout) and re.search(r"probe1   -> pop[23]\n", status.stdout)
 
     # a fault through the supervisor, with its timestamp, and its undo
     fault = cli(state_dir, "fault", "blackhole", "client1:eth1")
@@ -174,6 +176,7 @@ def test_client_reaches_a_pop_through_its_upstream(fresh: Lab) -> None:
     assert {p.pop: p.state for p in status.pops} == {"pop1": "announced", "pop2": "announced", "pop3": "announced"}
     assert {r.router: {n for _, n in r.nexthops} for r in status.routes} == {"r1": {"pop1", "pop3"},
                                                                               "r2": {"pop2", "pop3"}}
+    assert dict(status.answers) == {"client1": lab.ask("client1"), "probe1": lab.ask("probe1")}
 
 
 def test_server_down_moves_the_client_to_another_pop_and_back(fresh: Lab) -> None:
