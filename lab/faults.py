@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from lab.popnode import PopNode
     from lab.runner import Lab, VpnServer
 
+PARAMS = {"loss": {"percent"}, "flap": {"period", "down"}}  # every other kind takes none
 KINDS = ("server-down", "wireguard-down", "loss", "blackhole", "flap", "exabgp-kill", "engine-kill",
          "pop-stop", "router-down")
 
@@ -112,6 +113,9 @@ class Faults:
         }
         if kind not in handlers:
             raise FaultError(f"unknown fault kind {kind!r}; one of {', '.join(KINDS)}")
+        if unknown := set(params) - PARAMS.get(kind, set()):
+            raise FaultError(f"{kind}: no parameter {', '.join(sorted(unknown))} "
+                             f"(takes: {', '.join(sorted(PARAMS.get(kind, set()))) or 'none'})")
         with self._lock:
             fault_id = self._next_id
             self._next_id += 1
