@@ -19,7 +19,8 @@ the route that forwards and so the one reported. FRR installs ECMP through kerne
 objects; the route messages still carry the expanded next hops as long as the namespace's
 ``net.ipv4.nexthop_compat_mode`` is 1 (the kernel default), which this module relies on.
 
-``read_nexthops(ns, prefix)`` is the one-shot form (a dump of the table).
+``read_nexthops(ns, prefix)`` is the one-shot form (a dump of the table). Either takes
+``ns=None`` for the caller's own namespace (e.g. the root namespace of a microVM).
 """
 
 from __future__ import annotations
