@@ -226,3 +226,14 @@ def test_wireguard_interface_names_are_unique_and_fit(spec: LabSpec) -> None:
     assert wireguard_ifnames("tlr-a1b2-", ["vpn11"])["vpn11"] != names["vpn11"]  # CLI lab and test lab
     long = wireguard_ifnames("plab-a1b2-", ["vpnserver001", "vpnserver002"])
     assert long == {"vpnserver001": "wpa1b2v0", "vpnserver002": "wpa1b2v1"}
+
+
+def test_no_default_route_anywhere(spec: LabSpec) -> None:
+    """Under containerlab eth0's default route leads out of the lab: lab routes stay specific."""
+    anycast_range, clients = "198.51.100.0/24", "10.9.0.0/16"
+    for node in spec.topology.nodes.values():
+        routes = [argv for argv in node.exec if argv[1] == "route"]
+        for argv in routes:
+            assert argv[3] in (anycast_range, clients), (node.name, argv)
+        wanted = {"client": anycast_range, "probe": anycast_range, "pop": clients, "vpn": clients}.get(node.role)
+        assert [argv[3] for argv in routes] == ([wanted] if wanted else []), node.name
