@@ -427,9 +427,12 @@ class Lab:
                 sock.connect(("127.0.0.1", node.status_port))
                 conn = http.client.HTTPConnection("127.0.0.1", node.status_port, timeout=timeout)
                 conn.sock = sock
-                conn.request("GET", "/status")
-                response = conn.getresponse()
-                data: dict[str, Any] = json.loads(response.read()) if response.status == 200 else {}
+                try:
+                    conn.request("GET", "/status")
+                    response = conn.getresponse()
+                    data: dict[str, Any] = json.loads(response.read()) if response.status == 200 else {}
+                finally:
+                    conn.close()
                 return data
         except (OSError, ValueError, http.client.HTTPException):
             return {}
