@@ -300,8 +300,9 @@ def test_flapping_servers_follow_the_schedule_and_stop_on_undo(fresh: Lab) -> No
         assert kinds[:6] == ["down", "up"] * 3 and kinds[-1] == "up"
         for k, (when, kind) in enumerate(fault.transitions[:-1]):
             due = fault.at + (k // 2) * 2.0 + (1.0 if kind == "up" else 0.0)
-            # a transition is recorded once it is complete: starting wireguard-go takes a while
-            assert -0.05 < when - due < (0.2 if kind == "down" else 0.8), (k, kind, when - due)
+            # a transition is recorded once it is complete (starting wireguard-go and the TCP
+            # service takes a while on a loaded machine), but lateness never accumulates
+            assert -0.05 < when - due < (0.5 if kind == "down" else 1.5), (k, kind, when - due)
         # pop2 left r2's table while its servers were down, and no transition came after the undo
         assert any(lab.pop_address("r2", "pop2") not in e.nexthops for e in watch.events)
         assert fault.transitions[-1][0] <= stopped
