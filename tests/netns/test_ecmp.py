@@ -314,3 +314,41 @@ def test_ipv6_multipath_in_a_table_of_its_own(lab: Lab) -> None:
     asyncio.run(scenario())
     shown = pop.run("ip", "-6", "route", "show", "table", "1000").stdout
     assert "2001:db8:5::" not in shown, shown
+
+
+UNPRIVILEGED = r"""
+import asyncio, sys
+from pop.adapters.routes import DataplaneError, RouteTable
+from pop.desired import EcmpRoute, NextHop
+async def main():
+    async with RouteTable(netns=sys.argv[1]) as rt:
+        await rt.set([EcmpRoute("203.0.113.10/32", (NextHop("10.71.0.2"), NextHop("10.71.1.2")))])
+try:
+    asyncio.run(main())
+except DataplaneError as exc:
+    print("DataplaneError:", exc)
+"""
+
+
+def test_without_privileges_the_error_is_a_dataplane_error(lab: Lab, tmp_path: Path) -> None:
+    # The engine may run without CAP_SYS_ADMIN/CAP_NET_ADMIN (ExaBGP drops to nobody).
+    proc = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            UNPRIVILEGED,
+            lab.pop.name,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "DataplaneError:" in proc.stdout and "not permitted" in proc.stdout, proc.stdout
+    assert "203.0.113.10" not in lab.pop.run("ip", "route", "show").stdout
