@@ -2,7 +2,7 @@
 
 Host-side tests (``tests/kernel/test_*.py``) take the ``microvm`` fixture and call
 ``lab.microvm.run_in_vm`` / ``run_pytest_in_vm``. Tests under ``tests/kernel/inner/`` are what
-those host-side tests run *inside* the guest: elsewhere they are skipped, with that reason.
+those host-side tests run *inside* the guest; tests/conftest.py collects them only there.
 
 The ``microvm`` fixture skips, naming what is missing, only when the parts cannot be there
 (no root, no QEMU, no busybox-static, cpio or depmod to build the cache). When they are
@@ -21,19 +21,13 @@ import pytest
 from lab.microvm import BUSYBOX, QEMU, KernelCache, kernel_cache
 
 KERNEL_DIR = Path(__file__).parent
-INNER_DIR = KERNEL_DIR / "inner"
 IN_MICROVM = os.environ.get("POP_IN_MICROVM") == "1"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        path = Path(str(item.path))
-        if KERNEL_DIR not in path.parents:
-            continue
-        item.add_marker(pytest.mark.kernel)
-        if INNER_DIR in path.parents and not IN_MICROVM:
-            item.add_marker(pytest.mark.skip(
-                reason="runs only inside the microVM (POP_IN_MICROVM=1), started by a host-side test"))
+        if KERNEL_DIR in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.kernel)
 
 
 def _missing() -> list[str]:
