@@ -119,10 +119,18 @@ def test_popen_runs_in_namespace_as_user_and_logs(netns_factory: NsFactory, tmp_
     assert netns == f"net:[{_netns_inode(str(NETNS_DIR / ns.name))}]"
 
 
-def test_stop_kills_a_child_that_ignores_sigterm(netns_factory: NsFactory) -> None:
+def _wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_stop_kills_a_child_that_ignores_sigterm(netns_factory: NsFactory, tmp_path: Path) -> None:
     ns = netns_factory("stop")
-    proc = ns.popen("sh", "-c", "trap '' TERM; echo ready; sleep 60")
-    time.sleep(0.2)
+    log = tmp_path / "child.log"
+    proc = ns.popen("sh", "-c", "trap '' TERM; echo ready; sleep 60", log=log)
+    _wait_until(lambda: log.exists() and "ready" in log.read_text())
     started = time.monotonic()
     assert ns.stop(proc, timeout=0.5) == -9
     assert time.monotonic() - started < 3
@@ -135,9 +143,8 @@ def test_close_leaves_no_namespace_and_no_process(netns_factory: NsFactory, frr_
     sleeper = ns.popen("sleep", "300")
     # An untracked process (e.g. started by a test with `ip netns exec ... &`) must die too.
     stray = subprocess.Popen(["ip", "netns", "exec", ns.name, "sleep", "300"])
-    time.sleep(0.2)
+    _wait_until(lambda: {sleeper.pid, stray.pid} <= set(ns.pids()))
     pids = ns.pids()
-    assert {sleeper.pid, stray.pid} <= set(pids)
     assert len(pids) >= 4  # zebra, bgpd, two sleeps
     ns.close()
     ns.close()  # idempotent
