@@ -27,6 +27,7 @@ import ipaddress
 import json
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -263,18 +264,33 @@ async def ipvs_inner(sizes: Sequence[int], repeat: int, flows: int) -> dict[str,
     return results
 
 
+def kernel_like_dest(key: Any, address: str) -> bytes:
+    """One real server as IPVS_CMD_GET_DEST answers it (linux ip_vs_genl_fill_dest): our
+    encoding plus what the kernel adds, connection counters and two nested statistics
+    blocks, so that the decode below parses as many bytes as it would from the kernel."""
+    from pop.adapters.netlink import _attr, _nested, encode_dest
+
+    base = encode_dest(key, address, VPORT, 0, 1)  # SERVICE nest + DEST nest
+    service_len = (struct.unpack_from("=H", base, 0)[0] + 3) & ~3
+    dest_attrs = base[service_len + 4 :]
+    extra = b"".join(_attr(kind, struct.pack("=I", 0)) for kind in (7, 8, 9))  # active, inactive, persist
+    stats = _nested(10, b"".join(_attr(k, struct.pack("=I", 0)) for k in range(1, 11)))
+    stats64 = _nested(12, b"".join(_attr(k, struct.pack("=Q", 0)) for k in range(1, 11)))
+    return _nested(2, dest_attrs + extra + stats + stats64)
+
+
 def ipvs_host_cpu(sizes: Sequence[int], repeat: int) -> dict[str, Any]:
     """The adapter's own CPU work in an IPVS set() for one server leaving, on this host
     (which has no IPVS): decode a dump of N real servers as the kernel sends it, plan,
     encode the one DEL_DEST. Everything but the kernel's part, which is one request."""
     from pop.adapters.ipvs import ServiceEntry, encode_op, plan_services
-    from pop.adapters.netlink import IpvsServiceKey, decode_dest, encode_dest, genl
+    from pop.adapters.netlink import IpvsServiceKey, decode_dest, genl
 
     key = IpvsServiceKey(2, 17, VIP, VPORT)
     result: dict[str, Any] = {"sizes": {}}
     for n in sizes:
         members = list(range(n))
-        dump = [memoryview(genl(5, encode_dest(key, real_address(i), VPORT, 0, 1))) for i in members]
+        dump = [memoryview(genl(8, kernel_like_dest(key, real_address(i)))) for i in members]
         times, cpu = [], []
         for r in range(repeat):
             desired = ipvs_service([m for m in members if m != members[(r * 7919) % n]])

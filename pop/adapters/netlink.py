@@ -95,14 +95,18 @@ def _attr(kind: int, payload: bytes) -> bytes:
 
 
 def _iter_attrs(data: bytes | memoryview, offset: int, end: int) -> list[tuple[int, memoryview]]:
-    view = memoryview(data)
-    attrs = []
+    # The hot loop of every dump (a 1,000-server IPVS dump is ~15,000 attributes): locals
+    # and inline arithmetic instead of helper calls.
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    unpack = _NLA.unpack_from
+    attrs: list[tuple[int, memoryview]] = []
+    append = attrs.append
     while offset + 4 <= end:
-        length, kind = _NLA.unpack_from(view, offset)
+        length, kind = unpack(view, offset)
         if length < 4:
             break
-        attrs.append((kind & 0x3FFF, view[offset + 4 : offset + length]))
-        offset += _align(length)
+        append((kind & 0x3FFF, view[offset + 4 : offset + length]))
+        offset += (length + 3) & ~3
     return attrs
 
 
