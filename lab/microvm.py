@@ -15,8 +15,9 @@ Inside the guest:
 - cwd is the repository root (derived from this file, never hard-coded), ``POP_IN_MICROVM=1``
   and ``CI`` (if set on the host) are in the environment, together with ``env=``.
 - The host root is read-only, except ``/tmp``, ``/var/tmp``, ``/run`` and ``/dev/shm``
-  (tmpfs, empty) and ``$POP_MICROVM_OUT``, a directory shared with the host (the run
-  directory; its files are gone after the run unless ``keep=True``). ``HOME`` is /tmp/home.
+  (tmpfs, empty, apart from the repo, venv and module tree if they live there) and
+  ``$POP_MICROVM_OUT``, a directory shared with the host (the run directory; its files are
+  gone after the run unless ``keep=True``). ``HOME`` is /tmp/home.
 - ``modules`` are loaded before the command; anything else is loaded on demand by the kernel
   (``ip link add ... type veth``, nftables, ``crc32c`` for ``ip_vs``) from the module tree in
   the cache. Network namespaces and veth work; there is no network to the outside at all
@@ -25,11 +26,11 @@ Inside the guest:
   CPU work 20-40x slower than on the host (importing pyroute2: 10-20 s). Boot to the command
   takes about 4 s on an idle host, 10-15 s on a busy one.
 
-The pattern for kernel tests (files under ``tests/kernel/inner/`` only run in the guest;
-``tests/kernel/conftest.py`` skips them elsewhere):
+The pattern for kernel tests: a host-side test in ``tests/kernel/`` (marked ``kernel`` by
+tests/kernel/conftest.py) takes the ``microvm`` fixture, which skips naming what is missing,
+and runs an inner suite under ``tests/kernel/inner/`` (collected only in the guest):
 
-    @pytest.mark.kernel
-    def test_ipvs_adapter_in_real_kernel():
+    def test_ipvs_adapter_in_real_kernel(microvm: KernelCache) -> None:
         result = run_pytest_in_vm(["tests/kernel/inner/test_ipvs.py"], modules=["ip_vs", "ip_vs_mh"])
         assert result.returncode == 0, result.output  # the inner pytest report, on failure
 
