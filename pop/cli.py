@@ -84,11 +84,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    return _endpoint(args, "/drain", "POST")
+    path = f"/servers/{args.server}/drain" if args.server else "/drain"
+    return _endpoint(args, path, "POST")
 
 
 def cmd_undrain(args: argparse.Namespace) -> int:
-    return _endpoint(args, "/undrain", "POST")
+    path = f"/servers/{args.server}/undrain" if args.server else "/undrain"
+    return _endpoint(args, path, "POST")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -108,8 +110,12 @@ def parser() -> argparse.ArgumentParser:
     with_config("check-config", "validate the YAML; prints ok or every problem").set_defaults(
         func=cmd_check_config)
     with_config("status", "print the running engine's /status").set_defaults(func=cmd_status)
-    with_config("drain", "withdraw this PoP gracefully and keep it withdrawn").set_defaults(func=cmd_drain)
-    with_config("undrain", "end a drain; re-announce after the hold-down").set_defaults(func=cmd_undrain)
+    drain = with_config("drain", "withdraw this PoP and keep it withdrawn, or drain one server (--server)")
+    drain.add_argument("--server", help="quiescent drain of one server: no new clients, existing ones stay")
+    drain.set_defaults(func=cmd_drain)
+    undrain = with_config("undrain", "end a drain; a PoP re-announces after the hold-down")
+    undrain.add_argument("--server", help="end the drain of one server")
+    undrain.set_defaults(func=cmd_undrain)
     # listed for --help; main() hands `pop wg-probe ...` to pop.wgprobe before parsing
     sub.add_parser("wg-probe", help="send WireGuard handshakes to one server and print each like ping")
     return top

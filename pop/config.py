@@ -177,6 +177,7 @@ class Dataplane:
     scheduler: str = "mh"  # ipvs
     forward: str = "dr"  # ipvs: dr | tunnel | nat
     services: tuple[ServicePort, ...] = (ServicePort("udp", 51820),)  # ipvs: ports on the anycast address
+    drain_timeout: float = 300.0  # a drained server leaves IPVS when its connections are gone or after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -636,7 +637,7 @@ _SCHEDULERS = {"mh", "sh", "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sed
 
 def _dataplane(r: _Reader, value: Any, path: str) -> Dataplane:
     data = r.mapping(value, path, {"mode", "vip", "withdraw_dwell", "table", "protocol", "hash_policy",
-                                   "scheduler", "forward", "services"})
+                                   "scheduler", "forward", "services", "drain_timeout"})
     default = Dataplane()
     if data is None:
         return default
@@ -675,6 +676,8 @@ def _dataplane(r: _Reader, value: Any, path: str) -> Dataplane:
         forward=choice("forward", {"dr", "tunnel", "nat"}, "a forwarding method (dr, tunnel or nat)",
                        default.forward),
         services=services,
+        drain_timeout=r.optional(data, "drain_timeout", path, lambda v, p: r.number(v, p, 0, 86400),
+                                 default.drain_timeout),
     )
     if result.mode == "ipvs" and not result.services:
         r.error(_join(path, "services"), "ipvs mode needs at least one service port")

@@ -102,6 +102,9 @@ def host_addresses(prefixes: tuple[Prefix, ...]) -> tuple[str, ...]:
 def dataplane(prefixes: tuple[Prefix, ...], pool: Sequence[tuple[str, int]], config: Dataplane) -> DesiredState:
     """The data plane toward the servers in the pool, as (address, weight) pairs.
 
+    Weight 0 is a server being drained: IPVS keeps it as a quiescent real server (existing
+    flows continue, no new ones); a multipath route cannot carry weight 0, so ECMP drops it.
+
     No announcements here: the engine decides *when* the data plane is wanted (before an
     announce, and until the withdraw has had time to propagate).
     """
@@ -111,7 +114,8 @@ def dataplane(prefixes: tuple[Prefix, ...], pool: Sequence[tuple[str, int]], con
     if config.mode == "ecmp" and pool:
         routes = tuple(
             EcmpRoute(prefix=p.prefix, nexthops=tuple(NextHop(address, weight) for address, weight in pool
-                                                     if ipaddress.ip_address(address).version == p.version),
+                                                     if weight > 0
+                                                     and ipaddress.ip_address(address).version == p.version),
                       table=config.table, protocol=config.protocol)
             for p in prefixes)
         routes = tuple(r for r in routes if r.nexthops)

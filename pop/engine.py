@@ -24,7 +24,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from pop import desired as plan
@@ -48,6 +48,19 @@ class Dataplane(Protocol):
     """VIPs, IPVS services and ECMP routes; `set()` takes them whole (pop.adapters.dataplane)."""
 
     async def set(self, state: DesiredState) -> None: ...
+
+    async def connections(self) -> Mapping[str, int]:
+        """Open connections per real-server address (IPVS); empty when the mode has none."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ServerDrain:
+    """An operator drain of one server: quiescent (weight 0) until its connections are gone."""
+
+    since: float
+    done: bool = False  # connections gone or drain_timeout passed: out of the data plane
+    reason: str = "draining: weight 0, existing connections continue"
 
 
 class DataplaneFailure(Exception):
@@ -74,6 +87,7 @@ class ServerSnapshot:
     weight: int
     health: ServerHealth
     tiers: Mapping[str, TierState]
+    drain: ServerDrain | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +120,7 @@ class Engine:
         self.dataplane_error = ""
         self.dataplane_failures = 0
         self._withdrawn_at: float | None = None
+        self.server_drains: dict[str, ServerDrain] = {}
         self.checks = checks
         self.clock = clock
         self.started = clock()
@@ -169,7 +184,7 @@ class Engine:
 
     def reevaluate(self) -> None:
         now = self.clock()
-        healthy = sum(1 for h in self.health.values() if h.in_pool)
+        healthy = sum(1 for name, h in self.health.items() if h.in_pool and name not in self.server_drains)
         settled = all(h.state is not State.INIT for h in self.health.values())
         self.pool = PoolView(healthy, len(self.config.servers), settled)
         old = self.verdict
@@ -184,13 +199,58 @@ class Engine:
                      self.verdict.hold_down_until - now, self.verdict.reason)
         self._wake_timer.set()
         desired = announcements(self.config.prefixes, self.verdict.announce, self.degraded)
-        members = [(s.address, s.weight) for s in self.config.servers if self.health[s.name].in_pool]
+        members = [(s.address, self._weight(s.name, s.weight)) for s in self.config.servers
+                   if self.health[s.name].in_pool and not self._drained(s.name)]
         dataplane = plan.dataplane(self.config.prefixes, members, self.config.dataplane)
         if desired != self.desired or dataplane != self.desired_dataplane:
             self.desired = desired
             self.desired_dataplane = dataplane
             self._applied.clear()
             self._dirty.set()
+
+    def _weight(self, server: str, weight: int) -> int:
+        return 0 if server in self.server_drains else weight
+
+    def _drained(self, server: str) -> bool:
+        drain = self.server_drains.get(server)
+        return drain is not None and drain.done
+
+    def drain_server(self, server: str) -> None:
+        """Quiescent drain of one server: no new clients, existing ones stay until they leave."""
+        if server not in self.health:
+            raise KeyError(server)
+        if server not in self.server_drains:
+            self.server_drains[server] = ServerDrain(self.clock())
+            self._record("admin", server, "", "draining", "operator drain of the server")
+            log.info("server.drain server=%s", server)
+            self._wake_timer.set()
+            self.reevaluate()
+
+    def undrain_server(self, server: str) -> None:
+        if server not in self.health:
+            raise KeyError(server)
+        if self.server_drains.pop(server, None) is not None:
+            self._record("admin", server, "draining", "", "operator undrain of the server")
+            log.info("server.undrain server=%s", server)
+            self.reevaluate()
+
+    def finish_drains(self, connections: Mapping[str, int]) -> None:
+        """Take drained servers whose connections are gone, or whose time is up, out of the data plane."""
+        now = self.clock()
+        changed = False
+        for server in self.config.servers:
+            drain = self.server_drains.get(server.name)
+            if drain is None or drain.done:
+                continue
+            left = connections.get(server.address, 0)
+            if left == 0 or now - drain.since >= self.config.dataplane.drain_timeout:
+                why = "connections gone" if left == 0 else f"drain_timeout passed with {left} connections"
+                self.server_drains[server.name] = replace(drain, done=True, reason=f"drained: {why}")
+                self._record("admin", server.name, "draining", "drained", why)
+                log.info("server.drained server=%s reason=%s", server.name, why)
+                changed = True
+        if changed:
+            self.reevaluate()
 
     @property
     def degraded(self) -> bool:
@@ -218,6 +278,7 @@ class Engine:
             self._group = group
             group.create_task(self._applier(), name="applier")
             group.create_task(self._timer(), name="hold-down timer")
+            group.create_task(self._drain_watch(), name="server drains")
             self._start_probers()
 
     def _start_probers(self) -> None:
@@ -348,6 +409,21 @@ class Engine:
             except TimeoutError:
                 self.reevaluate()
 
+    async def _drain_watch(self) -> None:
+        """While a server drains, read its connection count from the data plane every second."""
+        while True:
+            await asyncio.sleep(1.0)
+            if not any(not d.done for d in self.server_drains.values()):
+                continue
+            connections: Mapping[str, int] = {}
+            if self.dataplane is not None:
+                try:
+                    connections = await self.dataplane.connections()
+                except self._dataplane_errors as exc:
+                    log.warning("dataplane.connections error=%s", exc)
+                    continue
+            self.finish_drains(connections)
+
     async def _prober(self, server: str, check: Check, policy: Policy) -> None:
         key = (server, check.name)
         wake = self._wake_prober[key] = asyncio.Event()
@@ -393,7 +469,8 @@ class Engine:
 
     def snapshot(self, extra: Mapping[str, object] | None = None) -> Snapshot:
         servers = tuple(
-            ServerSnapshot(s.name, s.address, s.weight, self.health[s.name], dict(self.tiers[s.name]))
+            ServerSnapshot(s.name, s.address, s.weight, self.health[s.name], dict(self.tiers[s.name]),
+                           self.server_drains.get(s.name))
             for s in self.config.servers
         )
         return Snapshot(pop=self.config.name, at=self.clock(), started=self.started, verdict=self.verdict,

@@ -108,7 +108,7 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
 
     runner: web.AppRunner | None = None
     if config.status.enabled:
-        app = make_app(lambda: engine.snapshot(extra()), engine.drain, engine.undrain)
+        app = make_app(lambda: engine.snapshot(extra()), engine)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, config.status.listen, config.status.port, reuse_address=True).start()

@@ -13,7 +13,7 @@ import html
 import json
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -24,6 +24,15 @@ from pop.engine import Snapshot
 from pop.hysteresis import State
 
 SnapshotSource = Callable[[], Snapshot]
+
+
+class Operator(Protocol):
+    """The operator actions the endpoint exposes (the engine implements them)."""
+
+    def drain(self) -> None: ...
+    def undrain(self) -> None: ...
+    def drain_server(self, server: str) -> None: ...
+    def undrain_server(self, server: str) -> None: ...
 
 
 def to_json(snap: Snapshot) -> dict[str, Any]:
@@ -51,7 +60,10 @@ def to_json(snap: Snapshot) -> dict[str, Any]:
                 "address": s.address,
                 "weight": s.weight,
                 "state": s.health.state.value,
-                "in_pool": s.health.in_pool,
+                "in_pool": s.health.in_pool and s.drain is None,
+                "drain": None if s.drain is None else {
+                    "state": "drained" if s.drain.done else "draining", "since_seconds": ago(s.drain.since),
+                    "reason": s.drain.reason},
                 "decided_by": s.health.tier or None,
                 "reason": s.health.reason,
                 "tiers": {
@@ -152,7 +164,7 @@ class _Collector(Collector):
                 yield extra
 
 
-def make_app(source: SnapshotSource, drain: Callable[[], None], undrain: Callable[[], None]) -> web.Application:
+def make_app(source: SnapshotSource, operator: Operator) -> web.Application:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(source))
 
@@ -166,12 +178,22 @@ def make_app(source: SnapshotSource, drain: Callable[[], None], undrain: Callabl
         return web.Response(text=render_page(to_json(source())), content_type="text/html")
 
     async def post_drain(_request: web.Request) -> web.Response:
-        drain()
+        operator.drain()
         return web.json_response({"drained": True, "state": _pop_state(source())})
 
     async def post_undrain(_request: web.Request) -> web.Response:
-        undrain()
+        operator.undrain()
         return web.json_response({"drained": False, "state": _pop_state(source())})
+
+    async def post_server(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        action = request.match_info["action"]
+        try:
+            (operator.drain_server if action == "drain" else operator.undrain_server)(name)
+        except KeyError:
+            return web.json_response({"error": f"no server named {name!r}"}, status=404)
+        server = next(s for s in to_json(source())["servers"] if s["name"] == name)
+        return web.json_response({"server": name, "drain": server["drain"]})
 
     app = web.Application()
     app.router.add_get("/", page)
@@ -179,6 +201,7 @@ def make_app(source: SnapshotSource, drain: Callable[[], None], undrain: Callabl
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/drain", post_drain)
     app.router.add_post("/undrain", post_undrain)
+    app.router.add_post(r"/servers/{name}/{action:drain|undrain}", post_server)
     return app
 
 

@@ -54,6 +54,14 @@ class KernelDataplane:
             services=await self.ipvs.read() if self.ipvs is not None else (),
         )
 
+    async def connections(self) -> dict[str, int]:
+        """Open connections per real-server address, summed over the services (IPVS only)."""
+        totals: dict[str, int] = {}
+        if self.ipvs is not None:
+            for load in await self.ipvs.loads():
+                totals[load.real.address] = totals.get(load.real.address, 0) + load.connections
+        return totals
+
     async def diagnostics(self) -> dict[str, object]:
         result: dict[str, object] = {"mode": self.config.mode}
         if self.routes is not None:

@@ -174,3 +174,71 @@ def test_a_failing_dataplane_is_reported_and_never_announced_onto() -> None:
                 await task
 
     asyncio.run(main())
+
+
+class CountingDataplane(FakeDataplane):
+    def __init__(self, world: World) -> None:
+        super().__init__(world)
+        self.open: dict[str, int] = {}
+
+    async def connections(self) -> dict[str, int]:
+        return dict(self.open)
+
+
+def test_server_drain_is_quiescent_until_its_connections_are_gone() -> None:
+    async def main() -> None:
+        world = World()
+        checks = {"a": Scripted(), "b": Scripted()}
+        config = load(CONFIG_TEXT_NO_HOLD_DOWN)
+        dataplane = CountingDataplane(world)
+        engine = Engine(config, FakeSpeaker(world), {n: [(c, POLICY)] for n, c in checks.items()}, dataplane=dataplane)
+        task = asyncio.create_task(engine.run())
+
+        def weights() -> dict[str, int]:
+            return {r.address: r.weight for r in world.dataplane.services[0].reals} if world.dataplane.services else {}
+
+        try:
+            async with asyncio.timeout(3):
+                while weights() != {"10.0.2.1": 1, "10.0.2.2": 1}:
+                    await asyncio.sleep(0.01)
+            dataplane.open = {"10.0.2.2": 3}
+            engine.drain_server("b")
+            async with asyncio.timeout(3):
+                while weights() != {"10.0.2.1": 1, "10.0.2.2": 0}:
+                    await asyncio.sleep(0.01)
+            assert engine.pool.healthy == 1 and world.announced  # 1/2 is not below 0.5
+            await asyncio.sleep(1.5)
+            assert weights() == {"10.0.2.1": 1, "10.0.2.2": 0}  # 3 connections left: still quiescent
+            dataplane.open = {}
+            async with asyncio.timeout(3):
+                while weights() != {"10.0.2.1": 1}:
+                    await asyncio.sleep(0.01)
+            assert engine.server_drains["b"].done and engine.server_drains["b"].reason == "drained: connections gone"
+            engine.undrain_server("b")
+            async with asyncio.timeout(3):
+                while weights() != {"10.0.2.1": 1, "10.0.2.2": 1}:
+                    await asyncio.sleep(0.01)
+            with pytest.raises(KeyError):
+                engine.drain_server("nope")
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+
+
+def test_server_drain_times_out() -> None:
+    async def main() -> None:
+        clock = [0.0]
+        config = load(CONFIG_TEXT_NO_HOLD_DOWN.replace("withdraw_dwell: 1.0", "withdraw_dwell: 1.0, drain_timeout: 60"))
+        engine = Engine(config, FakeSpeaker(World()), {n: [(Scripted(), POLICY)] for n in ("a", "b")},
+                        clock=lambda: clock[0])
+        engine.drain_server("a")
+        engine.finish_drains({"10.0.2.1": 5})
+        assert not engine.server_drains["a"].done
+        clock[0] = 61.0
+        engine.finish_drains({"10.0.2.1": 5})
+        assert engine.server_drains["a"].reason == "drained: drain_timeout passed with 5 connections"
+
+    asyncio.run(main())

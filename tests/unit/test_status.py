@@ -18,7 +18,7 @@ def serve(check: Any) -> None:
         feed(engine, "a", OK, 2)
         feed(engine, "b", OK, 2)
         feed(engine, "b", CheckResult.failure("refused", definitive=True, detail="port 443 refused"))
-        app = make_app(lambda: engine.snapshot({"sessions": {"10.0.0.1": "up"}}), engine.drain, engine.undrain)
+        app = make_app(lambda: engine.snapshot({"sessions": {"10.0.0.1": "up"}}), engine)
         async with TestClient(TestServer(app)) as client:
             await check(client, engine)
 
