@@ -186,6 +186,11 @@ class FrrRouter:
         self._zebra: subprocess.Popen[bytes] | None = None
         self._bgpd: subprocess.Popen[bytes] | None = None
 
+    @classmethod
+    def from_config(cls, ns: Netns, config: BgpConfig, *, workdir: Path) -> FrrRouter:
+        return cls(ns, config.name, config.asn, config.router_id, config.neighbors, config.networks,
+                   workdir=workdir, maximum_paths=config.maximum_paths, extra_config=config.extra_config)
+
     def __repr__(self) -> str:
         return f"FrrRouter({self.name!r}, asn={self.asn}, ns={self.ns.name!r})"
 

@@ -287,6 +287,8 @@ def test_frr_loads_the_rendered_config(netns_factory: NsFactory, frr_factory: Fr
     router = frr_factory(ns, cfg.name, cfg.asn, cfg.router_id, cfg.neighbors, cfg.networks,
                          maximum_paths=cfg.maximum_paths, extra_config=cfg.extra_config)
     assert router.config_errors() == []
+    assert router.config == cfg
+    assert FrrRouter.from_config(ns, cfg, workdir=tmp_path / "unused").config == cfg
     running = router.vtysh("show running-config", daemon="bgpd")
     for line in cfg.render().splitlines():
         if line.strip().startswith(("neighbor", "network", "maximum-paths", "bgp router-id")):
