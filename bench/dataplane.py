@@ -107,6 +107,51 @@ def lookup_flows(ns: str, flows: int) -> list[str]:
     return hops
 
 
+def resilient_reference(ns: str, sizes: Sequence[int], flows: int) -> dict[str, Any]:
+    """Reference, not what pop programs: the same measurement with a *resilient* next-hop
+    group (Linux >= 5.13, set up with iproute2), which reassigns only the leaving next
+    hop's hash buckets."""
+    result: dict[str, Any] = {}
+    # iproute2 builds the group in a 1 KiB request buffer: about 128 members at most.
+    sizes = [n for n in sizes if n <= 100]
+
+    def batch(commands: str) -> None:
+        proc = subprocess.run(
+            ["ip", "-n", ns, "-batch", "-"],
+            input=commands,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"ip -batch: {proc.stderr.strip()[:300]}")
+
+    for n in sizes:
+        buckets = max(4096, 4 * n)
+        ids = [str(i + 1) for i in range(n)]
+        hops = "".join(f"nexthop add id {i + 1} via {gateway(i)} dev bench0\n" for i in range(n))
+        group = f"nexthop add id 100000 group {'/'.join(ids)} type resilient buckets {buckets} idle_timer 0\n"
+        batch(hops + group + f"route add {VIP}/32 nhid 100000\n")
+        try:
+            before = lookup_flows(ns, flows)
+            leaving = n // 2
+            rest = "/".join(i for i in ids if i != str(leaving + 1))
+            replace_group = (
+                f"nexthop replace id 100000 group {rest} type resilient buckets {buckets} idle_timer 0\n"
+            )
+            batch(replace_group)
+            after = lookup_flows(ns, flows)
+        finally:
+            batch(f"route del {VIP}/32 nhid 100000\nnexthop flush\n")
+        result[str(n)] = {
+            "flows": flows,
+            "moved": sum(1 for b, a in zip(before, after, strict=True) if b != a),
+            "had_to_move": sum(1 for b in before if b == gateway(leaving)),
+        }
+    return result
+
+
 async def ecmp_probe_limit(rt: RouteTable) -> dict[str, Any]:
     """The largest multipath next-hop set the kernel accepts in one route (bisection)."""
     # RTA_MULTIPATH is one netlink attribute and nla_len is 16 bits: 8 bytes of rtnexthop
@@ -168,6 +213,7 @@ async def ecmp_bench(sizes: Sequence[int], repeat: int, flows: int) -> dict[str,
                 }
                 await rt.set([])
             results["limit"] = await ecmp_probe_limit(rt)
+        results["resilient"] = resilient_reference(pop.name, sizes, flows)
     return results
 
 
@@ -375,6 +421,11 @@ def table(results: dict[str, Any]) -> str:
     for n, row in sorted(ecmp.items(), key=lambda kv: int(kv[0])):
         pos = ", ".join(f"{k} {v / row['flows']:.1%}" for k, v in row.get("moved_by_position", {}).items())
         rows.append(f"ECMP N={n}: flows moved by the position of the leaving next hop: {pos}")
+    for n, row in sorted(results.get("ecmp", {}).get("resilient", {}).items(), key=lambda kv: int(kv[0])):
+        rows.append(
+            f"ECMP N={n}, resilient next-hop group (reference, not used by pop):"
+            f" {row['moved'] / row['flows']:.1%} of flows moved ({row['moved']}), {row['had_to_move']} had to"
+        )
     if "limit" in results.get("ecmp", {}):
         lim = results["ecmp"]["limit"]
         rows.append(
