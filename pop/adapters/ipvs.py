@@ -56,7 +56,7 @@ from pop.adapters.netlink import (
     genl,
     resolve_family,
 )
-from pop.adapters.routes import DataplaneError, canonical_address, kernel_error, run_in_netns
+from pop.adapters.routes import DataplaneError, NetlinkAdapter, canonical_address, kernel_error, run_in_netns
 from pop.desired import RealServer, VirtualService
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def encode_op(op: IpvsOp) -> bytes:
     return genl(_COMMANDS[op.kind], attrs)
 
 
-class IpvsTable:
+class IpvsTable(NetlinkAdapter):
     """The IPVS services on the owned addresses of one network namespace."""
 
     def __init__(
@@ -288,12 +288,6 @@ class IpvsTable:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-    async def __aenter__(self) -> IpvsTable:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def _dump(self) -> tuple[list[ServiceEntry], list[RealServerLoad]]:
         sock, family = await self._socket()

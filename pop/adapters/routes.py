@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from socket import AF_INET, AF_INET6
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -114,6 +114,19 @@ async def run_in_netns(netns: str | None, fn: Callable[[], T]) -> T:
 
     threading.Thread(target=target, name=f"netns-{netns}", daemon=True).start()
     return await done
+
+
+class NetlinkAdapter:
+    """`async with` support for the adapters: the socket is closed on the way out."""
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 def _settle(fut: asyncio.Future[T], value: T) -> None:
@@ -244,7 +257,7 @@ def _sysctl_path(family: str) -> str:
     return f"/proc/sys/net/{family}/fib_multipath_hash_policy"
 
 
-class RouteTable:
+class RouteTable(NetlinkAdapter):
     """The ECMP routes of one (table, protocol) slice in one network namespace."""
 
     def __init__(
@@ -279,12 +292,6 @@ class RouteTable:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-    async def __aenter__(self) -> RouteTable:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def _dump(self) -> list[EcmpRoute]:
         sock = await self._socket()

@@ -30,7 +30,7 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from pop.adapters.routes import DataplaneError, kernel_error
+from pop.adapters.routes import DataplaneError, NetlinkAdapter, kernel_error
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def plan_vips(desired: Iterable[str], present: Iterable[PresentAddress], protoco
     return VipPlan(add, delete)
 
 
-class VipSet:
+class VipSet(NetlinkAdapter):
     """The VIPs on `lo` of one network namespace, marked with one address protocol."""
 
     def __init__(self, *, protocol: int = 200, netns: str | None = None, ifname: str = "lo") -> None:
@@ -101,12 +101,6 @@ class VipSet:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
-
-    async def __aenter__(self) -> VipSet:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def present(self) -> tuple[PresentAddress, ...]:
         ipr, index = await self._socket()
