@@ -55,11 +55,15 @@ class TcpCheck:
         except ConnectionRefusedError:
             return CheckResult.failure("refused", definitive=True, detail=f"port {self.port} refused")
         except OSError as exc:
-            if exc.errno in _UNREACHABLE:
-                return CheckResult.failure("unreachable", definitive=True, detail=os.strerror(exc.errno or 0))
-            return CheckResult.failure("error", detail=str(exc))
+            return _os_failure(exc)
         finally:
             sock.close()
+
+
+def _os_failure(exc: OSError) -> CheckResult:
+    if exc.errno in _UNREACHABLE:
+        return CheckResult.failure("unreachable", definitive=True, detail=os.strerror(exc.errno or 0))
+    return CheckResult.failure("error", detail=str(exc))
 
 
 _ICMP_ECHO = {4: (8, 0), 6: (128, 129)}  # request type, reply type
@@ -127,9 +131,7 @@ class IcmpCheck:
         except TimeoutError:
             return TIMEOUT
         except OSError as exc:
-            if exc.errno in _UNREACHABLE:
-                return CheckResult.failure("unreachable", definitive=True, detail=os.strerror(exc.errno or 0))
-            return CheckResult.failure("error", detail=str(exc))
+            return _os_failure(exc)
         finally:
             sock.close()
 

@@ -12,9 +12,11 @@ is really steered, with pop's default timings.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,30 @@ def dumps(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
             print(f"--- {node.name} log ---\n{node.log_tail(80)}")
 
 
+@dataclass
+class OnePop:
+    router: FrrRouter
+    watch: RouteWatcher
+    pop: PopNode
+    services: list[TcpService]
+
+
+@pytest.fixture
+def one_pop(netns_factory: NsFactory, frr_factory: Callable[..., FrrRouter], tmp_path: Path,
+            dumps: list[PopNode]) -> Iterator[Callable[..., OnePop]]:
+    """r1 + pop1 with two servers, announced at r1 (the route watcher already running)."""
+    with contextlib.ExitStack() as stack:
+        def make(**overrides: Any) -> OnePop:
+            r1 = router(netns_factory, frr_factory, 1)
+            watch = stack.enter_context(RouteWatcher(r1.ns, ANYCAST))
+            pop, services = build_pop(1, netns_factory, r1.ns, tmp_path, **overrides)
+            dumps.append(pop)
+            watch.wait_for(has("10.0.1.2"), timeout=30)
+            return OnePop(r1, watch, pop, services)
+
+        yield make
+
+
 def test_announce_withdraw_recover_single_pop(netns_factory: NsFactory, frr_factory: Callable[..., FrrRouter],
                                               tmp_path: Path, dumps: list[PopNode]) -> None:
     r1 = router(netns_factory, frr_factory, 1)
@@ -139,63 +165,48 @@ def test_two_pops_ecmp_and_only_the_failed_pop_leaves(netns_factory: NsFactory,
         assert all("10.0.1.2" in e.nexthops for e in watch.events if e.timestamp >= killed)
 
 
-def test_engine_killed_with_its_servers_does_not_leave_the_route(
-        netns_factory: NsFactory, frr_factory: Callable[..., FrrRouter], tmp_path: Path,
-        dumps: list[PopNode]) -> None:
+def test_engine_killed_with_its_servers_does_not_leave_the_route(one_pop: Callable[..., OnePop]) -> None:
     """ExaBGP keeps what a dead engine announced; the respawned engine must withdraw it."""
-    r1 = router(netns_factory, frr_factory, 1)
-    with RouteWatcher(r1.ns, ANYCAST) as watch:
-        pop, services = build_pop(1, netns_factory, r1.ns, tmp_path)
-        dumps.append(pop)
-        watch.wait_for(has("10.0.1.2"), timeout=30)
-        old_pid = pop.engine_pid()
-        killed = time.monotonic()
-        pop.kill_engine()
-        for service in services:
-            service.stop()
-        at = watch.wait_for(gone, timeout=10, since=killed)
-        print(f"\nMEASURED engine SIGKILL + servers dead -> route gone: {(at - killed) * 1000:.0f} ms")
-        # a new engine runs (ExaBGP respawned it) and keeps the PoP withdrawn
-        status = pop.wait_status(lambda s: s["uptime_seconds"] > 1.0, timeout=10)
-        assert pop.engine_pid() != old_pid
-        assert status["state"] == "withdrawn" and watch.nexthops == frozenset()
+    lab = one_pop()
+    pop, services, watch = lab.pop, lab.services, lab.watch
+    old_pid = pop.engine_pid()
+    killed = time.monotonic()
+    pop.kill_engine()
+    for service in services:
+        service.stop()
+    at = watch.wait_for(gone, timeout=10, since=killed)
+    print(f"\nMEASURED engine SIGKILL + servers dead -> route gone: {(at - killed) * 1000:.0f} ms")
+    # a new engine runs (ExaBGP respawned it) and keeps the PoP withdrawn
+    status = pop.wait_status(lambda s: s["uptime_seconds"] > 1.0, timeout=10)
+    assert pop.engine_pid() != old_pid
+    assert status["state"] == "withdrawn" and watch.nexthops == frozenset()
 
 
-def test_engine_killed_alone_recovers_and_exabgp_death_withdraws(
-        netns_factory: NsFactory, frr_factory: Callable[..., FrrRouter], tmp_path: Path,
-        dumps: list[PopNode]) -> None:
-    r1 = router(netns_factory, frr_factory, 1)
-    with RouteWatcher(r1.ns, ANYCAST) as watch:
-        pop, _ = build_pop(1, netns_factory, r1.ns, tmp_path)
-        dumps.append(pop)
-        watch.wait_for(has("10.0.1.2"), timeout=30)
-        killed = time.monotonic()
-        pop.kill_engine()
-        # the respawned engine starts from a clean slate, then re-announces once servers rise
-        watch.wait_for(has("10.0.1.2"), timeout=15, since=killed + 0.001)
-        pop.wait_status(lambda s: s["state"] == "announced", timeout=10)
-        # ExaBGP itself dies: the BGP session closes and the router drops the route at once
-        killed = time.monotonic()
-        os.kill(pop.exabgp_pid(), 9)
-        at = watch.wait_for(gone, timeout=10, since=killed)
-        print(f"\nMEASURED ExaBGP SIGKILL -> route gone: {(at - killed) * 1000:.0f} ms")
+def test_engine_killed_alone_recovers_and_exabgp_death_withdraws(one_pop: Callable[..., OnePop]) -> None:
+    lab = one_pop()
+    pop, watch = lab.pop, lab.watch
+    killed = time.monotonic()
+    pop.kill_engine()
+    # the respawned engine starts from a clean slate, then re-announces once servers rise
+    watch.wait_for(has("10.0.1.2"), timeout=15, since=killed + 0.001)
+    pop.wait_status(lambda s: s["state"] == "announced", timeout=10)
+    # ExaBGP itself dies: the BGP session closes and the router drops the route at once
+    killed = time.monotonic()
+    os.kill(pop.exabgp_pid(), 9)
+    at = watch.wait_for(gone, timeout=10, since=killed)
+    print(f"\nMEASURED ExaBGP SIGKILL -> route gone: {(at - killed) * 1000:.0f} ms")
 
 
-def test_drain_withdraws_and_undrain_returns_after_hold_down(
-        netns_factory: NsFactory, frr_factory: Callable[..., FrrRouter], tmp_path: Path,
-        dumps: list[PopNode]) -> None:
-    r1 = router(netns_factory, frr_factory, 1)
-    with RouteWatcher(r1.ns, ANYCAST) as watch:
-        pop, _ = build_pop(1, netns_factory, r1.ns, tmp_path, pool={"hold_down": 1.0})
-        dumps.append(pop)
-        watch.wait_for(has("10.0.1.2"), timeout=30)
-        drained = time.monotonic()
-        assert pop.post("/drain")["drained"] is True
-        watch.wait_for(gone, timeout=5, since=drained)
-        time.sleep(1.5)
-        assert watch.nexthops == frozenset() and pop.status()["state"] == "drained"
-        pop.post("/undrain")
-        watch.wait_for(has("10.0.1.2"), timeout=5, since=time.monotonic())
+def test_drain_withdraws_and_undrain_returns_after_hold_down(one_pop: Callable[..., OnePop]) -> None:
+    lab = one_pop(pool={"hold_down": 1.0})
+    pop, watch = lab.pop, lab.watch
+    drained = time.monotonic()
+    assert pop.post("/drain")["drained"] is True
+    watch.wait_for(gone, timeout=5, since=drained)
+    time.sleep(1.5)
+    assert watch.nexthops == frozenset() and pop.status()["state"] == "drained"
+    pop.post("/undrain")
+    watch.wait_for(has("10.0.1.2"), timeout=5, since=time.monotonic())
 
 
 def test_sighup_reload_never_flaps_and_a_broken_file_changes_nothing(

@@ -199,16 +199,10 @@ def test_reload_keeps_state_of_unchanged_servers() -> None:
         feed(engine, "a", OK, 2)
         feed(engine, "b", OK, 2)
         announced = engine.desired
-        new = load("""
-pop: {name: t1, asn: 65101, router_id: 192.0.2.1}
-neighbors: [{address: 10.0.0.1, peer_as: 65000}]
-prefixes:
-  - prefix: 198.51.100.1/32
-    healthy: {med: 10}
-    degraded: {med: 50}
-servers: [{name: a, address: 10.0.2.1}, {name: b, address: 10.0.2.2}, {name: c, address: 10.0.2.3}]
-pool: {low_watermark: 0.5, high_watermark: 0.6, hold_down: 0.3}
-""")
+        new = load(CONFIG_TEXT.replace("{name: b, address: 10.0.2.2}]",
+                                       "{name: b, address: 10.0.2.2}, {name: c, address: 10.0.2.3}]")
+                   .replace("high_watermark: 1.0", "high_watermark: 0.6"))
+
         engine.reload(new, {name: [(Scripted(), POLICY)] for name in ("a", "b", "c")})
         assert engine.tiers["a"]["tcp"].state is State.UP
         assert engine.tiers["c"]["tcp"].state is State.INIT
