@@ -178,6 +178,7 @@ class Dataplane:
     forward: str = "dr"  # ipvs: dr | tunnel | nat
     services: tuple[ServicePort, ...] = (ServicePort("udp", 51820),)  # ipvs: ports on the anycast address
     drain_timeout: float = 300.0  # a drained server leaves IPVS when its connections are gone or after this
+    load_weights: bool = False  # scale weights down for servers busier than the pool's average (pop/load.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -637,7 +638,7 @@ _SCHEDULERS = {"mh", "sh", "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sed
 
 def _dataplane(r: _Reader, value: Any, path: str) -> Dataplane:
     data = r.mapping(value, path, {"mode", "vip", "withdraw_dwell", "table", "protocol", "hash_policy",
-                                   "scheduler", "forward", "services", "drain_timeout"})
+                                   "scheduler", "forward", "services", "drain_timeout", "load_weights"})
     default = Dataplane()
     if data is None:
         return default
@@ -678,6 +679,7 @@ def _dataplane(r: _Reader, value: Any, path: str) -> Dataplane:
         services=services,
         drain_timeout=r.optional(data, "drain_timeout", path, lambda v, p: r.number(v, p, 0, 86400),
                                  default.drain_timeout),
+        load_weights=r.optional(data, "load_weights", path, r.boolean, default.load_weights),
     )
     if result.mode == "ipvs" and not result.services:
         r.error(_join(path, "services"), "ipvs mode needs at least one service port")

@@ -23,12 +23,12 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from pop import desired as plan
-from pop import hysteresis, verdict
+from pop import hysteresis, load, verdict
 from pop.checks.base import Check, CheckResult
 from pop.config import Config
 from pop.desired import Announcement, DesiredState, announcements
@@ -61,6 +61,10 @@ class ServerDrain:
     since: float
     done: bool = False  # connections gone or drain_timeout passed: out of the data plane
     reason: str = "draining: weight 0, existing connections continue"
+
+
+LoadSignal = Callable[[], Awaitable[Mapping[str, float]]]
+"""Pluggable load signal: a factor in (0, 1] per server address (pop/load.py)."""
 
 
 class DataplaneFailure(Exception):
@@ -110,7 +114,8 @@ class Snapshot:
 class Engine:
     def __init__(self, config: Config, speaker: Speaker, checks: Mapping[str, Sequence[tuple[Check, Policy]]], *,
                  clock: Callable[[], float] = time.monotonic, dataplane: Dataplane | None = None,
-                 dataplane_errors: tuple[type[Exception], ...] = (DataplaneFailure,)) -> None:
+                 dataplane_errors: tuple[type[Exception], ...] = (DataplaneFailure,),
+                 load_signal: LoadSignal | None = None) -> None:
         self.config = config
         self.speaker = speaker
         self.dataplane = dataplane
@@ -121,6 +126,8 @@ class Engine:
         self.dataplane_failures = 0
         self._withdrawn_at: float | None = None
         self.server_drains: dict[str, ServerDrain] = {}
+        self.load_signal = load_signal
+        self.load_factors: dict[str, float] = {}
         self.checks = checks
         self.clock = clock
         self.started = clock()
@@ -199,7 +206,7 @@ class Engine:
                      self.verdict.hold_down_until - now, self.verdict.reason)
         self._wake_timer.set()
         desired = announcements(self.config.prefixes, self.verdict.announce, self.degraded)
-        members = [(s.address, self._weight(s.name, s.weight)) for s in self.config.servers
+        members = [(s.address, self._weight(s.name, s.address, s.weight)) for s in self.config.servers
                    if self.health[s.name].in_pool and not self._drained(s.name)]
         dataplane = plan.dataplane(self.config.prefixes, members, self.config.dataplane)
         if desired != self.desired or dataplane != self.desired_dataplane:
@@ -208,8 +215,24 @@ class Engine:
             self._applied.clear()
             self._dirty.set()
 
-    def _weight(self, server: str, weight: int) -> int:
-        return 0 if server in self.server_drains else weight
+    def _weight(self, server: str, address: str, weight: int) -> int:
+        if server in self.server_drains:
+            return 0
+        return load.weighted(weight, self.load_factors.get(address, 1.0))
+
+    def pool_weights(self) -> dict[str, int]:
+        """Configured weights of the servers in the pool, by address (what a load signal scales)."""
+        return {s.address: s.weight for s in self.config.servers
+                if self.health[s.name].in_pool and s.name not in self.server_drains}
+
+    def observe_load(self, factors: Mapping[str, float]) -> None:
+        """Fold a load reading in; re-decide only when a data-plane weight actually changes."""
+        before = {s.address: self._weight(s.name, s.address, s.weight) for s in self.config.servers}
+        self.load_factors = load.smooth(self.load_factors, factors)
+        after = {s.address: self._weight(s.name, s.address, s.weight) for s in self.config.servers}
+        if after != before:
+            log.info("dataplane.weights %s", " ".join(f"{a}={w}" for a, w in sorted(after.items())))
+            self.reevaluate()
 
     def _drained(self, server: str) -> bool:
         drain = self.server_drains.get(server)
@@ -279,6 +302,8 @@ class Engine:
             group.create_task(self._applier(), name="applier")
             group.create_task(self._timer(), name="hold-down timer")
             group.create_task(self._drain_watch(), name="server drains")
+            if self.load_signal is not None:
+                group.create_task(self._load_watch(self.load_signal), name="load signal")
             self._start_probers()
 
     def _start_probers(self) -> None:
@@ -423,6 +448,16 @@ class Engine:
                     log.warning("dataplane.connections error=%s", exc)
                     continue
             self.finish_drains(connections)
+
+    async def _load_watch(self, signal: LoadSignal) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                factors = await signal()
+            except self._dataplane_errors as exc:
+                log.warning("load.signal error=%s", exc)
+                continue
+            self.observe_load(factors)
 
     async def _prober(self, server: str, check: Check, policy: Policy) -> None:
         key = (server, check.name)

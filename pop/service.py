@@ -26,6 +26,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from pop import load
 from pop.adapters.bgp import ChannelError, ExaBgpSpeaker
 from pop.checks import cascade as check_builder
 from pop.config import Config, ConfigError
@@ -84,7 +85,13 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
         from pop.adapters.routes import DataplaneError
 
         dataplane = KernelDataplane(config.dataplane, config.prefixes)
-        engine = Engine(config, speaker, checks, dataplane=dataplane, dataplane_errors=(DataplaneError,))
+        kernel = dataplane
+
+        async def connection_load() -> dict[str, float]:
+            return load.connection_factors(await kernel.connections(), engine.pool_weights())
+
+        engine = Engine(config, speaker, checks, dataplane=dataplane, dataplane_errors=(DataplaneError,),
+                        load_signal=connection_load if config.dataplane.load_weights else None)
     else:
         engine = Engine(config, speaker, checks)
     stop = asyncio.Event()
