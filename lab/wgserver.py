@@ -1,7 +1,8 @@
 """A real WireGuard server (wireguard-go) in a lab namespace, with the probe key as a peer.
 
 `WireGuardServer(ns, ifname, workdir, port)` runs `wireguard-go -f IFNAME` as a foreground
-child of the harness and configures it with `wg`: a fresh private key, the listen port, and
+child of the harness (or, with `kernel=True`, creates a kernel WireGuard link: the microVM's
+kernel has the module) and configures it with `wg`: a fresh private key, the listen port, and
 peers added with `add_peer()`. `stop()` kills the daemon (the UDP port then answers with ICMP
 port unreachable) and `start()` brings it back with the same key and peers.
 
@@ -36,8 +37,10 @@ def write_key(path: Path, raw: bytes) -> Path:
 
 
 class WireGuardServer:
-    def __init__(self, ns: Netns, ifname: str, workdir: Path, port: int = 51820) -> None:
+    def __init__(self, ns: Netns, ifname: str, workdir: Path, port: int = 51820, *, kernel: bool = False) -> None:
         self.ns = ns
+        self.kernel = kernel
+        self._up = False
         self.ifname = ifname
         self.workdir = workdir
         self.port = port
@@ -55,16 +58,25 @@ class WireGuardServer:
     def public_key(self) -> str:
         return wgkeys.encode_key(self.public)
 
+    @property
+    def running(self) -> bool:
+        return self._up if self.kernel else self.proc is not None and self.proc.poll() is None
+
     def start(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.running:
             return
-        self.uapi.unlink(missing_ok=True)
-        self.proc = self.ns.popen("wireguard-go", "-f", self.ifname, log=self.log)
-        deadline = time.monotonic() + 10
-        while not self.uapi.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"wireguard-go {self.ifname} did not start: {self.log.read_text()}")
-            time.sleep(0.02)
+        if self.kernel:
+            # the kernel opens the UDP socket when the link goes up
+            self.ns.run("ip", "link", "add", self.ifname, "type", "wireguard")
+        else:
+            self.uapi.unlink(missing_ok=True)
+            self.proc = self.ns.popen("wireguard-go", "-f", self.ifname, log=self.log)
+            deadline = time.monotonic() + 10
+            while not self.uapi.exists():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"wireguard-go {self.ifname} did not start: {self.log.read_text()}")
+                time.sleep(0.02)
+        self._up = True
         key = write_key(self.workdir / f"{self.ifname}.key", self.private)
         self.ns.run("wg", "set", self.ifname, "listen-port", str(self.port), "private-key", str(key))
         self.ns.run("ip", "link", "set", self.ifname, "up")
@@ -73,7 +85,7 @@ class WireGuardServer:
 
     def add_peer(self, public: bytes, psk: bytes | None = None) -> None:
         self.peers.append((public, psk))
-        if self.proc is not None and self.proc.poll() is None:
+        if self.running:
             self._set_peer(public, psk)
 
     def _set_peer(self, public: bytes, psk: bytes | None) -> None:
@@ -85,6 +97,12 @@ class WireGuardServer:
         self.ns.run(*args)
 
     def stop(self) -> None:
+        if self.kernel:
+            if self._up:
+                self.ns.run("ip", "link", "del", self.ifname, check=False)
+            self._up = False
+            return
+        self._up = False
         if self.proc is not None:
             self.ns.stop(self.proc)
             self.proc = None

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lab.netns import Netns, cleanup_prefix, veth
-from lab.wgserver import WireGuardServer, write_key
+from lab.wgserver import WireGuardServer
 from tests.netns.test_wireguard_go import (
     CLIENT_IP,
     PORT,
@@ -52,32 +52,13 @@ __all__ = [
 PREFIX = "twgk-"
 
 
-class KernelWgServer(WireGuardServer):
-    """A kernel WireGuard interface; it opens its UDP socket when the link goes up."""
-
-    def start(self) -> None:
-        self.ns.run("ip", "link", "add", self.ifname, "type", "wireguard")
-        key = write_key(self.workdir / f"{self.ifname}.key", self.private)
-        self.ns.run("wg", "set", self.ifname, "listen-port", str(self.port), "private-key", str(key))
-        self.ns.run("ip", "link", "set", self.ifname, "up")
-        for public, psk in self.peers:
-            self._set_peer(public, psk)
-
-    def add_peer(self, public: bytes, psk: bytes | None = None) -> None:
-        self.peers.append((public, psk))
-        self._set_peer(public, psk)  # the base class configures only a running wireguard-go
-
-    def stop(self) -> None:
-        self.ns.run("ip", "link", "del", self.ifname, check=False)
-
-
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
     tag = f"{PREFIX}{secrets.token_hex(3)}-"
     server_ns, client_ns = Netns(tag + "s"), Netns(tag + "c")
     try:
         veth(server_ns, "twgk-s", f"{SERVER_IP}/24", client_ns, "twgk-c", f"{CLIENT_IP}/24")
-        server = KernelWgServer(server_ns, "wgk0", tmp_path, PORT)
+        server = WireGuardServer(server_ns, "wgk0", tmp_path, PORT, kernel=True)
         server.start()
         # the kernel's queue threshold is 512; the guest's single emulated CPU is slow
         yield Lab(server, client_ns, timeout=3.0, flood=1500)
