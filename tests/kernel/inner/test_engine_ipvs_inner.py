@@ -56,7 +56,7 @@ WITHDRAW_DWELL = 3.0
 # IPVS's own UDP idle timeout in the director (default 300 s): a drained server's UDP flows
 # must be able to end within the test. TCP needs nothing: a client RST puts its entry in
 # CLOSE, which IPVS expires after 10 s.
-IPVS_UDP_TIMEOUT = 12
+IPVS_UDP_TIMEOUT = 15
 # Emulated guest: everything is 20-40x slower than on the host.
 SLOW = 60.0
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -417,9 +417,11 @@ def test_a_drained_server_keeps_its_flows_and_leaves_when_they_end(lab: Lab) -> 
         assert len(on_s2[proto]) >= 10, before[proto]
 
     lab.engine.call(lambda e: e.drain_server("s2"))
+    drained_at = time.monotonic()
     lab.wait_for("s2 at weight 0 in both services",
                  lambda: all(reals.get(ADDRESS["s2"], (None,))[0] == 0 for reals in lab.ipvs().values()),
                  pause=0.05)
+    print(f"\nMEASURED drain_server -> weight 0 in IPVS: {(time.monotonic() - drained_at) * 1000:.0f} ms")
     # existing flows stay on s2: the same UDP flows and the open TCP connections
     assert set(ask(on_s2["udp"]).values()) == {"s2"}
     assert set(ask(on_s2["tcp"]).values()) == {"s2"}
@@ -429,8 +431,10 @@ def test_a_drained_server_keeps_its_flows_and_leaves_when_they_end(lab: Lab) -> 
         assert counts == Counter({"s1": len(CLIENT_IPS)}), counts
     # while its connections are open, s2 stays (quiescent) and the engine's drain is not done
     table = lab.ipvs()
-    assert table["tcp"][ADDRESS["s2"]][:2] == (0, len(on_s2["tcp"])), table  # weight 0, active = ours
-    assert table["udp"][ADDRESS["s2"]][0] == 0 and sum(table["udp"][ADDRESS["s2"]][1:]) >= len(on_s2["udp"]), table
+    s2 = {proto: reals.get(ADDRESS["s2"]) for proto, reals in table.items()}
+    assert s2["tcp"] is not None and s2["udp"] is not None, f"s2 left IPVS while its flows are open: {table}"
+    assert s2["tcp"][:2] == (0, len(on_s2["tcp"])), table  # weight 0, active connections = ours
+    assert s2["udp"][0] == 0 and sum(s2["udp"][1:]) >= len(on_s2["udp"]), table
     assert not lab.events("s2", "drained"), "s2's drain finished with its connections still open"
     assert set(ask(on_s2["tcp"]).values()) == {"s2"}  # still served after all that
 
