@@ -12,8 +12,9 @@ namespaces that answer with their name (the server of tests/kernel/inner/test_ip
 
 The tests share one setup and run in order, each building on the state the previous left:
 all servers take flows; s0 dies and leaves IPVS; s2 is drained (weight 0, its flows stay,
-new ones avoid it, it leaves once its connections are gone); the rest die and the PoP
-withdraws before the data plane goes, `withdraw_dwell` later.
+new ones avoid it, it leaves once its connections are gone); s2 (undrained) and s0
+(restarted) take new flows again; all die and the PoP withdraws before the data plane goes,
+`withdraw_dwell` later.
 """
 
 from __future__ import annotations
@@ -312,6 +313,11 @@ class Lab:
                 raise AssertionError(f"no {what} after {timeout:.0f}s; last: {value!r}")
             time.sleep(pause)
 
+    def start(self, name: str) -> None:
+        """The server answers UDP and TCP (the L4-checked port) with its name."""
+        self.processes[name] = self.servers[name].popen(sys.executable, "-c", SERVER, name, str(UDP_PORT),
+                                                        str(TCP_PORT), log=self.logs / f"{name}.log")
+
     def kill(self, name: str) -> None:
         """The server dies: its L4-checked TCP listener and its UDP/TCP service with it."""
         self.servers[name].stop(self.processes.pop(name))
@@ -338,18 +344,16 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         director.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
         director.run("ipvsadm", "--set", "0", "0", str(IPVS_UDP_TIMEOUT))  # 0: keep the TCP timeouts
         servers: dict[str, Netns] = {}
-        processes: dict[str, subprocess.Popen[bytes]] = {}
         for i, name in enumerate(NAMES):
             ns = servers[name] = Netns(f"{prefix}{name}")
             made.append(ns)
             veth(director, f"sv{i}", f"10.81.{i}.1/24", ns, "eth0", f"{ADDRESS[name]}/24")
             ns.run("ip", "route", "add", "default", "via", f"10.81.{i}.1")
-            processes[name] = ns.popen(sys.executable, "-c", SERVER, name, str(UDP_PORT), str(TCP_PORT),
-                                       log=logs / f"{name}.log")
         engine = EngineThread(load(CONFIG, "engine-ipvs.yaml"), director)
-        started = time.monotonic()
+        lab = Lab(director, client, servers, {}, engine, time.monotonic(), logs)
+        for name in NAMES:
+            lab.start(name)
         engine.start()
-        lab = Lab(director, client, servers, processes, engine, started, logs)
         yield lab
     finally:
         if lab is not None:
@@ -454,9 +458,21 @@ def test_a_drained_server_keeps_its_flows_and_leaves_when_they_end(lab: Lab) -> 
     assert counts == Counter({"s1": len(CLIENT_IPS)}), counts
 
 
+def test_an_undrained_and_a_recovered_server_take_new_flows_again(lab: Lab) -> None:
+    lab.engine.call(lambda e: e.undrain_server("s2"))
+    lab.start("s0")
+    lab.wait_for("all three back in both services at weight 1",
+                 lambda: all({a: r[0] for a, r in reals.items()} == {ADDRESS[n]: 1 for n in NAMES}
+                             for reals in lab.ipvs().values()))
+    for kind, port in ((socket.SOCK_DGRAM, 29000), (socket.SOCK_STREAM, 30000)):
+        counts = spread(new_flows(lab.client, kind, port))
+        assert None not in counts and all(counts[n] >= 7 for n in NAMES), counts
+    assert lab.engine.speaker.announced()
+
+
 def test_all_servers_dead_withdraw_first_then_the_dataplane_after_the_dwell(lab: Lab) -> None:
-    lab.kill("s2")
-    lab.kill("s1")
+    for name in NAMES:
+        lab.kill(name)
     withdrawn = lab.wait_for("withdraw", lab.engine.speaker.withdrawn_at, timeout=SLOW, pause=0.05)
     # the speaker checked the kernel at the withdraw: VIP and services were still there
     gone = lab.wait_for("the IPVS services torn down", lambda: not lab.ipvs() and time.monotonic(),
