@@ -123,22 +123,18 @@ class _Collector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self.source()
-        labels = ["pop"]
-        announced = GaugeMetricFamily("pop_announced", "1 while this PoP announces its anycast prefixes", labels=labels)
-        announced.add_metric([snap.pop], float(snap.verdict.announce))
-        yield announced
-        drained = GaugeMetricFamily("pop_drained", "1 while an operator drain is in force", labels=labels)
-        drained.add_metric([snap.pop], float(snap.verdict.drained))
-        yield drained
-        changes = CounterMetricFamily("pop_verdict_changes", "announce/withdraw decisions", labels=labels)
-        changes.add_metric([snap.pop], float(snap.verdict.changes))
-        yield changes
-        healthy = GaugeMetricFamily("pop_pool_healthy_servers", "servers in the pool", labels=labels)
-        healthy.add_metric([snap.pop], float(snap.pool.healthy))
-        yield healthy
-        total = GaugeMetricFamily("pop_pool_servers", "servers configured", labels=labels)
-        total.add_metric([snap.pop], float(snap.pool.total))
-        yield total
+        per_pop: tuple[tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str, float], ...] = (
+            (GaugeMetricFamily, "pop_announced", "1 while this PoP announces its anycast prefixes",
+             float(snap.verdict.announce)),
+            (GaugeMetricFamily, "pop_drained", "1 while an operator drain is in force", float(snap.verdict.drained)),
+            (CounterMetricFamily, "pop_verdict_changes", "announce/withdraw decisions", float(snap.verdict.changes)),
+            (GaugeMetricFamily, "pop_pool_healthy_servers", "servers in the pool", float(snap.pool.healthy)),
+            (GaugeMetricFamily, "pop_pool_servers", "servers configured", float(snap.pool.total)),
+        )
+        for family, name, text, value in per_pop:
+            metric = family(name, text, labels=["pop"])
+            metric.add_metric([snap.pop], value)
+            yield metric
         up = GaugeMetricFamily("pop_server_up", "1 while the server is in the pool", labels=["pop", "server"])
         state = GaugeMetricFamily("pop_server_state", "1 for the server's current state",
                                   labels=["pop", "server", "state"])
@@ -157,10 +153,10 @@ class _Collector(Collector):
                 if tier.last is not None and tier.last.latency is not None:
                     latency.add_metric([snap.pop, server.name, tier_name], tier.last.latency)
         yield from (up, state, probes, latency)
-        for key, value in snap.extra.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                extra = GaugeMetricFamily(f"pop_{key}", key.replace("_", " "), labels=labels)
-                extra.add_metric([snap.pop], float(value))
+        for key, item in snap.extra.items():
+            if isinstance(item, int | float) and not isinstance(item, bool):
+                extra = GaugeMetricFamily(f"pop_{key}", key.replace("_", " "), labels=["pop"])
+                extra.add_metric([snap.pop], float(item))
                 yield extra
 
 
