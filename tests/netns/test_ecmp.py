@@ -116,6 +116,16 @@ def send_flows(lab: Lab, first_port: int, count: int) -> None:
 
 def collect(lab: Lab) -> list[dict[str, set[int]]]:
     """Stop the receivers and return, per server, the source ports seen per protocol."""
+    # UDP is fire-and-forget: let the receivers drain their sockets and print before they stop
+    # (on a busy machine the last datagrams are still queued when the sender returns)
+    deadline = time.monotonic() + 5
+    sizes: list[int] = []
+    while time.monotonic() < deadline:
+        now = [log.stat().st_size for _, _, log in lab.receivers]
+        if now == sizes:
+            break
+        sizes = now
+        time.sleep(0.3)
     result = []
     for ns, proc, log in lab.receivers:
         ns.stop(proc)
