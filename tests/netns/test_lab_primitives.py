@@ -342,7 +342,10 @@ def test_ebgp_announcement_reaches_kernel_and_withdraw_removes_it(
         ra.stop()  # bgpd sends a Cease: b drops the session and the route at once
         stopped = watch.wait_for(lambda hops: not hops, timeout=10, since=t1)
         assert stopped - t1 < 3
-    assert [e.kind for e in watch.events] == ["add", "del", "add", "del"]
+    kinds = [e.kind for e in watch.events]
+    # the first route can be installed before the watcher subscribed: then it is the initial
+    # state (read from the dump), not an event
+    assert kinds[-3:] == ["del", "add", "del"] and kinds[:-3] in ([], ["add"]), kinds
     assert back < stopped
 
 
