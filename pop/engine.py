@@ -142,14 +142,11 @@ class Engine:
         self.pool = PoolView(0, len(config.servers), settled=False)
         self.desired: tuple[Announcement, ...] = ()
         self.events: collections.deque[Event] = collections.deque(maxlen=200)
-        self.apply_errors = 0
-        self.last_apply_error = ""
         self._dirty = asyncio.Event()
         self._wake_timer = asyncio.Event()
         self._wake_prober: dict[tuple[str, str], asyncio.Event] = {}
         self._latest: dict[tuple[str, str], int] = {}
         self._sequence = itertools.count(1)
-        self._applied = asyncio.Event()  # set whenever the applier has caught up
         self._group: asyncio.TaskGroup | None = None
         self._probers: list[asyncio.Task[None]] = []
         self._verdict_policy = VerdictPolicy(config.pool.low_watermark, config.pool.high_watermark,
@@ -212,7 +209,6 @@ class Engine:
         if desired != self.desired or dataplane != self.desired_dataplane:
             self.desired = desired
             self.desired_dataplane = dataplane
-            self._applied.clear()
             self._dirty.set()
 
     def _weight(self, server: str, address: str, weight: int) -> int:
@@ -351,9 +347,6 @@ class Engine:
             self._start_probers()
         self.reevaluate()
 
-    async def wait_applied(self) -> None:
-        await self._applied.wait()
-
     async def _applier(self) -> None:
         reassert = self.config.exabgp.reassert_interval
         last_full = self.clock()
@@ -368,8 +361,7 @@ class Engine:
             force = reassert > 0 and self.clock() >= last_full + reassert
             if force:
                 last_full = self.clock()
-            if await self._apply(force) and not self._dirty.is_set():
-                self._applied.set()
+            await self._apply(force)
 
     async def _apply(self, force: bool) -> bool:
         """One pass of making the adapters hold the newest desired state, in the safe order.

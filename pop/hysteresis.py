@@ -118,15 +118,6 @@ def interval(tier: TierState, policy: Policy) -> float:
     return policy.interval
 
 
-def disable(current: TierState, now: float, reason: str) -> TierState:
-    return _enter(current, State.DISABLED, now, reason)
-
-
-def enable(current: TierState, now: float) -> TierState:
-    """Back from DISABLED: the server has to rise again like a new one."""
-    return _enter(current, State.INIT, now, "enabled")
-
-
 @dataclass(frozen=True, slots=True)
 class ServerHealth:
     """The combination of one server's tiers."""

@@ -69,8 +69,6 @@ class ExaBgpSpeaker:
         self.shutting_down = False  # ExaBGP announced its own shutdown
         self.errors = 0  # commands ExaBGP answered with `error`
         self.unparsed = 0
-        self.last_error = ""
-        self.on_peer_change: Callable[[str, PeerView], None] | None = None
 
     def announced(self) -> tuple[Announcement, ...]:
         """Read-back: what ExaBGP has acknowledged announcing."""
@@ -129,7 +127,6 @@ class ExaBgpSpeaker:
             ) from None
         if not ok:
             self.errors += 1
-            self.last_error = f"ExaBGP rejected: {command}"
             log.error("bgp.rejected command=%r", command)
         return ok
 
@@ -170,8 +167,6 @@ class ExaBgpSpeaker:
             )
             self.peers[message.peer] = view
             log.info("bgp.session peer=%s state=%s reason=%s", message.peer, message.state, message.reason or "-")
-            if self.on_peer_change is not None:
-                self.on_peer_change(message.peer, view)
         elif isinstance(message, Update):
             old = self.peers.get(message.peer, PeerView())
             received = (old.received - set(message.withdrawn)) | set(message.announced)

@@ -29,7 +29,6 @@ class KernelDataplane:
                                  hash_policy=config.hash_policy) if config.mode == "ecmp" else None
         owned = host_addresses(prefixes)
         self.ipvs = IpvsTable(owned=owned, netns=netns) if config.mode == "ipvs" and owned else None
-        self._current = DesiredState()
 
     async def set(self, state: DesiredState) -> None:
         growing = bool(state.vips or state.services or state.routes)
@@ -45,7 +44,6 @@ class KernelDataplane:
             if self.ipvs is not None:
                 await self.ipvs.set(())
             await self.vips.set(())
-        self._current = state
 
     async def read(self) -> DesiredState:
         return DesiredState(
