@@ -27,13 +27,14 @@ Results (`CheckResult.error`), as observed against wireguard-go and the kernel m
 
 `timeout` bounds the wait for each answer; a probe sends at most two initiations (the
 second only after a cookie reply), each after its turn from the pacer, so the engine's own
-deadline should allow 2 * timeout + 50 ms.
+deadline should allow 2 * timeout + 50 ms (the engine runs one probe per server at a time; a
+second concurrent probe of the same key and server waits for the first one's turn to end).
 
 Two rules of the responder shape the state shared by all checks in this process: the
 timestamp of a probe key must always increase (one Tai64nClock per probe key), and a
 responder consumes at most one initiation per peer every 20 ms (one pacer per probe key and
-responder address, MIN_INITIATION_INTERVAL apart). Both live in module registries, so check
-objects rebuilt on a config reload keep them.
+responder address, one initiation in flight at a time, see MIN_GAP_AFTER_ANSWER). Both live
+in module registries, so check objects rebuilt on a config reload keep them.
 """
 
 from __future__ import annotations
@@ -50,12 +51,17 @@ from pop.checks.base import CheckResult
 from pop.checks.noise import Handshake, Initiator, Outcome, Tai64nClock, Verdict
 
 # wireguard-go and the kernel drop an initiation that arrives within 20 ms (50 per second)
-# of the last one they *consumed* from the same peer, timed when their handshake worker gets
-# to it. Sends are spaced 25 ms apart, and a send also waits 21 ms after the previous answer:
-# the responder consumed that initiation before answering, so the next one, consumed after
-# it is sent, is then more than 20 ms later however long the responder's queue was.
+# of the last one they *consumed* from the same peer, and one whose timestamp is not newer
+# than the last consumed. Both are judged when a handshake worker gets to the packet, and
+# wireguard-go runs one worker per CPU: two initiations in flight at once can be consumed
+# late, close together, or in the wrong order, however far apart they were sent. So one
+# initiation per probe key and responder is in flight at a time, and the next is sent 21 ms
+# after the answer (the responder consumed the previous one before it answered), or after
+# the previous one's answer timeout plus MIN_INITIATION_INTERVAL when there was no answer.
 MIN_INITIATION_INTERVAL = 0.025
 MIN_GAP_AFTER_ANSWER = 0.021
+# how often a probe waiting for another one's answer looks again (the answer lowers the wait)
+_PACER_POLL = 0.005
 
 _UNREACHABLE = {
     errno.ECONNREFUSED: "ICMP port unreachable: nothing listens on udp/{port} at {host}",
@@ -70,11 +76,12 @@ _SILENCE = (
 
 
 class Pacer:
-    """Spaces the initiations of one probe key to one responder (see MIN_INITIATION_INTERVAL).
+    """One initiation in flight per probe key and responder, spaced (see MIN_GAP_AFTER_ANSWER).
 
-    The spacing is measured between actual events: `wait_turn()` returns when a send may go,
-    the caller sends without awaiting anything in between and then calls `sent()`, and
-    `answered()` when the responder's answer arrives.
+    `wait_turn(hold)` returns when a send may go and claims the responder until `answered()`
+    or, without an answer, for `hold` seconds; the caller sends without awaiting anything in
+    between. Shared by checks in any thread or event loop, hence a lock and not an asyncio
+    primitive.
     """
 
     __slots__ = ("_lock", "_next")
@@ -83,29 +90,23 @@ class Pacer:
         self._next = 0.0
         self._lock = threading.Lock()
 
-    def delay(self) -> float:
-        """0 and the turn claimed, or how long to wait before asking again."""
+    def claim(self, hold: float) -> float:
+        """0 and the responder claimed for `hold` seconds, or how long until the next look."""
         with self._lock:
             now = time.monotonic()
             if now >= self._next:
-                self._next = now + MIN_INITIATION_INTERVAL
+                self._next = now + hold
                 return 0.0
             return self._next - now
 
-    async def wait_turn(self) -> None:
-        # waiting for a point in time that another probe may push back, not for an event
-        while (delay := self.delay()) > 0:  # noqa: ASYNC110
-            await asyncio.sleep(delay)
-
-    def sent(self) -> None:
-        self._push(MIN_INITIATION_INTERVAL)
+    async def wait_turn(self, hold: float) -> None:
+        # waiting for a point in time that the holder's answer may bring forward, not an event
+        while (delay := self.claim(hold)) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(min(delay, _PACER_POLL))
 
     def answered(self) -> None:
-        self._push(MIN_GAP_AFTER_ANSWER)
-
-    def _push(self, gap: float) -> None:
         with self._lock:
-            self._next = max(self._next, time.monotonic() + gap)
+            self._next = time.monotonic() + MIN_GAP_AFTER_ANSWER
 
 
 _CLOCKS: dict[bytes, Tai64nClock] = {}
@@ -173,11 +174,10 @@ class WireGuardCheck:
         cookie: bytes | None = None
         ignored = 0
         while True:
-            await self._pacer.wait_turn()
+            await self._pacer.wait_turn(self.timeout + MIN_INITIATION_INTERVAL)
             message, handshake = self._initiator.initiation(secrets.randbits(32), self._clock.next(), cookie)
             start = time.perf_counter()
             sock.send(message)
-            self._pacer.sent()
             try:
                 async with asyncio.timeout(self.timeout):
                     verdict, rtt, skipped = await _receive(loop, sock, handshake, start)

@@ -29,7 +29,7 @@ from scapy.contrib.wireguard import Wireguard, WireguardInitiation, WireguardRes
 
 from pop.checks import noise
 from pop.checks.noise import Initiator, Outcome, Tai64nClock
-from pop.checks.wireguard import MIN_INITIATION_INTERVAL, Pacer, WireGuardCheck
+from pop.checks.wireguard import MIN_GAP_AFTER_ANSWER, MIN_INITIATION_INTERVAL, Pacer, WireGuardCheck
 
 ZERO12 = bytes(12)
 M32 = 0xFFFFFFFF
@@ -485,24 +485,70 @@ def test_check_spaces_initiations_to_one_responder() -> None:
     asyncio.run(main())
 
 
-def test_pacer_spaces_turns_from_the_actual_send() -> None:
+class _Late(_Server):
+    """Answers `delay` seconds late, and not at all to the datagrams numbered in `drop`."""
+
+    def __init__(self, answer: object, delay: float, drop: frozenset[int] = frozenset()) -> None:
+        super().__init__(answer)
+        self.delay, self.drop = delay, drop
+        self.answers: list[float] = []
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.arrivals.append(time.monotonic())
+        if len(self.arrivals) - 1 in self.drop:
+            return
+        assert callable(self.answer)
+        for reply in self.answer(data):
+            asyncio.get_running_loop().call_later(self.delay, self._send, reply, addr)
+
+    def _send(self, reply: bytes, addr: tuple[str, int]) -> None:
+        self.answers.append(time.monotonic())
+        self.transport.sendto(reply, addr)
+
+
+async def serve_late(p: Pair, delay: float, drop: frozenset[int] = frozenset()) -> tuple[_Late, int]:
+    loop = asyncio.get_running_loop()
+    server = _Late(one(p.responder), delay, drop)
+    await loop.create_datagram_endpoint(lambda: server, local_addr=("127.0.0.1", 0))
+    return server, server.transport.get_extra_info("sockname")[1]
+
+
+def test_a_slow_responder_has_one_initiation_in_flight() -> None:
+    """A responder that answers late consumes late: the next initiation waits for the answer."""
+
+    async def main() -> None:
+        p = pair()
+        server, port = await serve_late(p, delay=0.060)
+        results = await asyncio.gather(*(check_for(p, port).probe() for _ in range(3)))
+        server.transport.close()
+        assert all(r.ok for r in results), results
+        # every send after the first follows the previous answer by the responder's 20 ms
+        follows = [arrival - answer for answer, arrival in zip(server.answers, server.arrivals[1:], strict=False)]
+        assert len(server.arrivals) == 3 and min(follows) > 0.020, (server.arrivals, server.answers)
+
+    asyncio.run(main())
+
+
+def test_an_unanswered_initiation_holds_the_responder_for_its_timeout() -> None:
+    async def main() -> None:
+        p = pair()
+        server, port = await serve_late(p, delay=0.0, drop=frozenset({0}))
+        first, second = await asyncio.gather(check_for(p, port, timeout=0.1).probe(), check_for(p, port).probe())
+        server.transport.close()
+        assert (first.ok, first.error, second.ok) == (False, "timeout", True), (first, second)
+        assert server.arrivals[1] - server.arrivals[0] >= 0.1 + MIN_INITIATION_INTERVAL
+
+    asyncio.run(main())
+
+
+def test_pacer_claims_and_answers() -> None:
     pacer = Pacer()
-    assert pacer.delay() == 0  # turn claimed
-    assert pacer.delay() == pytest.approx(MIN_INITIATION_INTERVAL, abs=0.005)
-    time.sleep(0.010)  # the send went out late
-    pacer.sent()
-    assert pacer.delay() == pytest.approx(MIN_INITIATION_INTERVAL, abs=0.003)
-
-    async def turns() -> list[float]:
-        sends = []
-        for _ in range(3):
-            await pacer.wait_turn()
-            sends.append(time.monotonic())
-            pacer.sent()
-        return sends
-
-    sends = asyncio.run(turns())
-    assert min(b - a for a, b in itertools.pairwise(sends)) >= MIN_INITIATION_INTERVAL
+    assert pacer.claim(1.0) == 0  # claimed, held for a second
+    assert pacer.claim(1.0) == pytest.approx(1.0, abs=0.01)
+    pacer.answered()
+    assert pacer.claim(1.0) == pytest.approx(MIN_GAP_AFTER_ANSWER, abs=0.005)
+    time.sleep(MIN_GAP_AFTER_ANSWER)
+    assert pacer.claim(1.0) == 0
 
 
 def test_wrong_server_key_is_a_timeout_with_a_hint() -> None:
