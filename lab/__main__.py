@@ -193,7 +193,9 @@ def print_status(data: dict[str, Any]) -> None:
         print(f"  {pop['pop']:<8} {pop['state']:<10} {pop['reason']}")
     print(f"data path (who answers TCP {WHOAMI_PORT} on the anycast address):")
     for answer in data.get("answers", []):
-        print(f"  {answer['node']:<8} -> {answer['pop'] or 'no answer'}")
+        who = answer.get("answered_by")
+        server = f" (server {who})" if who and who != answer["pop"] else ""
+        print(f"  {answer['node']:<8} -> {answer['pop'] or 'no answer'}{server}")
     if data.get("faults"):
         print("active faults:")
     for fault in data.get("faults", []):

@@ -6,14 +6,17 @@ recovery, printed as a timeline.
               pop1        pop3 (both)           pop2          each PoP: `pop run` (ExaBGP + engine)
              vpn11 vpn12  vpn31 vpn32        vpn21 vpn22      each VPN server: TCP :443 + wireguard-go
 
-Every PoP answers on the anycast address with its own name, so the client shows which PoP
-it reached. Everything is torn down at the end, also on Ctrl-C or failure.
+A "who am I" service on the anycast address answers with the name of the node that holds it:
+pop2 and pop3 hold it themselves (data plane mode none); pop1 (mode ecmp) routes it to its
+healthy servers, so connections that reach pop1 are answered by vpn11 or vpn12. The client
+shows where its connections landed. Everything is torn down at the end, also on Ctrl-C or failure.
 
 Run as root from the repository root:  .venv/bin/python -m lab.demo
 """
 
 from __future__ import annotations
 
+import collections
 import sys
 import time
 
@@ -24,6 +27,16 @@ T0 = time.monotonic()
 
 def say(message: str) -> None:
     print(f"[{time.monotonic() - T0:7.2f}s] {message}", flush=True)
+
+
+def landed(lab: Lab, node: str, count: int = 20) -> str:
+    """Where ``count`` new TCP connections from ``node`` to the anycast address land."""
+    seen = collections.Counter(lab.ask_node(node) for _ in range(count))
+    parts = []
+    for who, n in seen.most_common():
+        pop = lab.pop_of(who)
+        parts.append(f"{who or 'nobody'} x{n}" + (f" ({pop}'s server)" if pop != who else ""))
+    return f"{count} connections answered by " + ", ".join(parts)
 
 
 def main() -> int:
@@ -37,7 +50,7 @@ def main() -> int:
             hops = lab.router(router).kernel_nexthops(lab.anycast)
             say(f"  {router} kernel: {lab.anycast} via {', '.join(sorted(lab.nexthop_nodes(hops)))}")
         first, _ = lab.wait_answer("client1")
-        say(f"client1 -> anycast address: answered by {first}")
+        say(f"client1 -> anycast address: answered by {first}: {landed(lab, 'client1')}")
         assert first is not None
 
         with lab.watch("r1") as watch:
@@ -51,7 +64,7 @@ def main() -> int:
             say(f"{first} /status: {status['state']} — {status['last_change_reason']}")
             second, when = lab.wait_answer("client1", lambda who: who not in (None, first))
             say(f"client1 -> anycast address: answered by {second} "
-                f"({(when - fault.at) * 1000:.0f} ms after the failure)")
+                f"({(when - fault.at) * 1000:.0f} ms after the failure): {landed(lab, 'client1')}")
 
             back = lab.faults.undo(fault)
             say(f"RECOVERY: {first}'s servers are back")

@@ -185,6 +185,7 @@ class Faults:
         stop = threading.Event()
         first = threading.Event()
         failure: list[BaseException] = []
+        origin: list[float] = []  # when the schedule starts: the first stop begins
 
         def run() -> None:
             try:
@@ -195,6 +196,7 @@ class Faults:
 
         def cycle_servers() -> None:
             start = time.monotonic()
+            origin.append(start)
             cycle = 0
             while not stop.is_set():
                 for server in servers:
@@ -215,7 +217,9 @@ class Faults:
             self._flappers[fault.id] = (stop, thread)
         thread.start()
         first.wait(10)
-        fault.at = fault.transitions[0][0] if fault.transitions else time.monotonic()
+        # the schedule's origin: stopping the servers takes a while, and the later transitions
+        # keep to the schedule, not to the end of that first stop
+        fault.at = origin[0] if origin else time.monotonic()
 
         def undo() -> float:
             stop.set()

@@ -8,8 +8,11 @@ Contract:
   commands in its namespace, then starts every daemon as a foreground child of the calling
   process: FRR (zebra, bgpd) in routers from their ``frr.conf``, ``pop run`` in PoPs from their
   ``pop.yaml`` (``lab.popnode.PopNode``), a TCP service and wireguard-go in each VPN server
-  (``lab.popnode.TcpService``, ``lab.wgserver.WireGuardServer``), and in each PoP a "who am I"
-  service on every anycast address (``lab/nodes/whoami.py``, port ``WHOAMI_PORT``). ``up()``
+  (``lab.popnode.TcpService``, ``lab.wgserver.WireGuardServer``), and a "who am I" service
+  (``lab/nodes/whoami.py``, port ``WHOAMI_PORT``) on every node that holds an anycast address
+  on ``lo``: a PoP in data plane mode none, or the servers of a PoP in mode ecmp (checked by
+  ``lab.topology.load``). A PoP in mode ipvs needs IPVS in the kernel; ``up()`` refuses it
+  naming what is missing when the kernel has none (this machine's; see lab.microvm). ``up()``
   returns once every PoP reports ``announced`` and every router forwards the anycast prefixes
   to all of its PoP neighbours; it returns the seconds that took.
 - ``down()`` stops everything and removes the namespaces, the wireguard-go UAPI sockets and
@@ -22,7 +25,8 @@ Contract:
 - Everything stays inside the lab's namespaces: no address, route, link or rule is ever added
   to the host's own namespace.
 - Data path: ``ask(node)`` connects from ``node`` (e.g. the client) to the anycast address's
-  who-am-I port and returns the name of the PoP that answered, or None.
+  who-am-I port and returns the name of the PoP whose node answered (the PoP, or one of its
+  servers), or None; ``ask_node(node)`` returns the answering node itself (e.g. ``vpn11``).
 - Faults: ``lab.faults`` (``lab.faults.Faults``), each with a monotonic timestamp and an undo.
 
 How a test or benchmark drives it (as root, from the repository root)::
@@ -75,7 +79,7 @@ from lab.frr import FrrRouter
 from lab.netns import IFNAMSIZ, Netns, cleanup_prefix, veth
 from lab.popnode import PopNode, TcpService
 from lab.routewatch import RouteWatcher, read_nexthops
-from lab.topology import LabSpec, Node, load
+from lab.topology import LabSpec, Node, anycast_on_lo, load
 from lab.wgserver import UAPI_DIR, WireGuardServer, keypair, write_key
 from pop import config as pop_config
 from pop import wgkeys
@@ -148,7 +152,8 @@ class LabStatus:
     routes: tuple[RouterRoute, ...]
     pops: tuple[PopVerdict, ...]
     faults: tuple[str, ...] = field(default=())
-    answers: tuple[tuple[str, str | None], ...] = field(default=())  # (client or probe node, PoP)
+    # (client or probe node, the PoP its connection reached, the node that answered: that PoP or its server)
+    answers: tuple[tuple[str, str | None, str | None], ...] = field(default=())
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -157,7 +162,7 @@ class LabStatus:
                         "nexthops": [{"address": a, "node": n} for a, n in r.nexthops]} for r in self.routes],
             "pops": [{"pop": p.pop, "state": p.state, "reason": p.reason} for p in self.pops],
             "faults": list(self.faults),
-            "answers": [{"node": node, "pop": pop} for node, pop in self.answers],
+            "answers": [{"node": node, "pop": pop, "answered_by": who} for node, pop, who in self.answers],
         }
 
 
@@ -239,6 +244,14 @@ class Lab:
 
     def ask(self, node: str, address: str | None = None, timeout: float = 1.0) -> str | None:
         """Which PoP answers ``node``'s TCP connection to the anycast address (None: nobody)."""
+        return self.pop_of(self.ask_node(node, address, timeout))
+
+    def pop_of(self, node: str | None) -> str | None:
+        """The PoP a node belongs to: a VPN server's PoP, or the node itself."""
+        return self.spec.vpns[node].pop if node is not None and node in self.spec.vpns else node
+
+    def ask_node(self, node: str, address: str | None = None, timeout: float = 1.0) -> str | None:
+        """Which node answers ``node``'s TCP connection to the anycast address: a PoP or a server."""
         target = address or str(ipaddress.ip_network(self.anycast).network_address)
         with self.ns(node).enter():
             # the socket belongs to the namespace it was created in, whatever thread uses it
@@ -271,6 +284,8 @@ class Lab:
         """Build the lab and start every daemon; the seconds until routes converged."""
         if self._up:
             raise RuntimeError("lab is already up")
+        if problems := self.preflight():
+            raise RuntimeError("cannot run this lab here: " + "; ".join(problems))
         started = time.monotonic()
         self._up = True
         self.statedir.mkdir(parents=True, exist_ok=True)
@@ -298,6 +313,13 @@ class Lab:
             self.down()
             raise
         return time.monotonic() - started
+
+    def preflight(self) -> list[str]:
+        """What this machine lacks for the topology's PoPs (IPVS for a PoP in ipvs mode)."""
+        return [f"{name} runs dataplane mode ipvs, and this kernel has no IPVS (no /proc/net/ip_vs; "
+                "run it under containerlab on a kernel with ip_vs, or see tests/kernel for IPVS in the microVM)"
+                for name, spec in self.spec.pops.items()
+                if spec.config.dataplane.mode == "ipvs" and not Path("/proc/net/ip_vs").exists()]
 
     def write_state(self, **extra: Any) -> None:
         state = {"prefix": self.prefix, "owner_pid": self.owner_pid, "supervised": self.supervised,
@@ -355,6 +377,7 @@ class Lab:
             wireguard.add_peer(probe_public)
         server = VpnServer(name, ns, tcp, wireguard)
         self.vpns[name] = server
+        self._start_witness(name)
         server.start()
 
     def _pop_document(self, name: str, changes: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -367,16 +390,19 @@ class Lab:
         return document
 
     def _start_pop(self, name: str) -> None:
-        spec = self.spec.pops[name]
         ns = self.ns(name)
         workdir = self.statedir / name
         node = PopNode(ns, self._pop_document(name, None), workdir)
         self.pops[name] = node
-        self.whoami[name] = [
-            ns.popen(sys.executable, str(WHOAMI), str(ipaddress.ip_network(p.prefix).network_address),
-                     str(WHOAMI_PORT), name, log=workdir / "whoami.log")
-            for p in spec.config.prefixes]
+        self._start_witness(name)
         node.start()
+
+    def _start_witness(self, name: str) -> None:
+        """The who-am-I service on each anycast address ``name`` holds on lo (the data path's end)."""
+        log = self.statedir / name / "whoami.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.whoami[name] = [self.ns(name).popen(sys.executable, str(WHOAMI), address, str(WHOAMI_PORT), name, log=log)
+                             for address in anycast_on_lo(self.topology.nodes[name], self.spec.anycast)]
 
     def restart_pop(self, name: str, changes: Mapping[str, Any] | None = None) -> float:
         """Restart ``pop run`` in a PoP with its pop.yaml merged with ``changes``.
@@ -404,6 +430,10 @@ class Lab:
             # the kernel tables first: a netlink dump costs nothing, a /status request more
             pending = [f"{name}: {prefix} via {sorted(hops)}" for name in self.routers for prefix in self.spec.anycast
                        if not self.expected_nexthops(name) <= (hops := read_nexthops(self.ns(name), prefix))]
+            # a PoP in ecmp mode routes to all of its servers
+            pending += [f"{name}: {prefix} via {sorted(hops)}" for name, (table, servers) in self._ecmp().items()
+                        for prefix in self.spec.anycast
+                        if (hops := read_nexthops(self.ns(name), prefix, table)) != servers]
             if not pending:
                 pending = [f"{name}: {state}" for name in self.pops
                            if (state := self.pop_status(name).get("state", "unreachable")) != "announced"]
@@ -411,6 +441,11 @@ class Lab:
                 return time.monotonic()
             time.sleep(0.05)
         raise TimeoutError("lab did not converge: " + "; ".join(pending) + "\n" + self.log_tails())
+
+    def _ecmp(self) -> dict[str, tuple[int, frozenset[str]]]:
+        """Each PoP in ecmp mode: its table and all its servers, the multipath route's full next-hop set."""
+        return {name: (spec.config.dataplane.table, frozenset(server.address for server in spec.config.servers))
+                for name, spec in self.spec.pops.items() if spec.config.dataplane.mode == "ecmp"}
 
     def pop_status(self, name: str, timeout: float = 2.0) -> dict[str, Any]:
         """GET /status of a PoP's engine, in-process through a socket in its namespace.
@@ -456,10 +491,13 @@ class Lab:
             data = self.pop_status(name)
             verdicts.append(PopVerdict(name, str(data.get("state", "unreachable")),
                                        str(data.get("last_change_reason") or "")))
-        answers = tuple((node.name, self.ask(node.name, timeout=0.5))
-                        for node in self.topology.nodes.values() if node.role in ("client", "probe"))
+        answers = []
+        for node in self.topology.nodes.values():
+            if node.role in ("client", "probe"):
+                who = self.ask_node(node.name, timeout=0.5)
+                answers.append((node.name, self.pop_of(who), who))
         return LabStatus(self.prefix, tuple(routes), tuple(verdicts),
-                         tuple(str(f) for f in self.faults.active()), answers)
+                         tuple(str(f) for f in self.faults.active()), tuple(answers))
 
     # --- teardown -----------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import shlex
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -355,6 +355,7 @@ def load(path: Path) -> LabSpec:
         raise TopologyError(problems)
     vpns = _vpns(topology, pops, problems)
     _check_sessions(topology, routers, pops, problems)
+    _check_anycast_holders(topology, pops, problems)
     if problems:
         raise TopologyError(problems)
     anycast: list[str] = []
@@ -384,6 +385,30 @@ def _vpns(topology: Topology, pops: Mapping[str, PopSpec], problems: list[str]) 
         if node.name not in vpns:
             problems.append(f"{topology.source}: topology.nodes.{node.name}: a vpn node no PoP lists in servers")
     return vpns
+
+
+def anycast_on_lo(node: Node, anycast: Iterable[str]) -> list[str]:
+    """The anycast host addresses ``node`` holds on ``lo`` (from its ``exec`` commands)."""
+    hosts = {ipaddress.ip_network(prefix).network_address for prefix in anycast}
+    return [str(ip) for ifname, cidr in node.addresses
+            if ifname == "lo" and (ip := ipaddress.ip_interface(cidr).ip) in hosts]
+
+
+def _check_anycast_holders(topology: Topology, pops: Mapping[str, PopSpec], problems: list[str]) -> None:
+    """Where the anycast address must (not) sit for the PoP's data plane mode to deliver."""
+    for name, spec in pops.items():
+        dataplane = spec.config.dataplane
+        hosts = [p.prefix for p in spec.config.prefixes if ipaddress.ip_network(p.prefix).prefixlen in (32, 128)]
+        if dataplane.mode == "ecmp" and (held := anycast_on_lo(topology.nodes[name], hosts)):
+            problems.append(f"{topology.source}: topology.nodes.{name}.exec: {', '.join(held)} on lo would take "
+                            f"the traffic that {name}'s ecmp data plane routes to its servers")
+        if dataplane.mode == "ecmp" or (dataplane.mode == "ipvs" and dataplane.forward != "nat"):
+            for server in spec.config.servers:
+                node = topology.nodes.get(server.name)
+                missing = set(map(str, (ipaddress.ip_network(h).network_address for h in hosts)))
+                if node is not None and (missing := missing - set(anycast_on_lo(node, hosts))):
+                    problems.append(f"{topology.source}: topology.nodes.{server.name}.exec: serves {name} in "
+                                    f"{dataplane.mode} mode, so it must hold {', '.join(sorted(missing))} on lo")
 
 
 def _check_sessions(topology: Topology, routers: Mapping[str, BgpConfig], pops: Mapping[str, PopSpec],

@@ -239,7 +239,14 @@ class Engine:
         if server not in self.health:
             raise KeyError(server)
         if server not in self.server_drains:
-            self.server_drains[server] = ServerDrain(self.clock())
+            if self.config.dataplane.mode == "ipvs":
+                self.server_drains[server] = ServerDrain(self.clock())
+            else:
+                # a multipath route has no weight 0: the server leaves it at once, and the flows
+                # it carried rehash onto the others (mode none: it only leaves the pool count)
+                why = ("out of the multipath route at once; its flows move (ecmp has no quiescent weight 0)"
+                       if self.config.dataplane.mode == "ecmp" else "out of the healthy count (no data plane)")
+                self.server_drains[server] = ServerDrain(self.clock(), done=True, reason=f"drained: {why}")
             self._record("admin", server, "", "draining", "operator drain of the server")
             log.info("server.drain server=%s", server)
             self._wake_timer.set()

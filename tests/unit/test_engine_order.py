@@ -242,3 +242,12 @@ def test_server_drain_times_out() -> None:
         assert engine.server_drains["a"].reason == "drained: drain_timeout passed with 5 connections"
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("mode", "why"), [("ecmp", "its flows move"), ("none", "no data plane")])
+def test_server_drain_without_ipvs_is_done_at_once_and_says_why(mode: str, why: str) -> None:
+    config = load(CONFIG_TEXT_NO_HOLD_DOWN.replace("mode: ipvs", f"mode: {mode}"))
+    engine = Engine(config, FakeSpeaker(World()), {n: [(Scripted(), POLICY)] for n in ("a", "b")}, clock=lambda: 0.0)
+    engine.drain_server("a")
+    drain = engine.server_drains["a"]
+    assert drain.done and why in drain.reason, drain  # no quiescent phase to wait for

@@ -17,7 +17,7 @@ import yaml
 from lab import topology
 from lab.frr import BgpConfig, BgpNeighbor
 from lab.runner import wireguard_ifnames
-from lab.topology import LabSpec, TopologyError, load, parse, parse_frr
+from lab.topology import LabSpec, TopologyError, anycast_on_lo, load, parse, parse_frr
 from pop import config as pop_config
 from pop import wgkeys
 
@@ -107,8 +107,12 @@ def test_the_issues_topology(spec: LabSpec) -> None:
     assert any(frozenset((client.name, r)) in links for r in routers)
     assert spec.topology.by_role("probe")
     assert spec.anycast == ("198.51.100.1/32",)
-    for pop in spec.topology.by_role("pop"):
-        assert ("lo", "198.51.100.1/32") in pop.addresses  # the PoP answers on the anycast address
+    # both data plane modes a host kernel can run: pop1 routes the address to its servers
+    # (ecmp), pop2 and pop3 hold it themselves (none)
+    modes = {name: pop.config.dataplane.mode for name, pop in spec.pops.items()}
+    assert modes == {"pop1": "ecmp", "pop2": "none", "pop3": "none"}
+    holders = {node.name for node in spec.topology.nodes.values() if anycast_on_lo(node, spec.anycast)}
+    assert holders == {"pop2", "pop3", "vpn11", "vpn12"}
 
 
 def test_wireguard_keys_match_the_pop_configs(spec: LabSpec) -> None:
@@ -218,6 +222,24 @@ def test_a_node_file_that_does_not_fit(tmp_path: Path, path: str, old: str, new:
     node_file.write_text(node_file.read_text().replace(old, new))
     with pytest.raises(TopologyError, match=message):
         load(topology_file)
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    # the PoP in ecmp mode also holding the address: it would answer instead of its servers
+    ("- ip addr add 10.0.1.2/30 dev eth1", "- ip addr add 198.51.100.1/32 dev lo\n        - ip addr add 10.0.1.2/30 dev eth1",
+     r"pop1.exec: 198.51.100.1 on lo would take the traffic that pop1's ecmp data plane routes"),
+    # a server of the PoP in ecmp mode without the address: its share of the flows would be lost
+    ("- ip addr add 198.51.100.1/32 dev lo\n        - ip addr add 10.1.2.2/30", "- ip addr add 10.1.2.2/30",
+     r"vpn12.exec: serves pop1 in ecmp mode, so it must hold 198.51.100.1 on lo"),
+])
+def test_the_anycast_address_sits_where_the_data_plane_mode_delivers(tmp_path: Path, old: str, new: str,
+                                                                     message: str) -> None:
+    path = _copy_lab(tmp_path)
+    text = path.read_text()
+    assert text.count(old) == 1
+    path.write_text(text.replace(old, new))
+    with pytest.raises(TopologyError, match=message):
+        load(path)
 
 
 def test_wireguard_interface_names_are_unique_and_fit(spec: LabSpec) -> None:
