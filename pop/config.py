@@ -151,6 +151,7 @@ class ExaBGP:
     reassert_interval: float = 0.0  # re-send the current announcements this often; 0 = only on change
     withdraw_settle: float = 0.5  # on shutdown, time for the withdraw to leave before ExaBGP stops
     ack_timeout: float = 5.0  # an API command without ack after this is a broken channel
+    watchdog: float = 5.0  # `pop run` kills an engine whose event loop was silent this long; 0 = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -619,7 +620,7 @@ def _status(r: _Reader, value: Any, path: str) -> StatusEndpoint:
 
 
 def _exabgp(r: _Reader, value: Any, path: str) -> ExaBGP:
-    data = r.mapping(value, path, {"reassert_interval", "withdraw_settle", "ack_timeout"})
+    data = r.mapping(value, path, {"reassert_interval", "withdraw_settle", "ack_timeout", "watchdog"})
     if data is None:
         return ExaBGP()
     default = ExaBGP()
@@ -630,7 +631,16 @@ def _exabgp(r: _Reader, value: Any, path: str) -> ExaBGP:
                                    default.withdraw_settle),
         ack_timeout=r.optional(data, "ack_timeout", path, lambda v, p: r.number(v, p, 0.1, 300, low_open=True),
                                default.ack_timeout),
+        watchdog=r.optional(data, "watchdog", path, lambda v, p: _watchdog(r, v, p), default.watchdog),
     )
+
+
+def _watchdog(r: _Reader, value: Any, path: str) -> float | None:
+    seconds = r.number(value, path, 0, 600)
+    if seconds is not None and 0 < seconds < 1:
+        r.error(path, f"{seconds:g} s is too short to tell a hung engine from a busy one; at least 1, or 0 for off")
+        return None
+    return seconds
 
 
 _SCHEDULERS = {"mh", "sh", "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sed", "nq", "fo", "ovf", "twos"}

@@ -8,17 +8,23 @@ what an operator expects (SIGHUP stops ExaBGP):
 - SIGHUP: reload. The new YAML is checked first; a broken one is logged and changes nothing.
   A changed ExaBGP configuration (neighbors) is re-rendered and ExaBGP reloads it (SIGUSR1);
   the engine gets SIGHUP and reloads in place (health state and announcements are kept).
+Watchdog: ExaBGP notices an engine that dies, not one that hangs. The engine's event loop
+writes a heartbeat (engine.heartbeat in the runtime directory); when it is older than
+`exabgp.watchdog` seconds, `pop run` kills the engine, ExaBGP respawns it, and the new engine
+withdraws every prefix first, then re-announces once its servers have risen.
 ExaBGP runs in its own session so that a terminal's signals reach it only through us.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -27,6 +33,7 @@ from pop import exabgp
 from pop.config import Config, ConfigError
 
 log = logging.getLogger("pop.run")
+WATCHDOG_LOOK = 0.25  # how often `pop run` reads the engine's heartbeat
 
 
 def exabgp_binary() -> str:
@@ -115,10 +122,10 @@ def run(config_path: Path) -> int:
     signal.signal(signal.SIGHUP, reload)
     while True:
         try:
-            code = child.wait()
+            code = child.wait(timeout=WATCHDOG_LOOK)
             break
-        except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
-            continue
+        except subprocess.TimeoutExpired:
+            watchdog(state["config"], child.pid)
     log.info("run.exit exabgp_code=%d", code)
     return code
 
@@ -150,6 +157,58 @@ def _reload(current: Config, config_path: Path, child: subprocess.Popen[bytes]) 
 
 def engine_pidfile(config: Config) -> Path:
     return Path(config.runtime_dir) / config.name / "engine.pid"
+
+
+def engine_heartbeat(config: Config) -> Path:
+    """Where the engine's event loop writes time.monotonic() while it runs (the watchdog reads it)."""
+    return Path(config.runtime_dir) / config.name / "engine.heartbeat"
+
+
+HEARTBEAT_INTERVAL = 0.25  # the engine beats this often, whatever the watchdog's limit (reloads change it)
+
+
+def silent_for(heartbeat: str, now: float) -> float | None:
+    """Seconds since the heartbeat ``heartbeat`` (file text) was written; None: cannot tell."""
+    try:
+        beat = float(heartbeat)
+    except ValueError:
+        return None  # being written, or garbage: judge on the next look
+    return max(0.0, now - beat)
+
+
+def watchdog(config: Config, exabgp_pid: int) -> int | None:
+    """Kill an engine whose event loop stopped beating; ExaBGP respawns it. The killed pid, or None.
+
+    The new engine withdraws every configured prefix before anything else, so a hung engine
+    cannot keep a PoP announced on servers nobody checks any more. Only an engine that is
+    ExaBGP's child is ever killed (the pid file could be stale).
+    """
+    limit = config.exabgp.watchdog
+    if limit <= 0:
+        return None
+    path = engine_heartbeat(config)
+    try:
+        silent = silent_for(path.read_text(), time.monotonic())
+        pid = int(engine_pidfile(config).read_text())
+    except (OSError, ValueError):
+        return None  # no engine yet (starting, or between a death and the respawn)
+    if silent is None or silent <= limit or _parent_of(pid) != exabgp_pid:
+        return None
+    log.error("watchdog.engine_hung pid=%d silent=%.1fs limit=%.1fs: killing it; ExaBGP restarts it and the "
+              "new engine withdraws first", pid, silent, limit)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return pid
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[1])
 
 
 def _signal_engine(config: Config, signum: int) -> None:

