@@ -171,9 +171,11 @@ class Engine:
         if new.state is not old.state:
             log.info("server.tier server=%s tier=%s %s->%s reason=%s", server, tier, old.state.value,
                      new.state.value, new.reason)
-            wake = self._wake_prober.get(key)
-            if wake is not None:
-                wake.set()
+            # every tier of the server re-reads its pace: one tier changing speeds up the others
+            for other in self.tiers[server]:
+                wake = self._wake_prober.get((server, other))
+                if wake is not None:
+                    wake.set()
         enabled = next(s.enabled for s in self.config.servers if s.name == server)
         health = hysteresis.combine(self.tiers[server], enabled)
         previous = self.health[server]
@@ -467,7 +469,7 @@ class Engine:
         await asyncio.sleep(random.uniform(0, policy.fast_interval))
         last_start = -1e9
         while True:
-            pace = hysteresis.interval(self.tiers[server][check.name], policy)
+            pace = hysteresis.interval(self.tiers[server][check.name], policy, self.tiers[server].values())
             delay = last_start + pace - self.clock()
             if delay > 0:
                 wake.clear()

@@ -16,6 +16,7 @@ produced by loss, so `fall_definitive` of them within the streak suffice.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -111,9 +112,18 @@ def _failure_text(result: CheckResult) -> str:
     return f"{result.error}: {result.detail}" if result.detail else result.error or "failed"
 
 
-def interval(tier: TierState, policy: Policy) -> float:
-    """Probe faster while a state is changing, so that both rise and fall complete quickly."""
-    if tier.state in (State.INIT, State.RISING, State.FALLING):
+_CHANGING = (State.INIT, State.RISING, State.FALLING)
+
+
+def interval(tier: TierState, policy: Policy, server_tiers: Iterable[TierState] = ()) -> float:
+    """Probe faster while a state is changing, so that both rise and fall complete quickly.
+
+    ``server_tiers`` are all tiers of the same server: while any of them changes, every tier
+    probes at its fast pace. A server coming back is seen by the fast tier first (its TCP
+    port answers again); the slow tier then confirms at its fast pace instead of waiting out
+    its stable interval, so recovery is not held up by the slowest schedule.
+    """
+    if tier.state in _CHANGING or any(other.state in _CHANGING for other in server_tiers):
         return policy.fast_interval
     return policy.interval
 

@@ -72,6 +72,18 @@ def test_faster_interval_while_changing(state: State, pace: float) -> None:
     assert interval(TierState(state=state), POLICY) == pace
 
 
+@pytest.mark.parametrize(("own", "other", "pace"), [
+    (State.DOWN, State.RISING, 0.1),  # the server's port answers again: confirm the handshake fast
+    (State.UP, State.FALLING, 0.1),
+    (State.DOWN, State.DOWN, 1.0),  # a dead server stays at the stable pace
+    (State.UP, State.UP, 1.0),
+    (State.UP, State.DOWN, 1.0),  # alive but useless, settled: nothing is changing
+])
+def test_a_changing_tier_speeds_up_the_servers_other_tiers(own: State, other: State, pace: float) -> None:
+    tier = TierState(state=own)
+    assert interval(tier, POLICY, [tier, TierState(state=other)]) == pace
+
+
 @pytest.mark.parametrize(("tiers", "expected"), [
     ({"tcp": State.UP, "wireguard": State.UP}, (State.UP, "", True)),
     ({"tcp": State.UP, "wireguard": State.FALLING}, (State.FALLING, "wireguard", True)),
