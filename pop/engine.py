@@ -29,6 +29,7 @@ from typing import Protocol
 
 from pop import desired as plan
 from pop import hysteresis, load, verdict
+from pop.adminstate import AdminState, ServerDrainRecord
 from pop.checks.base import Check, CheckResult
 from pop.config import Config
 from pop.desired import Announcement, DesiredState, announcements
@@ -126,6 +127,7 @@ class Engine:
         self.dataplane_failures = 0
         self._withdrawn_at: float | None = None
         self.server_drains: dict[str, ServerDrain] = {}
+        self.on_admin_change: Callable[[], None] | None = None  # the service persists drains
         self.load_signal = load_signal
         self.load_factors: dict[str, float] = {}
         self.checks = checks
@@ -251,6 +253,7 @@ class Engine:
                 self.server_drains[server] = ServerDrain(self.clock(), done=True, reason=f"drained: {why}")
             self._record("admin", server, "", "draining", "operator drain of the server")
             log.info("server.drain server=%s", server)
+            self._admin_changed()
             self._wake_timer.set()
             self.reevaluate()
 
@@ -260,6 +263,7 @@ class Engine:
         if self.server_drains.pop(server, None) is not None:
             self._record("admin", server, "draining", "", "operator undrain of the server")
             log.info("server.undrain server=%s", server)
+            self._admin_changed()
             self.reevaluate()
 
     def finish_drains(self, connections: Mapping[str, int]) -> None:
@@ -278,21 +282,44 @@ class Engine:
                 log.info("server.drained server=%s reason=%s", server.name, why)
                 changed = True
         if changed:
+            self._admin_changed()
             self.reevaluate()
 
     @property
     def degraded(self) -> bool:
         return any(h.state is not State.UP for h in self.health.values())
 
-    def drain(self) -> None:
+    def drain(self, reason: str = "operator drain") -> None:
         self.verdict = verdict.drain(self.verdict, self.clock())
-        self._record("admin", self.config.name, "", "drained", "operator drain")
+        self._record("admin", self.config.name, "", "drained", reason)
+        self._admin_changed()
         self.reevaluate()
 
     def undrain(self) -> None:
         self.verdict = verdict.undrain(self.verdict)
         self._record("admin", self.config.name, "drained", "", "operator undrain")
+        self._admin_changed()
         self.reevaluate()
+
+    def admin_state(self, wall: float, now: float) -> AdminState:
+        """The drains, with wall-clock times (``wall`` is time.time() at the engine's ``now``)."""
+        servers = {name: ServerDrainRecord(wall - (now - d.since), d.done, d.reason)
+                   for name, d in self.server_drains.items()}
+        return AdminState(self.verdict.drained, servers)
+
+    def restore_admin(self, state: AdminState, wall: float) -> None:
+        """Take up the drains a previous engine left (before run(): nothing is announced yet)."""
+        now = self.clock()
+        for name, record in state.servers.items():
+            self.server_drains[name] = ServerDrain(now - max(0.0, wall - record.since), record.done, record.reason)
+            self._record("admin", name, "", "draining", f"restored: {record.reason}")
+        if state.pop_drained:
+            self.drain("restored: operator drain")
+        self.reevaluate()
+
+    def _admin_changed(self) -> None:
+        if self.on_admin_change is not None:
+            self.on_admin_change()
 
     def _record(self, kind: str, subject: str, old: str, new: str, reason: str) -> None:
         self.events.append(Event(self.clock(), time.time(), kind, subject, old, new, reason))

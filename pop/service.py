@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from pop import load
+from pop import adminstate, load
 from pop.adapters.bgp import ChannelError, ExaBgpSpeaker
 from pop.checks import cascade as check_builder
 from pop.config import Config, ConfigError
@@ -95,6 +96,9 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
                         load_signal=connection_load if config.dataplane.load_weights else None)
     else:
         engine = Engine(config, speaker, checks)
+    drains = Path(config.runtime_dir) / config.name / adminstate.FILE_NAME
+    _restore_drains(engine, drains, config)
+    engine.on_admin_change = lambda: _save_drains(engine, drains)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -173,6 +177,37 @@ async def _withdraw(speaker: ExaBgpSpeaker, config: Config) -> None:
         await asyncio.sleep(config.exabgp.withdraw_settle)
     except (TimeoutError, ChannelError) as exc:
         log.error("engine.withdraw_failed error=%s", exc or "timeout")
+
+
+def _restore_drains(engine: Engine, path: Path, config: Config) -> None:
+    """A respawned engine keeps the operator's drains (pop.adminstate)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.error("drains.unreadable path=%s error=%s; starting without drains", path, exc.strerror)
+        return
+    try:
+        state = adminstate.parse(json.loads(text), {s.name for s in config.servers})
+    except (ValueError, adminstate.AdminStateError) as exc:
+        log.error("drains.invalid path=%s error=%s; starting without drains", path, exc)
+        return
+    if state.dropped:
+        log.warning("drains.dropped servers=%s: no longer in the configuration", ",".join(state.dropped))
+    if state.pop_drained or state.servers:
+        log.info("drains.restored pop_drained=%s servers=%s", state.pop_drained, ",".join(state.servers) or "-")
+    engine.restore_admin(state, time.time())
+
+
+def _save_drains(engine: Engine, path: Path) -> None:
+    state = engine.admin_state(time.time(), engine.clock())
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps(adminstate.to_dict(state), indent=1) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        log.error("drains.unsaved path=%s error=%s: a restarted engine would not know them", path, exc.strerror)
 
 
 async def _heartbeat(config: Config) -> None:

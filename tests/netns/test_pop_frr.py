@@ -231,6 +231,27 @@ def test_drain_withdraws_and_undrain_returns_after_hold_down(one_pop: Callable[.
     watch.wait_for(has("10.0.1.2"), timeout=5, since=time.monotonic())
 
 
+def test_a_drain_survives_the_engine_dying(one_pop: Callable[..., OnePop]) -> None:
+    """A respawned engine that forgot the drain would announce the PoP mid-maintenance."""
+    lab = one_pop(pool={"hold_down": 1.0})
+    pop, watch = lab.pop, lab.watch
+    drained = time.monotonic()
+    pop.post("/drain")
+    pop.post("/servers/vpn2/drain")
+    watch.wait_for(gone, timeout=5, since=drained)
+    old = pop.engine_pid()
+    pop.kill_engine()
+    status = pop.wait_status(lambda s: s["uptime_seconds"] > 2.0, timeout=15)  # servers long risen
+    assert pop.engine_pid() != old
+    assert status["state"] == "drained" and watch.nexthops == frozenset()
+    assert {s["name"]: (s["drain"] or {}).get("state") for s in status["servers"]} == {"vpn1": None,
+                                                                                      "vpn2": "drained"}
+    assert "drains.restored" in pop.log_tail(80)
+    pop.post("/undrain")
+    pop.post("/servers/vpn2/undrain")  # 1 of 2 servers is below the high watermark: both must serve
+    watch.wait_for(has("10.0.1.2"), timeout=10, since=time.monotonic())
+
+
 def test_sighup_reload_never_flaps_and_a_broken_file_changes_nothing(
         netns_factory: NsFactory, frr_factory: Callable[..., FrrRouter], tmp_path: Path,
         dumps: list[PopNode]) -> None:
