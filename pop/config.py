@@ -180,6 +180,7 @@ class Dataplane:
     services: tuple[ServicePort, ...] = (ServicePort("udp", 51820),)  # ipvs: ports on the anycast address
     drain_timeout: float = 300.0  # a drained server leaves IPVS when its connections are gone or after this
     load_weights: bool = False  # scale weights down for servers busier than the pool's average (pop/load.py)
+    pin_flows: bool = False  # ecmp: keep each flow on its server while that server is pinned (pop/adapters/pins.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -648,7 +649,8 @@ _SCHEDULERS = {"mh", "sh", "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sed
 
 def _dataplane(r: _Reader, value: Any, path: str) -> Dataplane:
     data = r.mapping(value, path, {"mode", "vip", "withdraw_dwell", "table", "protocol", "hash_policy",
-                                   "scheduler", "forward", "services", "drain_timeout", "load_weights"})
+                                   "scheduler", "forward", "services", "drain_timeout", "load_weights",
+                                   "pin_flows"})
     default = Dataplane()
     if data is None:
         return default
@@ -690,7 +692,10 @@ def _dataplane(r: _Reader, value: Any, path: str) -> Dataplane:
         drain_timeout=r.optional(data, "drain_timeout", path, lambda v, p: r.number(v, p, 0, 86400),
                                  default.drain_timeout),
         load_weights=r.optional(data, "load_weights", path, r.boolean, default.load_weights),
+        pin_flows=r.optional(data, "pin_flows", path, r.boolean, default.pin_flows),
     )
+    if result.pin_flows and result.mode != "ecmp":
+        r.error(_join(path, "pin_flows"), "only for ecmp mode (IPVS keeps its flows on their servers itself)")
     if result.mode == "ipvs" and not result.services:
         r.error(_join(path, "services"), "ipvs mode needs at least one service port")
     if result.mode == "ipvs" and "vip" in data and not result.vip:

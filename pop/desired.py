@@ -67,6 +67,7 @@ class DesiredState:
     vips: tuple[str, ...] = field(default=())  # addresses (with prefix length) to hold on lo
     routes: tuple[EcmpRoute, ...] = ()
     services: tuple[VirtualService, ...] = ()
+    pins: tuple[str, ...] = ()  # ecmp with pin_flows: server addresses whose flows stay on them
 
 
 def announcements(prefixes: tuple[Prefix, ...], announce: bool, degraded: bool) -> tuple[Announcement, ...]:
@@ -103,7 +104,8 @@ def dataplane(prefixes: tuple[Prefix, ...], pool: Sequence[tuple[str, int]], con
     """The data plane toward the servers in the pool, as (address, weight) pairs.
 
     Weight 0 is a server being drained: IPVS keeps it as a quiescent real server (existing
-    flows continue, no new ones); a multipath route cannot carry weight 0, so ECMP drops it.
+    flows continue, no new ones); a multipath route cannot carry weight 0, so ECMP drops it
+    from the route, and with pin_flows keeps it pinned (its flows stay, new ones go elsewhere).
 
     No announcements here: the engine decides *when* the data plane is wanted (before an
     announce, and until the withdraw has had time to propagate).
@@ -127,4 +129,5 @@ def dataplane(prefixes: tuple[Prefix, ...], pool: Sequence[tuple[str, int]], con
                                        if ipaddress.ip_address(address).version
                                        == ipaddress.ip_network(vip).version))
             for vip in host_addresses(prefixes) for port in config.services)
-    return DesiredState(vips=vips, routes=routes, services=services)
+    pins = tuple(address for address, _ in pool) if config.mode == "ecmp" and config.pin_flows else ()
+    return DesiredState(vips=vips, routes=routes, services=services, pins=pins)

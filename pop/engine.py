@@ -61,7 +61,7 @@ class ServerDrain:
 
     since: float
     done: bool = False  # connections gone or drain_timeout passed: out of the data plane
-    reason: str = "draining: weight 0, existing connections continue"
+    reason: str = "draining: no new flows, existing connections continue"
 
 
 LoadSignal = Callable[[], Awaitable[Mapping[str, float]]]
@@ -243,7 +243,8 @@ class Engine:
         if server not in self.health:
             raise KeyError(server)
         if server not in self.server_drains:
-            if self.config.dataplane.mode == "ipvs":
+            if self.config.dataplane.mode == "ipvs" or self.config.dataplane.pin_flows:
+                # quiescent: IPVS weight 0, or out of the multipath route but still pinned
                 self.server_drains[server] = ServerDrain(self.clock())
             else:
                 # a multipath route has no weight 0: the server leaves it at once, and the flows

@@ -86,7 +86,7 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
         from pop.adapters.dataplane import KernelDataplane
         from pop.adapters.routes import DataplaneError
 
-        dataplane = KernelDataplane(config.dataplane, config.prefixes)
+        dataplane = KernelDataplane(config.dataplane, config.prefixes, servers=[s.address for s in config.servers])
         kernel = dataplane
 
         async def connection_load() -> dict[str, float]:

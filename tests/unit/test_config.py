@@ -115,6 +115,8 @@ def test_not_a_config_at_all(text: str, expected: str) -> None:
     ({"status": {"listen": "localhost"}}, "pop.yaml: status.listen: 'localhost' is not an IP address"),
     ({"exabgp": {"watchdog": 0.5}},
      "pop.yaml: exabgp.watchdog: 0.5 s is too short to tell a hung engine from a busy one; at least 1, or 0 for off"),
+    ({"dataplane": {"mode": "ipvs", "pin_flows": True}},
+     "pop.yaml: dataplane.pin_flows: only for ecmp mode (IPVS keeps its flows on their servers itself)"),
     ({"bogus": 1}, "pop.yaml: bogus: unknown key"),
 ])
 def test_one_problem(sections: dict[str, object], expected: str) -> None:

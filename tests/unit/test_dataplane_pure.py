@@ -289,3 +289,40 @@ def test_ipvs_codec_round_trip(key: IpvsServiceKey) -> None:
     real = "10.0.0.7" if key.family == AF_INET else "fd00::7"
     dest = decode_dest(memoryview(genl(5, encode_dest(key, real, 1194, 0, 3))), key.family)
     assert dest == IpvsDestRecord(real, 1194, 0, 3, 0, 0, 0)
+
+
+# --- flow pins (ecmp with pin_flows) ---------------------------------------------------------
+
+
+def test_pins_follow_the_pool_including_drained_servers() -> None:
+    from pop.config import Dataplane, load
+    from pop.desired import dataplane
+
+    prefixes = load("""
+pop: {name: t1, asn: 65101, router_id: 192.0.2.1}
+neighbors: [{address: 10.0.0.1, peer_as: 65000}]
+prefixes: [198.51.100.1/32]
+servers: [{name: a, address: 10.0.2.1}]
+""").prefixes
+    pool = [("10.0.2.1", 1), ("10.0.2.2", 0)]  # the second is being drained
+    state = dataplane(prefixes, pool, Dataplane(mode="ecmp", pin_flows=True))
+    assert [h.address for h in state.routes[0].nexthops] == ["10.0.2.1"]  # no new flows to it
+    assert state.pins == ("10.0.2.1", "10.0.2.2")  # but its flows stay
+    assert dataplane(prefixes, pool, Dataplane(mode="ecmp")).pins == ()
+
+
+def test_pin_marks_and_the_nftables_script() -> None:
+    from pop.adapters.pins import PIN_BASE, count_marks, pin_marks, render_nft
+
+    marks = pin_marks(["10.0.2.1", "2001:db8::2", "10.0.2.3"])
+    assert marks == {"10.0.2.1": PIN_BASE | 1, "2001:db8::2": PIN_BASE | 2, "10.0.2.3": PIN_BASE | 3}
+    script = render_nft(["198.51.100.1/32"], {"10.0.2.1": marks["10.0.2.1"]})
+    # create-then-delete makes the replacement one transaction whether or not the table existed
+    assert script.startswith("table ip pop {}\ndelete table ip pop\ntable ip pop {\n")
+    assert "elements = { 10.0.2.1 : 0x504f0001 }" in script
+    assert "ip daddr { 198.51.100.1/32 } ct mark 0 ct mark set rt ip nexthop map @pins" in script
+    assert "table ip6 pop {}\ndelete table ip6 pop\n" in script and "table ip6 pop {\n" not in script
+    assert render_nft((), {}) == "table ip pop {}\ndelete table ip pop\ntable ip6 pop {}\ndelete table ip6 pop\n"
+    text = ("ipv4 2 tcp 6 431999 ESTABLISHED src=10.72.0.2 dst=203.0.113.20 mark=1347354625 use=1\n"
+            "ipv4 2 udp 17 29 src=10.72.0.2 dst=203.0.113.20 mark=0 use=1\n")
+    assert count_marks(text, [PIN_BASE | 1, PIN_BASE | 2]) == {PIN_BASE | 1: 1, PIN_BASE | 2: 0}

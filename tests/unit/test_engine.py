@@ -183,12 +183,15 @@ def test_a_crashing_check_is_a_failed_check() -> None:
         crash = Crashing()
         engine = Engine(CONFIG, speaker, {"a": [(crash, POLICY)], "b": [(Scripted(), POLICY)]})
         task = asyncio.create_task(engine.run())
-        await asyncio.sleep(0.2)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        tier = engine.tiers["a"]["tcp"]
-        assert tier.state is State.DOWN and "boom" in tier.reason
+        try:
+            async with asyncio.timeout(10):  # a busy machine is slower, never wrong
+                while engine.tiers["a"]["tcp"].state is not State.DOWN:
+                    await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert "boom" in engine.tiers["a"]["tcp"].reason
 
     asyncio.run(main())
 
@@ -228,10 +231,14 @@ def test_periodic_reassertion_resends_unchanged_announcements() -> None:
         speaker = Counting()
         engine = Engine(config, speaker, {"a": [(Scripted(), POLICY)], "b": [(Scripted(), POLICY)]})
         task = asyncio.create_task(engine.run())
-        await asyncio.sleep(0.65)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert speaker.forced >= 4 and all(len(call) == 1 for call in speaker.calls[1:])
+        try:
+            async with asyncio.timeout(10):  # a busy machine is slower, never wrong
+                while speaker.forced < 4:
+                    await asyncio.sleep(0.02)
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert all(len(call) == 1 for call in speaker.calls[1:])  # the same announcement each time
 
     asyncio.run(main())

@@ -160,8 +160,10 @@ def test_a_failing_dataplane_is_reported_and_never_announced_onto() -> None:
                         dataplane=FakeDataplane(world))
         task = asyncio.create_task(engine.run())
         try:
-            await asyncio.sleep(0.5)
-            assert engine.verdict.announce and not world.announced  # wanted, but not onto a missing data plane
+            async with asyncio.timeout(10):
+                while not (engine.verdict.announce and engine.dataplane_failures >= 2):
+                    await asyncio.sleep(0.01)
+            assert not world.announced  # wanted, but not onto a missing data plane
             assert engine.dataplane_error == "ip_vs: module not loaded" and engine.dataplane_failures >= 1
             world.fail_dataplane = False  # the module got loaded: the retry succeeds
             async with asyncio.timeout(3):
@@ -245,9 +247,20 @@ def test_server_drain_times_out() -> None:
 
 
 @pytest.mark.parametrize(("mode", "why"), [("ecmp", "its flows move"), ("none", "no data plane")])
-def test_server_drain_without_ipvs_is_done_at_once_and_says_why(mode: str, why: str) -> None:
+def test_server_drain_without_ipvs_or_pins_is_done_at_once_and_says_why(mode: str, why: str) -> None:
     config = load(CONFIG_TEXT_NO_HOLD_DOWN.replace("mode: ipvs", f"mode: {mode}"))
     engine = Engine(config, FakeSpeaker(World()), {n: [(Scripted(), POLICY)] for n in ("a", "b")}, clock=lambda: 0.0)
     engine.drain_server("a")
     drain = engine.server_drains["a"]
     assert drain.done and why in drain.reason, drain  # no quiescent phase to wait for
+
+
+def test_server_drain_with_pinned_flows_is_quiescent() -> None:
+    config = load(CONFIG_TEXT_NO_HOLD_DOWN.replace("mode: ipvs", "mode: ecmp, pin_flows: true"))
+    engine = Engine(config, FakeSpeaker(World()), {n: [(Scripted(), POLICY)] for n in ("a", "b")}, clock=lambda: 0.0)
+    engine.drain_server("a")
+    assert not engine.server_drains["a"].done  # until its pinned connections are gone
+    engine.finish_drains({"10.0.2.1": 2})
+    assert not engine.server_drains["a"].done
+    engine.finish_drains({"10.0.2.1": 0})
+    assert engine.server_drains["a"].reason == "drained: connections gone"
