@@ -27,6 +27,8 @@ Contract:
 - Data path: ``ask(node)`` connects from ``node`` (e.g. the client) to the anycast address's
   who-am-I port and returns the name of the PoP whose node answered (the PoP, or one of its
   servers), or None; ``ask_node(node)`` returns the answering node itself (e.g. ``vpn11``).
+  ``hold(node, n)`` opens n connections and keeps them; ``where(sock)`` says which node answers
+  on one of them now (flows that must stay on their server, e.g. through a drain).
 - Faults: ``lab.faults`` (``lab.faults.Faults``), each with a monotonic timestamp and an undo.
 
 How a test or benchmark drives it (as root, from the repository root)::
@@ -264,6 +266,34 @@ class Lab:
             except OSError:
                 return None
         return answer or None
+
+    def hold(self, node: str, count: int, timeout: float = 2.0) -> list[socket.socket]:
+        """``count`` TCP connections from ``node`` to the anycast address's who-am-I port, kept
+        open (each a flow of its own; the caller closes them). See ``where``."""
+        target = str(ipaddress.ip_network(self.anycast).network_address)
+        held = []
+        try:
+            for _ in range(count):
+                with self.ns(node).enter():
+                    sock = socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET, socket.SOCK_STREAM)
+                held.append(sock)
+                sock.settimeout(timeout)
+                sock.connect((target, WHOAMI_PORT))
+                sock.recv(256)  # the greeting
+        except OSError:
+            for sock in held:
+                sock.close()
+            raise
+        return held
+
+    @staticmethod
+    def where(sock: socket.socket) -> str | None:
+        """The node answering on a held connection now; None when nothing does (reset, silence)."""
+        try:
+            sock.sendall(b"?\n")
+            return sock.recv(256).decode(errors="replace").strip() or None
+        except OSError:
+            return None
 
     def wait_answer(self, node: str, predicate: Callable[[str | None], bool] = lambda who: who is not None,
                     timeout: float = 10.0, interval: float = 0.05) -> tuple[str | None, float]:

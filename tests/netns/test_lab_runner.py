@@ -200,35 +200,55 @@ def test_ecmp_pop_spreads_flows_over_its_servers_and_a_failed_server_loses_them(
     vpn11, vpn12 = lab.spec.vpns["vpn11"].address, lab.spec.vpns["vpn12"].address
     client_to_pop1(lab)
     assert set(landed(lab)) == {"vpn11", "vpn12"}  # pop1's L4 hashing spreads one client's flows
-    with lab.watch("pop1") as watch:
-        fault = lab.faults.apply("server-down", "vpn11")  # its who-am-I keeps answering, if asked
-        at = watch.wait_for(lambda h: h == {vpn12}, timeout=10, since=fault.at)
-        print(f"\nMEASURED vpn11 refuses -> out of pop1's multipath route: {(at - fault.at) * 1000:.0f} ms")
-        assert landed(lab) == {"vpn12": 40}  # every new flow leaves the failed server
-        assert lab.pop_status("pop1")["state"] == "degraded"  # 1 of 2 is not below the low mark
-        assert lab.pop_address("r1", "pop1") in lab.router("r1").kernel_nexthops(ANYCAST)
-        back = lab.faults.undo(fault)
-        watch.wait_for(lambda h: h == {vpn11, vpn12}, timeout=15, since=back)
+    held = lab.hold("client1", 24)
+    try:
+        before = [lab.where(sock) for sock in held]
+        assert set(before) == {"vpn11", "vpn12"}
+        with lab.watch("pop1") as watch:
+            fault = lab.faults.apply("server-down", "vpn11")  # its who-am-I keeps answering, if asked
+            at = watch.wait_for(lambda h: h == {vpn12}, timeout=10, since=fault.at)
+            print(f"\nMEASURED vpn11 refuses -> out of pop1's multipath route: {(at - fault.at) * 1000:.0f} ms")
+            assert landed(lab) == {"vpn12": 40}  # every new flow leaves the failed server
+            # vpn11's open flows are unpinned and move too: vpn12 resets them; vpn12's stay
+            after = [lab.where(sock) for sock in held]
+            assert after == [None if b == "vpn11" else "vpn12" for b in before], (before, after)
+            assert lab.pop_status("pop1")["state"] == "degraded"  # 1 of 2 is not below the low mark
+            assert lab.pop_address("r1", "pop1") in lab.router("r1").kernel_nexthops(ANYCAST)
+            back = lab.faults.undo(fault)
+            watch.wait_for(lambda h: h == {vpn11, vpn12}, timeout=15, since=back)
+    finally:
+        for sock in held:
+            sock.close()
     assert set(landed(lab)) == {"vpn11", "vpn12"}
 
 
-def test_draining_a_server_of_the_ecmp_pop_takes_new_flows_off_it(fresh: Lab) -> None:
+def test_a_drained_server_of_the_ecmp_pop_keeps_its_flows_and_gets_no_new_ones(fresh: Lab) -> None:
     lab = fresh
+    assert lab.spec.pops["pop1"].config.dataplane.pin_flows
     vpn11, vpn12 = lab.spec.vpns["vpn11"].address, lab.spec.vpns["vpn12"].address
     client_to_pop1(lab)
+    held = lab.hold("client1", 24)
     try:
+        before = [lab.where(sock) for sock in held]
+        assert set(before) == {"vpn11", "vpn12"}
         with lab.watch("pop1") as watch:
             since = time.monotonic()
             answer = lab.pop("pop1").post("/servers/vpn12/drain")
             watch.wait_for(lambda h: h == {vpn11}, timeout=10, since=since)
-            assert answer["drain"]["state"] == "drained" and "its flows move" in answer["drain"]["reason"]
-            assert landed(lab) == {"vpn11": 40}
+            assert answer["drain"]["state"] == "draining"
+            assert landed(lab) == {"vpn11": 40}  # no new flow reaches the drained server ...
+            assert [lab.where(sock) for sock in held] == before  # ... and every open one stays
+            status = lab.pop_status("pop1")
+            vpn12_status = next(s for s in status["servers"] if s["name"] == "vpn12")
+            assert vpn12_status["drain"]["state"] == "draining"  # pinned flows are still there
             # maintenance is not ill health: the PoP keeps its healthy attributes
-            assert lab.pop_status("pop1")["state"] == "announced"
+            assert status["state"] == "announced"
             lab.pop("pop1").post("/servers/vpn12/undrain")
             watch.wait_for(lambda h: h == {vpn11, vpn12}, timeout=10, since=time.monotonic() - 0.5)
     finally:
         lab.pop("pop1").post("/servers/vpn12/undrain")
+        for sock in held:
+            sock.close()
     assert set(landed(lab)) == {"vpn11", "vpn12"}
 
 
