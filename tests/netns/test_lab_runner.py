@@ -33,7 +33,7 @@ import pytest
 from lab.faults import FaultError
 from lab.frr import BGPD, ZEBRA
 from lab.netns import Netns
-from lab.runner import REPO, Lab, lab_resources, new_prefix, pid_alive, read_state
+from lab.runner import REPO, Lab, lab_resources, new_prefix, pid_alive, read_state, sweep
 from pop import config as pop_config
 
 TOPOLOGY = REPO / "containerlab.yml"
@@ -85,8 +85,19 @@ def traces(state_dir: Path, state: dict, pids: list[int]) -> list[str]:
     return left
 
 
-def test_cli_up_status_fault_down_leaves_nothing(needs: None, tmp_path: Path) -> None:
+@pytest.fixture
+def state_dir(needs: None, tmp_path: Path) -> Iterator[Path]:
+    """The CLI lab's state directory; whatever the test did, its lab is swept afterwards.
+
+    A supervised lab outlives the test process by design, so a test that fails before its own
+    `down` would leave namespaces and daemons behind without this.
+    """
     state_dir = tmp_path / "st"
+    yield state_dir
+    sweep(state_dir)
+
+
+def test_cli_up_status_fault_down_leaves_nothing(state_dir: Path) -> None:
     up = cli(state_dir, "up")
     assert up.returncode == 0, up.stdout + up.stderr
     state = read_state(state_dir)
@@ -117,8 +128,7 @@ def test_cli_up_status_fault_down_leaves_nothing(needs: None, tmp_path: Path) ->
     assert traces(state_dir, state, pids) == []
 
 
-def test_down_after_the_supervisor_was_killed_leaves_nothing(needs: None, tmp_path: Path) -> None:
-    state_dir = tmp_path / "st"
+def test_down_after_the_supervisor_was_killed_leaves_nothing(state_dir: Path) -> None:
     up = cli(state_dir, "up")
     assert up.returncode == 0, up.stdout + up.stderr
     state = read_state(state_dir)
