@@ -403,10 +403,10 @@ def _check_anycast_holders(topology: Topology, pops: Mapping[str, PopSpec], prob
             problems.append(f"{topology.source}: topology.nodes.{name}.exec: {', '.join(held)} on lo would take "
                             f"the traffic that {name}'s ecmp data plane routes to its servers")
         if dataplane.mode == "ecmp" or (dataplane.mode == "ipvs" and dataplane.forward != "nat"):
+            wanted = {str(ipaddress.ip_network(h).network_address) for h in hosts}
             for server in spec.config.servers:
                 node = topology.nodes.get(server.name)
-                missing = set(map(str, (ipaddress.ip_network(h).network_address for h in hosts)))
-                if node is not None and (missing := missing - set(anycast_on_lo(node, hosts))):
+                if node is not None and (missing := wanted - set(anycast_on_lo(node, hosts))):
                     problems.append(f"{topology.source}: topology.nodes.{server.name}.exec: serves {name} in "
                                     f"{dataplane.mode} mode, so it must hold {', '.join(sorted(missing))} on lo")
 

@@ -313,7 +313,7 @@ class Engine:
         now = self.clock()
         for name, record in state.servers.items():
             self.server_drains[name] = ServerDrain(now - max(0.0, wall - record.since), record.done, record.reason)
-            self._record("admin", name, "", "draining", f"restored: {record.reason}")
+            self._record("admin", name, "", "drained" if record.done else "draining", f"restored: {record.reason}")
         if state.pop_drained:
             self.drain("restored: operator drain")
         self.reevaluate()

@@ -56,12 +56,13 @@ def render(config: Config, config_path: Path) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     conf = directory / "exabgp.conf"
     env = directory / "exabgp.env"
-    _write_if_changed(conf, exabgp.render_config(config, engine_argv(config_path)))
-    _write_if_changed(env, exabgp.render_env(config))
+    write_if_changed(conf, exabgp.render_config(config, engine_argv(config_path)))
+    write_if_changed(env, exabgp.render_env(config))
     return conf, env
 
 
-def _write_if_changed(path: Path, text: str) -> bool:
+def write_if_changed(path: Path, text: str) -> bool:
+    """Replace ``path`` atomically with ``text`` unless it already holds it; whether it wrote."""
     if path.exists() and path.read_text() == text:
         return False
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -33,7 +33,7 @@ from pop.adapters.bgp import ChannelError, ExaBgpSpeaker
 from pop.checks import cascade as check_builder
 from pop.config import Config, ConfigError
 from pop.engine import Engine
-from pop.runner import HEARTBEAT_INTERVAL, engine_heartbeat, engine_pidfile, load_file
+from pop.runner import HEARTBEAT_INTERVAL, engine_heartbeat, engine_pidfile, load_file, write_if_changed
 from pop.status import make_app
 
 log = logging.getLogger("pop.service")
@@ -202,10 +202,8 @@ def _restore_drains(engine: Engine, path: Path, config: Config) -> None:
 
 def _save_drains(engine: Engine, path: Path) -> None:
     state = engine.admin_state(time.time(), engine.clock())
-    tmp = path.with_suffix(".tmp")
     try:
-        tmp.write_text(json.dumps(adminstate.to_dict(state), indent=1) + "\n")
-        tmp.replace(path)
+        write_if_changed(path, json.dumps(adminstate.to_dict(state), indent=1) + "\n")
     except OSError as exc:
         log.error("drains.unsaved path=%s error=%s: a restarted engine would not know them", path, exc.strerror)
 

@@ -19,13 +19,14 @@ go, its flows fall through to the multipath route and rehash onto the healthy se
 is the server's position in the configuration (from 1), so marks survive restarts; a PoP
 with more than ``0xffff`` servers cannot pin.
 
-Contract: ``await pins.set(addresses)`` takes the whole set of pinned server addresses,
-reconciles the nftables table (replaced in one transaction when it differs from what this
-object last wrote, always on the first call), the rules and the per-server tables, and
-leaves everything else alone. ``await pins.set(())`` removes every pin and the nftables
-table. ``connections()`` counts conntrack entries per pinned server address (from the
-namespace's ``nf_conntrack`` table); it raises ``DataplaneError`` when the kernel does not
-show them, so a drain then ends by its timeout, never early.
+Contract: ``await pins.set(addresses)`` takes the whole set of pinned server addresses and
+reconciles the nftables table (replaced in one transaction), the rules and the per-server
+tables, and leaves everything else alone; a set equal to the last one applied in full sends
+nothing (the first call always reconciles, adopting what an earlier engine left).
+``await pins.set(())`` removes every pin and the nftables table. ``connections()`` counts
+conntrack entries per pinned server address (from the namespace's ``nf_conntrack`` table);
+it raises ``DataplaneError`` when the kernel does not show them, so a drain then ends by its
+timeout, never early.
 """
 
 from __future__ import annotations
@@ -100,11 +101,14 @@ class FlowPins:
         self.marks = pin_marks(servers)
         self.protocol = protocol
         self.netns = netns
-        self._nft_applied: str | None = None
+        self._applied: dict[str, int] | None = None  # what the last complete set() left; None: not yet
         self._tables = {mark: RouteTable(table=mark, protocol=protocol, netns=netns) for mark in self.marks.values()}
 
     async def set(self, addresses: Iterable[str]) -> None:
         pinned = {a: self.marks[a] for a in addresses}
+        if pinned == self._applied:
+            return  # the first call always reconciles (adopts what an earlier engine left)
+        self._applied = None  # until this pass completes: a failure is retried in full
         if pinned:
             # routes and rules before the marks that use them; removals the other way round
             await self._set_routes(pinned)
@@ -114,11 +118,10 @@ class FlowPins:
             await self._set_nft({})
             await run_in_netns(self.netns, lambda: self._set_rules(frozenset()))
             await self._set_routes({})
+        self._applied = pinned
 
     async def _set_nft(self, pinned: Mapping[str, int]) -> None:
         script = render_nft(self.prefixes if pinned else (), pinned)
-        if script == self._nft_applied:
-            return
         argv = ["nft", "-f", "-"]
         if self.netns is not None:
             argv = ["ip", "netns", "exec", self.netns, *argv]
@@ -127,7 +130,6 @@ class FlowPins:
         _, err = await proc.communicate(script.encode())
         if proc.returncode != 0:
             raise DataplaneError("nft replace table pop (flow pins)", err.decode(errors="replace").strip())
-        self._nft_applied = script
         log.info("pins.nft servers=%s", ",".join(sorted(pinned)) or "-")
 
     def _set_rules(self, wanted: frozenset[int]) -> None:
