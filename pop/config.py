@@ -16,193 +16,34 @@ explains each one.
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
-T = TypeVar("T")
+from pop.config_model import (
+    Attributes,
+    Checks,
+    Config,
+    Dataplane,
+    ExaBGP,
+    L4Check,
+    Neighbor,
+    Pool,
+    Prefix,
+    Server,
+    ServicePort,
+    StatusEndpoint,
+    WireGuardCheck,
+    WireGuardTarget,
+)
+from pop.config_reader import U16, U32, ConfigError, Reader, join
 
+__all__ = [
+    "Attributes", "Checks", "Config", "ConfigError", "Dataplane", "ExaBGP", "L4Check", "Neighbor", "Pool",
+    "Prefix", "Server", "ServicePort", "StatusEndpoint", "WireGuardCheck", "WireGuardTarget", "load",
+]
 
-class ConfigError(Exception):
-    """Every problem found in one configuration, one per line."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = tuple(problems)
-
-
-# --- the model ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Attributes:
-    """BGP path attributes of an announcement in one state."""
-
-    med: int | None = None
-    local_pref: int | None = None
-    communities: tuple[str, ...] = ()
-    large_communities: tuple[str, ...] = ()
-    as_path_prepend: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Prefix:
-    prefix: str  # normalised CIDR
-    next_hop: str  # "self" or an address of the same family
-    healthy: Attributes  # every server up
-    degraded: Attributes  # announced, but some servers are not up
-
-    @property
-    def version(self) -> int:
-        return ipaddress.ip_network(self.prefix).version
-
-
-@dataclass(frozen=True, slots=True)
-class Neighbor:
-    address: str
-    peer_as: int
-    local_address: str | None = None
-    description: str = ""
-    hold_time: int = 9  # seconds; a crashed host is noticed after this without BFD
-    passive: bool = False
-
-    @property
-    def version(self) -> int:
-        return ipaddress.ip_address(self.address).version
-
-
-@dataclass(frozen=True, slots=True)
-class WireGuardTarget:
-    public_key: str  # base64; format-checked here, decoded by the check
-    port: int = 51820
-
-
-@dataclass(frozen=True, slots=True)
-class Server:
-    name: str
-    address: str
-    port: int | None = None  # L4 check port; None means the L4 check's default port
-    weight: int = 1
-    enabled: bool = True
-    wireguard: WireGuardTarget | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class L4Check:
-    """Tier 1: a TCP connect (or ICMP echo) to every server.
-
-    Silence (a timeout) may be packet loss, so it takes `fall` failures in a row; a refusal
-    (TCP RST, ICMP unreachable) cannot be caused by loss, so `fall_definitive` suffices.
-    """
-
-    kind: str = "tcp"  # "tcp" | "icmp"
-    port: int = 443
-    interval: float = 0.2
-    fast_interval: float = 0.05  # while a server is rising or falling
-    timeout: float = 0.25
-    rise: int = 3
-    fall: int = 6
-    fall_definitive: int = 2
-
-
-@dataclass(frozen=True, slots=True)
-class WireGuardCheck:
-    """Tier 2: a real WireGuard handshake from a probe key every server has as a peer."""
-
-    enabled: bool = False
-    probe_key_file: str = "/etc/pop/probe.key"
-    psk_file: str | None = None
-    interval: float = 2.0
-    fast_interval: float = 0.5
-    timeout: float = 1.0
-    rise: int = 2
-    fall: int = 3
-    fall_definitive: int = 2
-
-
-@dataclass(frozen=True, slots=True)
-class Checks:
-    l4: L4Check = field(default_factory=L4Check)
-    wireguard: WireGuardCheck = field(default_factory=WireGuardCheck)
-
-
-@dataclass(frozen=True, slots=True)
-class Pool:
-    """When the PoP attracts traffic: two watermarks on the healthy fraction, and a hold-down."""
-
-    low_watermark: float = 0.5  # withdraw when the healthy fraction drops below this
-    high_watermark: float = 0.6  # re-announce only at or above this ...
-    hold_down: float = 5.0  # ... and after it has stayed there this many seconds
-
-
-@dataclass(frozen=True, slots=True)
-class StatusEndpoint:
-    listen: str = "127.0.0.1"
-    port: int = 9180
-    enabled: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class ExaBGP:
-    reassert_interval: float = 0.0  # re-send the current announcements this often; 0 = only on change
-    withdraw_settle: float = 0.5  # on shutdown, time for the withdraw to leave before ExaBGP stops
-    ack_timeout: float = 5.0  # an API command without ack after this is a broken channel
-    watchdog: float = 5.0  # `pop run` kills an engine whose event loop was silent this long; 0 = off
-
-
-@dataclass(frozen=True, slots=True)
-class ServicePort:
-    protocol: str  # "udp" | "tcp"
-    port: int
-
-
-@dataclass(frozen=True, slots=True)
-class Dataplane:
-    """The local data plane toward the healthy servers (docs/dataplane.md).
-
-    mode "none": BGP only (the servers hold the VIP and the upstream routes to them);
-    "ecmp": a multipath route for the anycast prefixes via the healthy servers;
-    "ipvs": IPVS virtual services on the anycast addresses with the healthy servers as reals.
-    """
-
-    mode: str = "none"
-    vip: bool = False  # hold the anycast host addresses on lo (ipvs mode always does)
-    withdraw_dwell: float = 2.0  # after a withdraw is acknowledged, keep the data plane this long
-    table: int = 254  # ecmp: routing table
-    protocol: int = 200  # rtnetlink protocol marking our routes and VIPs
-    hash_policy: int | None = None  # ecmp: set fib_multipath_hash_policy (None: leave it, report it)
-    scheduler: str = "mh"  # ipvs
-    forward: str = "dr"  # ipvs: dr | tunnel | nat
-    services: tuple[ServicePort, ...] = (ServicePort("udp", 51820),)  # ipvs: ports on the anycast address
-    drain_timeout: float = 300.0  # a drained server leaves IPVS when its connections are gone or after this
-    load_weights: bool = False  # scale weights down for servers busier than the pool's average (pop/load.py)
-    pin_flows: bool = False  # ecmp: keep each flow on its server while that server is pinned (pop/adapters/pins.py)
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    name: str
-    asn: int
-    router_id: str
-    neighbors: tuple[Neighbor, ...]
-    prefixes: tuple[Prefix, ...]
-    servers: tuple[Server, ...]
-    checks: Checks = field(default_factory=Checks)
-    pool: Pool = field(default_factory=Pool)
-    status: StatusEndpoint = field(default_factory=StatusEndpoint)
-    exabgp: ExaBGP = field(default_factory=ExaBGP)
-    dataplane: Dataplane = field(default_factory=Dataplane)
-    runtime_dir: str = "/run/pop"
-    source: str = "pop.yaml"
-
-
-# --- the reader ----------------------------------------------------------------------------
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _COMMUNITY = re.compile(r"^(\d+):(\d+)$")
 _LARGE_COMMUNITY = re.compile(r"^(\d+):(\d+):(\d+)$")
@@ -215,170 +56,28 @@ _WELL_KNOWN = {
 }
 _B64_KEY = re.compile(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")
 
-_U16 = 0xFFFF
-_U32 = 0xFFFFFFFF
-
-
-class _Reader:
-    """Walks the parsed YAML, remembering the key path, collecting problems."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.problems: list[str] = []
-
-    def error(self, path: str, message: str) -> None:
-        self.problems.append(f"{self.source}: {path or '(top level)'}: {message}")
-
-    def mapping(self, value: Any, path: str, allowed: set[str]) -> dict[str, Any] | None:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.error(path, f"must be a mapping, not {_kind(value)}")
-            return None
-        good: dict[str, Any] = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                self.error(path, f"key {key!r} must be a string")
-            elif key not in allowed:
-                hint = _closest(key, allowed)
-                self.error(_join(path, key), "unknown key" + (f" (did you mean {hint!r}?)" if hint else ""))
-            else:
-                good[key] = item
-        return good
-
-    def string(self, value: Any, path: str, *, pattern: re.Pattern[str] | None = None,
-               what: str = "") -> str | None:
-        if not isinstance(value, str):
-            self.error(path, f"must be a string, not {_kind(value)}")
-            return None
-        if _CONTROL.search(value):
-            self.error(path, "contains a control character (newline, tab, ...), which is not allowed")
-            return None
-        if pattern is not None and not pattern.match(value):
-            self.error(path, f"{value!r} is not {what or 'valid'}")
-            return None
-        return value
-
-    def integer(self, value: Any, path: str, low: int, high: int) -> int | None:
-        # bool is an int in Python; `med: yes` is a mistake, not 1
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.error(path, f"must be an integer, not {_kind(value)}")
-            return None
-        if not low <= value <= high:
-            self.error(path, f"{value} is out of range {low}..{high}")
-            return None
-        return value
-
-    def number(self, value: Any, path: str, low: float, high: float, *, low_open: bool = False) -> float | None:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            self.error(path, f"must be a number, not {_kind(value)}")
-            return None
-        number = float(value)
-        if math.isnan(number) or (low_open and number <= low) or number < low or number > high:
-            bound = f"greater than {low}" if low_open else f"at least {low}"
-            self.error(path, f"{value} is out of range ({bound} and at most {high})")
-            return None
-        return number
-
-    def boolean(self, value: Any, path: str) -> bool | None:
-        if not isinstance(value, bool):
-            self.error(path, f"must be true or false, not {_kind(value)}")
-            return None
-        return value
-
-    def sequence(self, value: Any, path: str) -> list[Any] | None:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            self.error(path, f"must be a list, not {_kind(value)}")
-            return None
-        return value
-
-    def address(self, value: Any, path: str, version: int | None = None) -> str | None:
-        text = self.string(value, path)
-        if text is None:
-            return None
-        try:
-            parsed = ipaddress.ip_address(text)
-        except ValueError:
-            self.error(path, f"{text!r} is not an IP address")
-            return None
-        if version is not None and parsed.version != version:
-            self.error(path, f"{text} is IPv{parsed.version}, expected IPv{version}")
-            return None
-        return str(parsed)
-
-    def need(self, data: dict[str, Any], key: str, path: str, parse: Callable[[Any, str], T | None]) -> T | None:
-        if key not in data or data[key] is None:
-            self.error(_join(path, key), "is required")
-            return None
-        return parse(data[key], _join(path, key))
-
-    def optional(self, data: dict[str, Any], key: str, path: str, parse: Callable[[Any, str], T | None],
-                 default: T) -> T:
-        if key not in data or data[key] is None:
-            return default
-        parsed = parse(data[key], _join(path, key))
-        return default if parsed is None else parsed
-
-
-def _join(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-             list: "a list", dict: "a mapping"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _closest(key: str, allowed: set[str]) -> str | None:
-    """A likely intended key, for the 'did you mean' hint (a few typos away)."""
-    best: tuple[int, str] | None = None
-    for candidate in allowed:
-        distance = _distance(key.lower(), candidate)
-        if distance <= max(1, len(candidate) // 3) and (best is None or (distance, candidate) < best):
-            best = (distance, candidate)
-    return best[1] if best else None
-
-
-def _distance(a: str, b: str) -> int:
-    """Edit distance where swapping two neighbouring letters counts as one typo."""
-    rows = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
-    for i in range(1, len(a) + 1):
-        for j in range(1, len(b) + 1):
-            cost = a[i - 1] != b[j - 1]
-            rows[i][j] = min(rows[i - 1][j] + 1, rows[i][j - 1] + 1, rows[i - 1][j - 1] + cost)
-            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
-                rows[i][j] = min(rows[i][j], rows[i - 2][j - 2] + 1)
-    return rows[-1][-1]
-
 
 # --- sections ----------------------------------------------------------------------------
 
 
-def _attributes(r: _Reader, value: Any, path: str, base: Attributes) -> Attributes:
+def _attributes(r: Reader, value: Any, path: str, base: Attributes) -> Attributes:
     data = r.mapping(value, path, {"med", "local_pref", "communities", "large_communities", "as_path_prepend"})
     if data is None:
         return base
     communities = base.communities
     if "communities" in data:
-        items = r.sequence(data["communities"], _join(path, "communities")) or []
-        parsed = [_community(r, item, _join(_join(path, "communities"), i)) for i, item in enumerate(items)]
+        items = r.sequence(data["communities"], join(path, "communities")) or []
+        parsed = [_community(r, item, join(join(path, "communities"), i)) for i, item in enumerate(items)]
         communities = tuple(c for c in parsed if c is not None)
     large = base.large_communities
     if "large_communities" in data:
-        items = r.sequence(data["large_communities"], _join(path, "large_communities")) or []
-        parsed = [_large_community(r, item, _join(_join(path, "large_communities"), i))
+        items = r.sequence(data["large_communities"], join(path, "large_communities")) or []
+        parsed = [_large_community(r, item, join(join(path, "large_communities"), i))
                   for i, item in enumerate(items)]
         large = tuple(c for c in parsed if c is not None)
     return Attributes(
-        med=r.optional(data, "med", path, lambda v, p: r.integer(v, p, 0, _U32), base.med),
-        local_pref=r.optional(data, "local_pref", path, lambda v, p: r.integer(v, p, 0, _U32), base.local_pref),
+        med=r.optional(data, "med", path, lambda v, p: r.integer(v, p, 0, U32), base.med),
+        local_pref=r.optional(data, "local_pref", path, lambda v, p: r.integer(v, p, 0, U32), base.local_pref),
         communities=communities,
         large_communities=large,
         as_path_prepend=r.optional(data, "as_path_prepend", path, lambda v, p: r.integer(v, p, 0, 16),
@@ -386,32 +85,32 @@ def _attributes(r: _Reader, value: Any, path: str, base: Attributes) -> Attribut
     )
 
 
-def _community(r: _Reader, value: Any, path: str) -> str | None:
+def _community(r: Reader, value: Any, path: str) -> str | None:
     text = r.string(value, path)
     if text is None:
         return None
     if text in _WELL_KNOWN:
         return _WELL_KNOWN[text]
     match = _COMMUNITY.match(text)
-    if not match or int(match[1]) > _U16 or int(match[2]) > _U16:
+    if not match or int(match[1]) > U16 or int(match[2]) > U16:
         r.error(path, f"{text!r} is not a community (ASN:VALUE, each 0..65535, or one of "
                       f"{', '.join(sorted(_WELL_KNOWN))})")
         return None
     return text
 
 
-def _large_community(r: _Reader, value: Any, path: str) -> str | None:
+def _large_community(r: Reader, value: Any, path: str) -> str | None:
     text = r.string(value, path)
     if text is None:
         return None
     match = _LARGE_COMMUNITY.match(text)
-    if not match or any(int(part) > _U32 for part in match.groups()):
+    if not match or any(int(part) > U32 for part in match.groups()):
         r.error(path, f"{text!r} is not a large community (GLOBAL:LOCAL1:LOCAL2, each 0..4294967295)")
         return None
     return text
 
 
-def _prefixes(r: _Reader, value: Any, path: str) -> list[Prefix]:
+def _prefixes(r: Reader, value: Any, path: str) -> list[Prefix]:
     items = r.sequence(value, path)
     if not items:
         if items is not None:
@@ -420,7 +119,7 @@ def _prefixes(r: _Reader, value: Any, path: str) -> list[Prefix]:
     result: list[Prefix] = []
     seen: dict[str, int] = {}
     for index, item in enumerate(items):
-        item_path = _join(path, index)
+        item_path = join(path, index)
         data = r.mapping({"prefix": item} if isinstance(item, str) else item, item_path,
                          {"prefix", "next_hop", "healthy", "degraded"})
         if data is None:
@@ -431,13 +130,13 @@ def _prefixes(r: _Reader, value: Any, path: str) -> list[Prefix]:
         try:
             network = ipaddress.ip_network(text, strict=True)
         except ValueError as exc:
-            r.error(_join(item_path, "prefix"), f"{text!r} is not a prefix ({exc})")
+            r.error(join(item_path, "prefix"), f"{text!r} is not a prefix ({exc})")
             continue
         next_hop = "self"
         if data.get("next_hop") not in (None, "self"):
-            next_hop = r.address(data["next_hop"], _join(item_path, "next_hop"), network.version) or "self"
-        healthy = _attributes(r, data.get("healthy"), _join(item_path, "healthy"), Attributes())
-        degraded = _attributes(r, data.get("degraded"), _join(item_path, "degraded"), healthy)
+            next_hop = r.address(data["next_hop"], join(item_path, "next_hop"), network.version) or "self"
+        healthy = _attributes(r, data.get("healthy"), join(item_path, "healthy"), Attributes())
+        degraded = _attributes(r, data.get("degraded"), join(item_path, "degraded"), healthy)
         key = str(network)
         if key in seen:
             r.error(item_path, f"prefix {key} is listed twice (also at {path}[{seen[key]}])")
@@ -447,7 +146,7 @@ def _prefixes(r: _Reader, value: Any, path: str) -> list[Prefix]:
     return result
 
 
-def _neighbors(r: _Reader, value: Any, path: str) -> list[Neighbor]:
+def _neighbors(r: Reader, value: Any, path: str) -> list[Neighbor]:
     items = r.sequence(value, path)
     if not items:
         if items is not None:
@@ -456,16 +155,16 @@ def _neighbors(r: _Reader, value: Any, path: str) -> list[Neighbor]:
     result: list[Neighbor] = []
     seen: set[str] = set()
     for index, item in enumerate(items):
-        item_path = _join(path, index)
+        item_path = join(path, index)
         data = r.mapping(item, item_path, {"address", "peer_as", "local_address", "description",
                                            "hold_time", "passive"})
         if data is None:
             continue
         address = r.need(data, "address", item_path, r.address)
-        peer_as = r.need(data, "peer_as", item_path, lambda v, p: r.integer(v, p, 1, _U32))
+        peer_as = r.need(data, "peer_as", item_path, lambda v, p: r.integer(v, p, 1, U32))
         local = None
         if data.get("local_address") is not None and address is not None:
-            local = r.address(data["local_address"], _join(item_path, "local_address"),
+            local = r.address(data["local_address"], join(item_path, "local_address"),
                               ipaddress.ip_address(address).version)
         description = r.optional(data, "description", item_path, r.string, "")
         hold_time = r.optional(data, "hold_time", item_path, lambda v, p: _hold_time(r, v, p), 9)
@@ -473,22 +172,22 @@ def _neighbors(r: _Reader, value: Any, path: str) -> list[Neighbor]:
         if address is None or peer_as is None:
             continue
         if address in seen:
-            r.error(_join(item_path, "address"), f"neighbor {address} is listed twice")
+            r.error(join(item_path, "address"), f"neighbor {address} is listed twice")
             continue
         seen.add(address)
         result.append(Neighbor(address, peer_as, local, description, hold_time, passive))
     return result
 
 
-def _hold_time(r: _Reader, value: Any, path: str) -> int | None:
-    hold = r.integer(value, path, 0, _U16)
+def _hold_time(r: Reader, value: Any, path: str) -> int | None:
+    hold = r.integer(value, path, 0, U16)
     if hold is not None and 0 < hold < 3:
         r.error(path, f"{hold} is not allowed: a hold time is 0 or at least 3 seconds (RFC 4271)")
         return None
     return hold
 
 
-def _servers(r: _Reader, value: Any, path: str) -> list[Server]:
+def _servers(r: Reader, value: Any, path: str) -> list[Server]:
     items = r.sequence(value, path)
     if not items:
         if items is not None:
@@ -498,22 +197,22 @@ def _servers(r: _Reader, value: Any, path: str) -> list[Server]:
     names: dict[str, int] = {}
     targets: dict[tuple[str, int | None], int] = {}
     for index, item in enumerate(items):
-        item_path = _join(path, index)
+        item_path = join(path, index)
         data = r.mapping(item, item_path, {"name", "address", "port", "weight", "enabled", "wireguard"})
         if data is None:
             continue
         name = r.need(data, "name", item_path, lambda v, p: _name(r, v, p))
         address = r.need(data, "address", item_path, r.address)
-        port = r.optional(data, "port", item_path, lambda v, p: r.integer(v, p, 1, _U16), None)
+        port = r.optional(data, "port", item_path, lambda v, p: r.integer(v, p, 1, U16), None)
         weight = r.optional(data, "weight", item_path, lambda v, p: r.integer(v, p, 1, 256), 1)
         enabled = r.optional(data, "enabled", item_path, r.boolean, True)
         wireguard = None
         if data.get("wireguard") is not None:
-            wireguard = _wireguard_target(r, data["wireguard"], _join(item_path, "wireguard"))
+            wireguard = _wireguard_target(r, data["wireguard"], join(item_path, "wireguard"))
         if name is None or address is None:
             continue
         if name in names:
-            r.error(_join(item_path, "name"), f"server name {name!r} is used twice (also {path}[{names[name]}])")
+            r.error(join(item_path, "name"), f"server name {name!r} is used twice (also {path}[{names[name]}])")
             continue
         if (address, port) in targets:
             r.error(item_path, f"server {address} port {port or 'default'} is listed twice "
@@ -525,17 +224,17 @@ def _servers(r: _Reader, value: Any, path: str) -> list[Server]:
     return result
 
 
-def _wireguard_target(r: _Reader, value: Any, path: str) -> WireGuardTarget | None:
+def _wireguard_target(r: Reader, value: Any, path: str) -> WireGuardTarget | None:
     data = r.mapping(value, path, {"public_key", "port"})
     if data is None:
         return None
     key = r.need(data, "public_key", path, lambda v, p: r.string(
         v, p, pattern=_B64_KEY, what="a base64 Curve25519 key (44 characters, as `wg pubkey` prints)"))
-    port = r.optional(data, "port", path, lambda v, p: r.integer(v, p, 1, _U16), 51820)
+    port = r.optional(data, "port", path, lambda v, p: r.integer(v, p, 1, U16), 51820)
     return None if key is None else WireGuardTarget(public_key=key, port=port)
 
 
-def _timing(r: _Reader, data: dict[str, Any], path: str, defaults: Any) -> dict[str, Any]:
+def _timing(r: Reader, data: dict[str, Any], path: str, defaults: Any) -> dict[str, Any]:
     """interval, fast_interval, timeout, rise, fall, fall_definitive — shared by every tier."""
     values = {
         "interval": r.optional(data, "interval", path, lambda v, p: r.number(v, p, 0.01, 3600), defaults.interval),
@@ -548,33 +247,33 @@ def _timing(r: _Reader, data: dict[str, Any], path: str, defaults: Any) -> dict[
                                       defaults.fall_definitive),
     }
     if values["fast_interval"] > values["interval"]:
-        r.error(_join(path, "fast_interval"), f"{values['fast_interval']} is longer than interval "
+        r.error(join(path, "fast_interval"), f"{values['fast_interval']} is longer than interval "
                                                f"{values['interval']}; it is the faster pace while a state changes")
     if values["fall_definitive"] > values["fall"]:
-        r.error(_join(path, "fall_definitive"), "must not exceed fall (a definitive failure is stronger evidence)")
+        r.error(join(path, "fall_definitive"), "must not exceed fall (a definitive failure is stronger evidence)")
     return values
 
 
 _TIMING_KEYS = {"interval", "fast_interval", "timeout", "rise", "fall", "fall_definitive"}
 
 
-def _checks(r: _Reader, value: Any, path: str) -> Checks:
+def _checks(r: Reader, value: Any, path: str) -> Checks:
     data = r.mapping(value, path, {"l4", "wireguard"})
     if data is None:
         return Checks()
     l4 = L4Check()
-    l4_data = r.mapping(data.get("l4"), _join(path, "l4"), _TIMING_KEYS | {"kind", "port"})
+    l4_data = r.mapping(data.get("l4"), join(path, "l4"), _TIMING_KEYS | {"kind", "port"})
     if l4_data is not None:
-        l4_path = _join(path, "l4")
+        l4_path = join(path, "l4")
         kind = r.optional(l4_data, "kind", l4_path, lambda v, p: r.string(v, p, pattern=re.compile(r"^(tcp|icmp)$"),
                                                                           what="a check kind (tcp or icmp)"), "tcp")
-        port = r.optional(l4_data, "port", l4_path, lambda v, p: r.integer(v, p, 1, _U16), l4.port)
+        port = r.optional(l4_data, "port", l4_path, lambda v, p: r.integer(v, p, 1, U16), l4.port)
         l4 = L4Check(kind=kind, port=port, **_timing(r, l4_data, l4_path, l4))
     wg = WireGuardCheck()
-    wg_data = r.mapping(data.get("wireguard"), _join(path, "wireguard"),
+    wg_data = r.mapping(data.get("wireguard"), join(path, "wireguard"),
                         _TIMING_KEYS | {"enabled", "probe_key_file", "psk_file"})
     if wg_data is not None:
-        wg_path = _join(path, "wireguard")
+        wg_path = join(path, "wireguard")
         wg = WireGuardCheck(
             enabled=r.optional(wg_data, "enabled", wg_path, r.boolean, False),
             probe_key_file=r.optional(wg_data, "probe_key_file", wg_path, lambda v, p: _path(r, v, p),
@@ -585,7 +284,7 @@ def _checks(r: _Reader, value: Any, path: str) -> Checks:
     return Checks(l4=l4, wireguard=wg)
 
 
-def _path(r: _Reader, value: Any, path: str) -> str | None:
+def _path(r: Reader, value: Any, path: str) -> str | None:
     text = r.string(value, path)
     if text is not None and not text.startswith("/"):
         r.error(path, f"{text!r} must be an absolute path")
@@ -593,7 +292,7 @@ def _path(r: _Reader, value: Any, path: str) -> str | None:
     return text
 
 
-def _pool(r: _Reader, value: Any, path: str) -> Pool:
+def _pool(r: Reader, value: Any, path: str) -> Pool:
     data = r.mapping(value, path, {"low_watermark", "high_watermark", "hold_down"})
     if data is None:
         return Pool()
@@ -603,24 +302,24 @@ def _pool(r: _Reader, value: Any, path: str) -> Pool:
     high = r.optional(data, "high_watermark", path, lambda v, p: r.number(v, p, 0.0, 1.0, low_open=True),
                       default.high_watermark)
     if high < low:
-        r.error(_join(path, "high_watermark"), f"{high} is below low_watermark {low}; the PoP would flap")
+        r.error(join(path, "high_watermark"), f"{high} is below low_watermark {low}; the PoP would flap")
     hold_down = r.optional(data, "hold_down", path, lambda v, p: r.number(v, p, 0.0, 3600), default.hold_down)
     return Pool(low_watermark=low, high_watermark=high, hold_down=hold_down)
 
 
-def _status(r: _Reader, value: Any, path: str) -> StatusEndpoint:
+def _status(r: Reader, value: Any, path: str) -> StatusEndpoint:
     data = r.mapping(value, path, {"listen", "port", "enabled"})
     if data is None:
         return StatusEndpoint()
     default = StatusEndpoint()
     return StatusEndpoint(
         listen=r.optional(data, "listen", path, r.address, default.listen),
-        port=r.optional(data, "port", path, lambda v, p: r.integer(v, p, 1, _U16), default.port),
+        port=r.optional(data, "port", path, lambda v, p: r.integer(v, p, 1, U16), default.port),
         enabled=r.optional(data, "enabled", path, r.boolean, default.enabled),
     )
 
 
-def _exabgp(r: _Reader, value: Any, path: str) -> ExaBGP:
+def _exabgp(r: Reader, value: Any, path: str) -> ExaBGP:
     data = r.mapping(value, path, {"reassert_interval", "withdraw_settle", "ack_timeout", "watchdog"})
     if data is None:
         return ExaBGP()
@@ -636,7 +335,7 @@ def _exabgp(r: _Reader, value: Any, path: str) -> ExaBGP:
     )
 
 
-def _watchdog(r: _Reader, value: Any, path: str) -> float | None:
+def _watchdog(r: Reader, value: Any, path: str) -> float | None:
     seconds = r.number(value, path, 0, 600)
     if seconds is not None and 0 < seconds < 1:
         r.error(path, f"{seconds:g} s is too short to tell a hung engine from a busy one; at least 1, or 0 for off")
@@ -647,7 +346,7 @@ def _watchdog(r: _Reader, value: Any, path: str) -> float | None:
 _SCHEDULERS = {"mh", "sh", "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sed", "nq", "fo", "ovf", "twos"}
 
 
-def _dataplane(r: _Reader, value: Any, path: str) -> Dataplane:
+def _dataplane(r: Reader, value: Any, path: str) -> Dataplane:
     data = r.mapping(value, path, {"mode", "vip", "withdraw_dwell", "table", "protocol", "hash_policy",
                                    "scheduler", "forward", "services", "drain_timeout", "load_weights",
                                    "pin_flows"})
@@ -663,18 +362,18 @@ def _dataplane(r: _Reader, value: Any, path: str) -> Dataplane:
     services = default.services
     if "services" in data:
         parsed = []
-        for index, item in enumerate(r.sequence(data["services"], _join(path, "services")) or []):
-            item_path = _join(_join(path, "services"), index)
+        for index, item in enumerate(r.sequence(data["services"], join(path, "services")) or []):
+            item_path = join(join(path, "services"), index)
             entry = r.mapping(item, item_path, {"protocol", "port"})
             if entry is None:
                 continue
             protocol = r.need(entry, "protocol", item_path, lambda v, p: r.string(
                 v, p, pattern=re.compile(r"^(udp|tcp)$"), what="a protocol (udp or tcp)"))
-            port = r.need(entry, "port", item_path, lambda v, p: r.integer(v, p, 1, _U16))
+            port = r.need(entry, "port", item_path, lambda v, p: r.integer(v, p, 1, U16))
             if protocol is not None and port is not None:
                 parsed.append(ServicePort(protocol, port))
         if len(set(parsed)) != len(parsed):
-            r.error(_join(path, "services"), "lists the same protocol and port twice")
+            r.error(join(path, "services"), "lists the same protocol and port twice")
         services = tuple(parsed)
     result = Dataplane(
         mode=mode,
@@ -695,19 +394,19 @@ def _dataplane(r: _Reader, value: Any, path: str) -> Dataplane:
         pin_flows=r.optional(data, "pin_flows", path, r.boolean, default.pin_flows),
     )
     if result.pin_flows and result.mode != "ecmp":
-        r.error(_join(path, "pin_flows"), "only for ecmp mode (IPVS keeps its flows on their servers itself)")
+        r.error(join(path, "pin_flows"), "only for ecmp mode (IPVS keeps its flows on their servers itself)")
     if result.mode == "ipvs" and not result.services:
-        r.error(_join(path, "services"), "ipvs mode needs at least one service port")
+        r.error(join(path, "services"), "ipvs mode needs at least one service port")
     if result.mode == "ipvs" and "vip" in data and not result.vip:
-        r.error(_join(path, "vip"), "ipvs mode needs the VIP on lo (IPVS only sees traffic to a local address)")
+        r.error(join(path, "vip"), "ipvs mode needs the VIP on lo (IPVS only sees traffic to a local address)")
     if result.mode == "ecmp" and result.vip:
-        r.error(_join(path, "vip"), "ecmp mode must not hold the VIP on the PoP: a local address wins over "
+        r.error(join(path, "vip"), "ecmp mode must not hold the VIP on the PoP: a local address wins over "
                                     "the multipath route and the PoP would answer itself")
     return result
 
 
-def _table(r: _Reader, value: Any, path: str) -> int | None:
-    table = r.integer(value, path, 1, _U32)
+def _table(r: Reader, value: Any, path: str) -> int | None:
+    table = r.integer(value, path, 1, U32)
     if table in (253, 255):  # the kernel's own `default` and `local` tables
         r.error(path, f"{table} is a table the kernel owns (253 default, 255 local)")
         return None
@@ -719,7 +418,7 @@ _TOP = {"pop", "neighbors", "prefixes", "servers", "checks", "pool", "status", "
 
 def load(text: str | bytes, source: str = "pop.yaml") -> Config:
     """Parse one PoP's YAML configuration. Raises ConfigError listing every problem."""
-    r = _Reader(source)
+    r = Reader(source)
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -736,7 +435,7 @@ def load(text: str | bytes, source: str = "pop.yaml") -> Config:
         raise ConfigError([f"{source}: (top level): nesting is too deep"]) from None
 
 
-def _build(r: _Reader, document: Any) -> Config:
+def _build(r: Reader, document: Any) -> Config:
     if document is None:
         raise ConfigError([f"{r.source}: (top level): the file is empty"])
     top = r.mapping(document, "", _TOP)
@@ -747,7 +446,7 @@ def _build(r: _Reader, document: Any) -> Config:
     runtime_dir = "/run/pop"
     if pop_data is not None:
         name = r.need(pop_data, "name", "pop", lambda v, p: _name(r, v, p))
-        asn = r.need(pop_data, "asn", "pop", lambda v, p: r.integer(v, p, 1, _U32))
+        asn = r.need(pop_data, "asn", "pop", lambda v, p: r.integer(v, p, 1, U32))
         router_id = r.need(pop_data, "router_id", "pop", lambda v, p: r.address(v, p, 4))
         runtime_dir = r.optional(pop_data, "runtime_dir", "pop", lambda v, p: _path(r, v, p), runtime_dir)
     neighbors = r.need(top, "neighbors", "", lambda v, p: _neighbors(r, v, p)) or []
@@ -766,11 +465,11 @@ def _build(r: _Reader, document: Any) -> Config:
                   runtime_dir=runtime_dir, source=r.source)
 
 
-def _name(r: _Reader, value: Any, path: str) -> str | None:
+def _name(r: Reader, value: Any, path: str) -> str | None:
     return r.string(value, path, pattern=_NAME, what="a name (letters, digits, '_', '.', '-'; at most 63)")
 
 
-def _cross_checks(r: _Reader, neighbors: list[Neighbor], prefixes: list[Prefix], servers: list[Server],
+def _cross_checks(r: Reader, neighbors: list[Neighbor], prefixes: list[Prefix], servers: list[Server],
                   checks: Checks) -> None:
     families = {n.version for n in neighbors}
     for index, prefix in enumerate(prefixes):

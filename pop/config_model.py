@@ -1,0 +1,172 @@
+"""What one PoP's configuration is: frozen dataclasses, built only by `pop.config.load`.
+
+Every value here has passed the loader's checks (pop/config.py); addresses and prefixes are
+normalised.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Attributes:
+    """BGP path attributes of an announcement in one state."""
+
+    med: int | None = None
+    local_pref: int | None = None
+    communities: tuple[str, ...] = ()
+    large_communities: tuple[str, ...] = ()
+    as_path_prepend: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Prefix:
+    prefix: str  # normalised CIDR
+    next_hop: str  # "self" or an address of the same family
+    healthy: Attributes  # every server up
+    degraded: Attributes  # announced, but some servers are not up
+
+    @property
+    def version(self) -> int:
+        return ipaddress.ip_network(self.prefix).version
+
+
+@dataclass(frozen=True, slots=True)
+class Neighbor:
+    address: str
+    peer_as: int
+    local_address: str | None = None
+    description: str = ""
+    hold_time: int = 9  # seconds; a crashed host is noticed after this without BFD
+    passive: bool = False
+
+    @property
+    def version(self) -> int:
+        return ipaddress.ip_address(self.address).version
+
+
+@dataclass(frozen=True, slots=True)
+class WireGuardTarget:
+    public_key: str  # base64; format-checked here, decoded by the check
+    port: int = 51820
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    name: str
+    address: str
+    port: int | None = None  # L4 check port; None means the L4 check's default port
+    weight: int = 1
+    enabled: bool = True
+    wireguard: WireGuardTarget | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class L4Check:
+    """Tier 1: a TCP connect (or ICMP echo) to every server.
+
+    Silence (a timeout) may be packet loss, so it takes `fall` failures in a row; a refusal
+    (TCP RST, ICMP unreachable) cannot be caused by loss, so `fall_definitive` suffices.
+    """
+
+    kind: str = "tcp"  # "tcp" | "icmp"
+    port: int = 443
+    interval: float = 0.2
+    fast_interval: float = 0.05  # while a server is rising or falling
+    timeout: float = 0.25
+    rise: int = 3
+    fall: int = 6
+    fall_definitive: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class WireGuardCheck:
+    """Tier 2: a real WireGuard handshake from a probe key every server has as a peer."""
+
+    enabled: bool = False
+    probe_key_file: str = "/etc/pop/probe.key"
+    psk_file: str | None = None
+    interval: float = 2.0
+    fast_interval: float = 0.5
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    fall_definitive: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Checks:
+    l4: L4Check = field(default_factory=L4Check)
+    wireguard: WireGuardCheck = field(default_factory=WireGuardCheck)
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """When the PoP attracts traffic: two watermarks on the healthy fraction, and a hold-down."""
+
+    low_watermark: float = 0.5  # withdraw when the healthy fraction drops below this
+    high_watermark: float = 0.6  # re-announce only at or above this ...
+    hold_down: float = 5.0  # ... and after it has stayed there this many seconds
+
+
+@dataclass(frozen=True, slots=True)
+class StatusEndpoint:
+    listen: str = "127.0.0.1"
+    port: int = 9180
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ExaBGP:
+    reassert_interval: float = 0.0  # re-send the current announcements this often; 0 = only on change
+    withdraw_settle: float = 0.5  # on shutdown, time for the withdraw to leave before ExaBGP stops
+    ack_timeout: float = 5.0  # an API command without ack after this is a broken channel
+    watchdog: float = 5.0  # `pop run` kills an engine whose event loop was silent this long; 0 = off
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    protocol: str  # "udp" | "tcp"
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Dataplane:
+    """The local data plane toward the healthy servers (docs/dataplane.md).
+
+    mode "none": BGP only (the servers hold the VIP and the upstream routes to them);
+    "ecmp": a multipath route for the anycast prefixes via the healthy servers;
+    "ipvs": IPVS virtual services on the anycast addresses with the healthy servers as reals.
+    """
+
+    mode: str = "none"
+    vip: bool = False  # hold the anycast host addresses on lo (ipvs mode always does)
+    withdraw_dwell: float = 2.0  # after a withdraw is acknowledged, keep the data plane this long
+    table: int = 254  # ecmp: routing table
+    protocol: int = 200  # rtnetlink protocol marking our routes and VIPs
+    hash_policy: int | None = None  # ecmp: set fib_multipath_hash_policy (None: leave it, report it)
+    scheduler: str = "mh"  # ipvs
+    forward: str = "dr"  # ipvs: dr | tunnel | nat
+    services: tuple[ServicePort, ...] = (ServicePort("udp", 51820),)  # ipvs: ports on the anycast address
+    drain_timeout: float = 300.0  # a drained server leaves IPVS when its connections are gone or after this
+    load_weights: bool = False  # scale weights down for servers busier than the pool's average (pop/load.py)
+    pin_flows: bool = False  # ecmp: keep each flow on its server while that server is pinned (pop/adapters/pins.py)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    name: str
+    asn: int
+    router_id: str
+    neighbors: tuple[Neighbor, ...]
+    prefixes: tuple[Prefix, ...]
+    servers: tuple[Server, ...]
+    checks: Checks = field(default_factory=Checks)
+    pool: Pool = field(default_factory=Pool)
+    status: StatusEndpoint = field(default_factory=StatusEndpoint)
+    exabgp: ExaBGP = field(default_factory=ExaBGP)
+    dataplane: Dataplane = field(default_factory=Dataplane)
+    runtime_dir: str = "/run/pop"
+    source: str = "pop.yaml"

@@ -1,0 +1,168 @@
+"""Walking parsed YAML with a key path, collecting every problem instead of stopping at one.
+
+`Reader` holds the generic checks (types, ranges, addresses, text that must fit ExaBGP's
+grammar); pop/config.py holds what a PoP's sections mean. Every problem is one line,
+`source: key.path: what is wrong`, and `ConfigError` carries them all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+U16 = 0xFFFF
+U32 = 0xFFFFFFFF
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class ConfigError(Exception):
+    """Every problem found in one configuration, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = tuple(problems)
+
+
+class Reader:
+    """Walks the parsed YAML, remembering the key path, collecting problems."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[str] = []
+
+    def error(self, path: str, message: str) -> None:
+        self.problems.append(f"{self.source}: {path or '(top level)'}: {message}")
+
+    def mapping(self, value: Any, path: str, allowed: set[str]) -> dict[str, Any] | None:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.error(path, f"must be a mapping, not {_kind(value)}")
+            return None
+        good: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                self.error(path, f"key {key!r} must be a string")
+            elif key not in allowed:
+                hint = _closest(key, allowed)
+                self.error(join(path, key), "unknown key" + (f" (did you mean {hint!r}?)" if hint else ""))
+            else:
+                good[key] = item
+        return good
+
+    def string(self, value: Any, path: str, *, pattern: re.Pattern[str] | None = None,
+               what: str = "") -> str | None:
+        if not isinstance(value, str):
+            self.error(path, f"must be a string, not {_kind(value)}")
+            return None
+        if _CONTROL.search(value):
+            self.error(path, "contains a control character (newline, tab, ...), which is not allowed")
+            return None
+        if pattern is not None and not pattern.match(value):
+            self.error(path, f"{value!r} is not {what or 'valid'}")
+            return None
+        return value
+
+    def integer(self, value: Any, path: str, low: int, high: int) -> int | None:
+        # bool is an int in Python; `med: yes` is a mistake, not 1
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.error(path, f"must be an integer, not {_kind(value)}")
+            return None
+        if not low <= value <= high:
+            self.error(path, f"{value} is out of range {low}..{high}")
+            return None
+        return value
+
+    def number(self, value: Any, path: str, low: float, high: float, *, low_open: bool = False) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.error(path, f"must be a number, not {_kind(value)}")
+            return None
+        number = float(value)
+        if math.isnan(number) or (low_open and number <= low) or number < low or number > high:
+            bound = f"greater than {low}" if low_open else f"at least {low}"
+            self.error(path, f"{value} is out of range ({bound} and at most {high})")
+            return None
+        return number
+
+    def boolean(self, value: Any, path: str) -> bool | None:
+        if not isinstance(value, bool):
+            self.error(path, f"must be true or false, not {_kind(value)}")
+            return None
+        return value
+
+    def sequence(self, value: Any, path: str) -> list[Any] | None:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.error(path, f"must be a list, not {_kind(value)}")
+            return None
+        return value
+
+    def address(self, value: Any, path: str, version: int | None = None) -> str | None:
+        text = self.string(value, path)
+        if text is None:
+            return None
+        try:
+            parsed = ipaddress.ip_address(text)
+        except ValueError:
+            self.error(path, f"{text!r} is not an IP address")
+            return None
+        if version is not None and parsed.version != version:
+            self.error(path, f"{text} is IPv{parsed.version}, expected IPv{version}")
+            return None
+        return str(parsed)
+
+    def need(self, data: dict[str, Any], key: str, path: str, parse: Callable[[Any, str], T | None]) -> T | None:
+        if key not in data or data[key] is None:
+            self.error(join(path, key), "is required")
+            return None
+        return parse(data[key], join(path, key))
+
+    def optional(self, data: dict[str, Any], key: str, path: str, parse: Callable[[Any, str], T | None],
+                 default: T) -> T:
+        if key not in data or data[key] is None:
+            return default
+        parsed = parse(data[key], join(path, key))
+        return default if parsed is None else parsed
+
+
+def join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "a list", dict: "a mapping"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _closest(key: str, allowed: set[str]) -> str | None:
+    """A likely intended key, for the 'did you mean' hint (a few typos away)."""
+    best: tuple[int, str] | None = None
+    for candidate in allowed:
+        distance = _distance(key.lower(), candidate)
+        if distance <= max(1, len(candidate) // 3) and (best is None or (distance, candidate) < best):
+            best = (distance, candidate)
+    return best[1] if best else None
+
+
+def _distance(a: str, b: str) -> int:
+    """Edit distance where swapping two neighbouring letters counts as one typo."""
+    rows = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            cost = a[i - 1] != b[j - 1]
+            rows[i][j] = min(rows[i - 1][j] + 1, rows[i][j - 1] + 1, rows[i - 1][j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                rows[i][j] = min(rows[i][j], rows[i - 2][j - 2] + 1)
+    return rows[-1][-1]
