@@ -34,8 +34,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lab.datapath import WHOAMI_PORT
 from lab.faults import KINDS, FaultError
-from lab.runner import REPO, STATE_FILE, STATE_ROOT, WHOAMI_PORT, Lab, new_prefix, pid_alive, read_state, sweep
+from lab.runner import REPO, Lab, new_prefix
+from lab.state import STATE_FILE, STATE_ROOT, pid_alive, read_state, sweep
 from lab.topology import TopologyError, load
 
 CONTROL = "control.sock"

@@ -19,16 +19,18 @@ Contract:
   the state directory (``statedir``, default ``.lab/<prefix>``: it belongs to the lab, logs
   and generated keys included). It is idempotent; ``Lab`` is a context manager that calls it.
 - State on disk: before creating anything, ``up()`` writes ``<statedir>/state.json`` (prefix,
-  namespaces, wireguard interfaces, owner pid). ``sweep(statedir)`` uses it to remove a lab
-  whose owner crashed: it kills the supervisor if it still runs, then every namespace carrying
-  the prefix with its processes, the UAPI sockets and the state directory.
+  namespaces, wireguard interfaces, owner pid); ``lab.state.sweep(statedir)`` uses it to remove
+  a lab whose owner crashed.
 - Everything stays inside the lab's namespaces: no address, route, link or rule is ever added
   to the host's own namespace.
-- Data path: ``ask(node)`` connects from ``node`` (e.g. the client) to the anycast address's
-  who-am-I port and returns the name of the PoP whose node answered (the PoP, or one of its
-  servers), or None; ``ask_node(node)`` returns the answering node itself (e.g. ``vpn11``).
-  ``hold(node, n)`` opens n connections and keeps them; ``where(sock)`` says which node answers
-  on one of them now (flows that must stay on their server, e.g. through a drain).
+- Data path (``lab.datapath``, the client side of who-am-I): ``ask(node)`` connects from
+  ``node`` (e.g. the client) to the anycast address's who-am-I port and returns the name of the
+  PoP whose node answered (the PoP, or one of its servers), or None; ``ask_node(node)`` returns
+  the answering node itself (e.g. ``vpn11``). ``hold(node, n)`` opens n connections and keeps
+  them; ``where(sock)`` says which node answers on one of them now (flows that must stay on
+  their server, e.g. through a drain).
+- Status (``lab.status``): ``status()`` is a ``LabStatus`` snapshot, ``pop_status(pop)`` a PoP
+  engine's /status, ``log_tails()`` the end of the daemons' logs.
 - Faults: ``lab.faults`` (``lab.faults.Faults``), each with a monotonic timestamp and an undo.
 
 How a test or benchmark drives it (as root, from the repository root)::
@@ -54,44 +56,40 @@ the supervisor and from a CLI process compare directly).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import http.client
 import ipaddress
-import json
 import os
 import secrets
-import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import yaml
 
+from lab import datapath, state
+from lab import status as lab_status
+from lab.datapath import WHOAMI_PORT
 from lab.faults import Faults
 from lab.frr import FrrRouter
-from lab.netns import IFNAMSIZ, Netns, cleanup_prefix, veth
+from lab.netns import IFNAMSIZ, Netns, veth
 from lab.popnode import PopNode, TcpService
 from lab.routewatch import RouteWatcher, read_nexthops
+from lab.status import LabStatus
 from lab.topology import LabSpec, Node, anycast_on_lo, load
-from lab.wgserver import UAPI_DIR, WireGuardServer, keypair, write_key
+from lab.wgserver import WireGuardServer, keypair, write_key
 from pop import config as pop_config
 from pop import wgkeys
 
 REPO = Path(__file__).resolve().parent.parent
-STATE_ROOT = REPO / ".lab"  # git-ignored
 WHOAMI = Path(__file__).resolve().parent / "nodes" / "whoami.py"
-WHOAMI_PORT = 8080
 WG_KEY = "/etc/pop-lab/wg.key"
-STATE_FILE = "state.json"
 
 
 def new_prefix(kind: str = "plab") -> str:
@@ -134,46 +132,12 @@ class VpnServer:
             self.tcp.stop()
 
 
-@dataclass(frozen=True)
-class RouterRoute:
-    router: str
-    prefix: str
-    nexthops: tuple[tuple[str, str], ...]  # (address, node holding it), sorted
-
-
-@dataclass(frozen=True)
-class PopVerdict:
-    pop: str
-    state: str  # the engine's state, or "unreachable"
-    reason: str
-
-
-@dataclass(frozen=True)
-class LabStatus:
-    prefix: str
-    routes: tuple[RouterRoute, ...]
-    pops: tuple[PopVerdict, ...]
-    faults: tuple[str, ...] = field(default=())
-    # (client or probe node, the PoP its connection reached, the node that answered: that PoP or its server)
-    answers: tuple[tuple[str, str | None, str | None], ...] = field(default=())
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "prefix": self.prefix,
-            "routes": [{"router": r.router, "prefix": r.prefix,
-                        "nexthops": [{"address": a, "node": n} for a, n in r.nexthops]} for r in self.routes],
-            "pops": [{"pop": p.pop, "state": p.state, "reason": p.reason} for p in self.pops],
-            "faults": list(self.faults),
-            "answers": [{"node": node, "pop": pop, "answered_by": who} for node, pop, who in self.answers],
-        }
-
-
 class Lab:
     def __init__(self, spec: LabSpec, *, prefix: str | None = None, statedir: Path | None = None) -> None:
         self.spec = spec
         self.topology = spec.topology
         self.prefix = prefix or new_prefix()
-        self.statedir = statedir or STATE_ROOT / self.prefix.rstrip("-")
+        self.statedir = statedir or state.STATE_ROOT / self.prefix.rstrip("-")
         self.namespaces: dict[str, Netns] = {}
         self.routers: dict[str, FrrRouter] = {}
         self.pops: dict[str, PopNode] = {}
@@ -244,69 +208,36 @@ class Lab:
         """A RouteWatcher on ``router``'s kernel table: ``with lab.watch("r1") as watch: ...``."""
         return RouteWatcher(self.ns(router), prefix or self.anycast)
 
-    def ask(self, node: str, address: str | None = None, timeout: float = 1.0) -> str | None:
-        """Which PoP answers ``node``'s TCP connection to the anycast address (None: nobody)."""
-        return self.pop_of(self.ask_node(node, address, timeout))
+    @property
+    def anycast_address(self) -> str:
+        """The address clients connect to: the first anycast prefix's network address."""
+        return str(ipaddress.ip_network(self.anycast).network_address)
 
     def pop_of(self, node: str | None) -> str | None:
         """The PoP a node belongs to: a VPN server's PoP, or the node itself."""
         return self.spec.vpns[node].pop if node is not None and node in self.spec.vpns else node
 
+    # --- data path (lab.datapath) -------------------------------------------------------
+
+    def ask(self, node: str, address: str | None = None, timeout: float = 1.0) -> str | None:
+        """Which PoP answers ``node``'s TCP connection to the anycast address (None: nobody)."""
+        return self.pop_of(self.ask_node(node, address, timeout))
+
     def ask_node(self, node: str, address: str | None = None, timeout: float = 1.0) -> str | None:
         """Which node answers ``node``'s TCP connection to the anycast address: a PoP or a server."""
-        target = address or str(ipaddress.ip_network(self.anycast).network_address)
-        with self.ns(node).enter():
-            # the socket belongs to the namespace it was created in, whatever thread uses it
-            sock = socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET, socket.SOCK_STREAM)
-        with sock:
-            sock.settimeout(timeout)
-            try:
-                sock.connect((target, WHOAMI_PORT))
-                answer = sock.recv(256).decode(errors="replace").strip()
-            except OSError:
-                return None
-        return answer or None
+        return datapath.ask_node(self.ns(node), address or self.anycast_address, timeout)
 
     def hold(self, node: str, count: int, timeout: float = 2.0) -> list[socket.socket]:
-        """``count`` TCP connections from ``node`` to the anycast address's who-am-I port, kept
-        open (each a flow of its own; the caller closes them). See ``where``."""
-        target = str(ipaddress.ip_network(self.anycast).network_address)
-        held = []
-        try:
-            for _ in range(count):
-                with self.ns(node).enter():
-                    sock = socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET, socket.SOCK_STREAM)
-                held.append(sock)
-                sock.settimeout(timeout)
-                sock.connect((target, WHOAMI_PORT))
-                sock.recv(256)  # the greeting
-        except OSError:
-            for sock in held:
-                sock.close()
-            raise
-        return held
+        """``count`` connections from ``node`` to the anycast address, kept open; see ``where``."""
+        return datapath.hold(self.ns(node), self.anycast_address, count, timeout)
 
-    @staticmethod
-    def where(sock: socket.socket) -> str | None:
-        """The node answering on a held connection now; None when nothing does (reset, silence)."""
-        try:
-            sock.sendall(b"?\n")
-            return sock.recv(256).decode(errors="replace").strip() or None
-        except OSError:
-            return None
+    where = staticmethod(datapath.where)
 
     def wait_answer(self, node: str, predicate: Callable[[str | None], bool] = lambda who: who is not None,
                     timeout: float = 10.0, interval: float = 0.05) -> tuple[str | None, float]:
-        """Ask from ``node`` until the answer satisfies ``predicate``: (answer, monotonic time)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            who = self.ask(node, timeout=min(1.0, max(0.05, deadline - time.monotonic())))
-            now = time.monotonic()
-            if predicate(who):
-                return who, now
-            if now >= deadline:
-                raise TimeoutError(f"{node}: anycast answer still {who!r} after {timeout}s")
-            time.sleep(interval)
+        """Ask from ``node`` until the PoP answering satisfies ``predicate``: (answer, monotonic time)."""
+        return datapath.wait_answer(lambda limit: self.ask(node, timeout=limit), predicate, timeout=timeout,
+                                    interval=interval, what=f"{node}: anycast answer")
 
     # --- bring-up -----------------------------------------------------------------------
 
@@ -352,13 +283,11 @@ class Lab:
                 if spec.config.dataplane.mode == "ipvs" and not Path("/proc/net/ip_vs").exists()]
 
     def write_state(self, **extra: Any) -> None:
-        state = {"prefix": self.prefix, "owner_pid": self.owner_pid, "supervised": self.supervised,
-                 "namespaces": [self.prefix + n for n in self.topology.nodes],
-                 "wg_ifnames": sorted(self.wg_ifnames.values()), "topology": self.topology.name,
-                 "statedir": str(self.statedir), **extra}
-        tmp = self.statedir / f"{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(state, indent=1) + "\n")
-        tmp.replace(self.statedir / STATE_FILE)
+        state.write_state(self.statedir, {
+            "prefix": self.prefix, "owner_pid": self.owner_pid, "supervised": self.supervised,
+            "namespaces": [self.prefix + n for n in self.topology.nodes],
+            "wg_ifnames": sorted(self.wg_ifnames.values()), "topology": self.topology.name,
+            "statedir": str(self.statedir), **extra})
 
     def _build_network(self) -> None:
         for node in self.topology.nodes.values():
@@ -465,8 +394,8 @@ class Lab:
                         for prefix in self.spec.anycast
                         if (hops := read_nexthops(self.ns(name), prefix, table)) != servers]
             if not pending:
-                pending = [f"{name}: {state}" for name in self.pops
-                           if (state := self.pop_status(name).get("state", "unreachable")) != "announced"]
+                pending = [f"{name}: {engine}" for name in self.pops
+                           if (engine := self.pop_status(name).get("state", "unreachable")) != "announced"]
             if not pending:
                 return time.monotonic()
             time.sleep(0.05)
@@ -477,57 +406,24 @@ class Lab:
         return {name: (spec.config.dataplane.table, frozenset(server.address for server in spec.config.servers))
                 for name, spec in self.spec.pops.items() if spec.config.dataplane.mode == "ecmp"}
 
-    def pop_status(self, name: str, timeout: float = 2.0) -> dict[str, Any]:
-        """GET /status of a PoP's engine, in-process through a socket in its namespace.
+    # --- status (lab.status) -----------------------------------------------------------
 
-        Cheaper than ``PopNode.status()`` (no interpreter started per request), which matters
-        while polling during bring-up. ``{}`` when the engine does not answer.
-        """
-        node = self.pops[name]
-        with self.ns(name).enter():
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            with sock:
-                sock.settimeout(timeout)
-                sock.connect(("127.0.0.1", node.status_port))
-                conn = http.client.HTTPConnection("127.0.0.1", node.status_port, timeout=timeout)
-                conn.sock = sock
-                try:
-                    conn.request("GET", "/status")
-                    response = conn.getresponse()
-                    data: dict[str, Any] = json.loads(response.read()) if response.status == 200 else {}
-                finally:
-                    conn.close()
-                return data
-        except (OSError, ValueError, http.client.HTTPException):
-            return {}
+    def pop_status(self, name: str, timeout: float = 2.0) -> dict[str, Any]:
+        """GET /status of a PoP's engine (``{}`` when it does not answer)."""
+        return lab_status.pop_status(self.pops[name], timeout)
 
     def log_tails(self, lines: int = 15) -> str:
-        parts = [f"--- {name} ---\n{node.log_tail(lines)}" for name, node in self.pops.items()]
-        parts += [f"--- {name} bgpd ---\n{router.log_tail('bgpd', lines)}" for name, router in self.routers.items()]
-        return "\n".join(parts)
-
-    # --- status -------------------------------------------------------------------------
+        return lab_status.log_tails(self.pops, self.routers, lines)
 
     def status(self) -> LabStatus:
-        routes = []
-        for name in self.routers:
-            for prefix in self.spec.anycast:
-                hops = read_nexthops(self.ns(name), prefix)
-                routes.append(RouterRoute(name, prefix, tuple(sorted(
-                    (hop, self.topology.owner_of(hop) or "?") for hop in hops))))
-        verdicts = []
-        for name in self.pops:
-            data = self.pop_status(name)
-            verdicts.append(PopVerdict(name, str(data.get("state", "unreachable")),
-                                       str(data.get("last_change_reason") or "")))
         answers = []
         for node in self.topology.nodes.values():
             if node.role in ("client", "probe"):
                 who = self.ask_node(node.name, timeout=0.5)
                 answers.append((node.name, self.pop_of(who), who))
-        return LabStatus(self.prefix, tuple(routes), tuple(verdicts),
-                         tuple(str(f) for f in self.faults.active()), tuple(answers))
+        return LabStatus(self.prefix, lab_status.router_routes(self.routers, self.spec.anycast, self.topology.owner_of),
+                         lab_status.pop_verdicts(self.pops), tuple(str(f) for f in self.faults.active()),
+                         tuple(answers))
 
     # --- teardown -----------------------------------------------------------------------
 
@@ -545,7 +441,7 @@ class Lab:
         self.vpns.clear()
         self.whoami.clear()
         self.namespaces.clear()
-        _remove_leftovers(self.prefix, self.wg_ifnames.values(), self.statedir)
+        state.remove_leftovers(self.prefix, self.wg_ifnames.values(), self.statedir)
         self._up = False
 
 
@@ -557,61 +453,3 @@ def _merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, An
         else:
             merged[key] = copy.deepcopy(value)
     return merged
-
-
-def _remove_leftovers(prefix: str, wg_ifnames: Iterable[str], statedir: Path) -> None:
-    cleanup_prefix(prefix)
-    for ifname in wg_ifnames:
-        # wireguard-go removes its socket on a clean exit only
-        (UAPI_DIR / f"{ifname}.sock").unlink(missing_ok=True)
-    shutil.rmtree(statedir, ignore_errors=True)
-
-
-def read_state(statedir: Path) -> dict[str, Any] | None:
-    try:
-        state: dict[str, Any] = json.loads((statedir / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return state
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in {"Z", "X"}
-
-
-def sweep(statedir: Path, *, timeout: float = 20.0) -> list[str]:
-    """Remove the lab recorded in ``statedir``, whatever became of its owner.
-
-    A supervisor that still runs is asked to stop (SIGTERM, then SIGKILL after ``timeout``);
-    then every namespace with the recorded prefix, its processes, the UAPI sockets and the
-    state directory go. Returns the namespaces that were still there.
-    """
-    state = read_state(statedir)
-    if state is None:
-        shutil.rmtree(statedir, ignore_errors=True)
-        return []
-    pid = int(state.get("owner_pid", 0))
-    if state.get("supervised") and pid > 1 and pid != os.getpid() and pid_alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if pid_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    prefix = str(state["prefix"])
-    left = sorted(p.name for p in Path("/run/netns").glob(f"{prefix}*"))
-    _remove_leftovers(prefix, state.get("wg_ifnames", []), statedir)
-    return left
-
-
-def lab_resources(prefix: str, wg_ifnames: Iterable[str]) -> Iterator[str]:
-    """Whatever of a lab still exists on the host (for tests proving ``down`` left nothing)."""
-    yield from (f"netns {p.name}" for p in Path("/run/netns").glob(f"{prefix}*"))
-    yield from (f"rundir {p}" for p in Path("/run/pop-lab").glob(f"{prefix}*"))
-    yield from (f"uapi {UAPI_DIR / (i + '.sock')}" for i in wg_ifnames if (UAPI_DIR / f"{i}.sock").exists())

@@ -33,7 +33,8 @@ import pytest
 from lab.faults import FaultError
 from lab.frr import BGPD, ZEBRA
 from lab.netns import Netns
-from lab.runner import REPO, Lab, lab_resources, new_prefix, pid_alive, read_state, sweep
+from lab.runner import REPO, Lab, new_prefix
+from lab.state import lab_resources, pid_alive, read_state, sweep
 from pop import config as pop_config
 
 TOPOLOGY = REPO / "containerlab.yml"
