@@ -37,6 +37,8 @@ Contract:
   table ``inet poplab_f<id>`` per namespace, so that an undo removes exactly it.
 - The lab's supervisor owns the daemons, so faults run in the process that holds the ``Lab``;
   the CLI reaches them through the supervisor (``python -m lab fault ...``).
+- ``Faults`` sees the lab only through ``FaultableLab`` (``lab.runner.Lab`` is one), so this
+  module does not depend on the runner that owns it.
 """
 
 from __future__ import annotations
@@ -46,13 +48,17 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from lab.status import pop_status
 
 if TYPE_CHECKING:
+    from lab.frr import FrrRouter
+    from lab.netns import Netns
     from lab.popnode import PopNode
-    from lab.runner import Lab, VpnServer
+    from lab.topology import Topology
 
 PARAMS = {"loss": {"percent"}, "flap": {"period", "down"}}  # every other kind takes none
 KINDS = ("server-down", "wireguard-down", "loss", "blackhole", "flap", "exabgp-kill", "engine-kill",
@@ -61,6 +67,36 @@ KINDS = ("server-down", "wireguard-down", "loss", "blackhole", "flap", "exabgp-k
 
 class FaultError(ValueError):
     pass
+
+
+class FaultableServer(Protocol):
+    """A VPN server as faults stop and start it (``lab.runner.VpnServer``)."""
+
+    @property
+    def wireguard(self) -> object | None: ...  # None: the server runs no wireguard-go
+
+    def start(self) -> None: ...
+
+    def stop(self, *, wireguard_only: bool = False) -> None: ...
+
+
+class FaultableLab(Protocol):
+    """What ``Faults`` needs from the lab it injects faults into (``lab.runner.Lab``)."""
+
+    @property
+    def topology(self) -> Topology: ...
+
+    @property
+    def pops(self) -> Mapping[str, PopNode]: ...
+
+    @property
+    def routers(self) -> Mapping[str, FrrRouter]: ...
+
+    def ns(self, node: str) -> Netns: ...
+
+    def servers_of(self, target: str) -> Sequence[FaultableServer]:
+        """A VPN server by name, or every server of a PoP; KeyError for any other name."""
+        ...
 
 
 @dataclass
@@ -86,7 +122,7 @@ class Fault:
 
 
 class Faults:
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: FaultableLab) -> None:
         self.lab = lab
         self._lock = threading.Lock()
         self._next_id = 1
@@ -156,7 +192,7 @@ class Faults:
 
     # --- servers ------------------------------------------------------------------------
 
-    def _servers(self, target: str, *, wireguard: bool = False) -> list[VpnServer]:
+    def _servers(self, target: str, *, wireguard: bool = False) -> Sequence[FaultableServer]:
         try:
             servers = self.lab.servers_of(target)
         except KeyError as exc:
@@ -294,7 +330,7 @@ class Faults:
     def _pop_node(self, target: str) -> PopNode:
         if target not in self.lab.pops:
             raise FaultError(f"{target}: not a pop node")
-        return self.lab.pop(target)
+        return self.lab.pops[target]
 
     def _restart_pop(self, target: str) -> Callable[[], float]:
         def undo() -> float:
@@ -324,7 +360,7 @@ class Faults:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
                 with contextlib.suppress(OSError, ValueError):
-                    if node.engine_pid() != pid and self.lab.pop_status(fault.target):
+                    if node.engine_pid() != pid and pop_status(node):
                         return time.monotonic()
                 time.sleep(0.05)
             raise TimeoutError(f"{fault.target}: ExaBGP did not respawn the engine\n{node.log_tail()}")
@@ -339,7 +375,7 @@ class Faults:
     def _router_down(self, fault: Fault) -> Callable[[], float]:
         if fault.target not in self.lab.routers:
             raise FaultError(f"{fault.target}: not a router node")
-        router = self.lab.router(fault.target)
+        router = self.lab.routers[fault.target]
         router.stop()
 
         def undo() -> float:
