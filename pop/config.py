@@ -6,8 +6,15 @@ It never raises anything else, whatever the input, and has no side effects: it o
 file, starts no check and resolves no name. (Key files named by the config are read later,
 by the check that needs them.)
 
-Anything that ends up inside an ExaBGP API command (names, communities, descriptions) is
-refused when it holds a control character: a newline would turn one command into two.
+Every value that reaches ExaBGP (exabgp/*.tmpl and the API lines of pop/exabgp.py) is held
+to what ExaBGP's grammar allows: no control character anywhere (a newline would turn one
+command into two), names and communities in ASCII letters and digits (communities are
+stored canonically), addresses and prefixes normalised and without an IPv6 zone, and a
+neighbor's description free of quotes, backslashes and non-ASCII (it sits between quotes in
+exabgp.conf). tests/unit/test_config_exabgp.py feeds what the loader accepts to ExaBGP.
+
+The model is in pop/config_model.py, the YAML-walking primitives in pop/config_reader.py;
+this module holds what each section means.
 
 Defaults are chosen for detection speed without false withdrawals; docs/configuration.md
 explains each one.
@@ -37,16 +44,17 @@ from pop.config_model import (
     WireGuardCheck,
     WireGuardTarget,
 )
-from pop.config_reader import U16, U32, ConfigError, Reader, join
+from pop.config_reader import U16, U32, ConfigError, Reader, join, zone_problem
 
 __all__ = [
     "Attributes", "Checks", "Config", "ConfigError", "Dataplane", "ExaBGP", "L4Check", "Neighbor", "Pool",
     "Prefix", "Server", "ServicePort", "StatusEndpoint", "WireGuardCheck", "WireGuardTarget", "load",
 ]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_COMMUNITY = re.compile(r"^(\d+):(\d+)$")
-_LARGE_COMMUNITY = re.compile(r"^(\d+):(\d+):(\d+)$")
+# [0-9], not \d: \d also matches other scripts' digits, which int() accepts and ExaBGP does not
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_COMMUNITY = re.compile(r"([0-9]+):([0-9]+)")
+_LARGE_COMMUNITY = re.compile(r"([0-9]+):([0-9]+):([0-9]+)")
 _WELL_KNOWN = {
     "graceful-shutdown": "65535:0",
     "no-export": "65535:65281",
@@ -54,7 +62,7 @@ _WELL_KNOWN = {
     "no-export-subconfed": "65535:65283",
     "blackhole": "65535:666",
 }
-_B64_KEY = re.compile(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")
+_B64_KEY = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=")
 
 
 # --- sections ----------------------------------------------------------------------------
@@ -91,32 +99,32 @@ def _community(r: Reader, value: Any, path: str) -> str | None:
         return None
     if text in _WELL_KNOWN:
         return _WELL_KNOWN[text]
-    match = _COMMUNITY.match(text)
+    match = _COMMUNITY.fullmatch(text)
     if not match or int(match[1]) > U16 or int(match[2]) > U16:
         r.error(path, f"{text!r} is not a community (ASN:VALUE, each 0..65535, or one of "
                       f"{', '.join(sorted(_WELL_KNOWN))})")
         return None
-    return text
+    return ":".join(str(int(part)) for part in match.groups())
 
 
 def _large_community(r: Reader, value: Any, path: str) -> str | None:
     text = r.string(value, path)
     if text is None:
         return None
-    match = _LARGE_COMMUNITY.match(text)
+    match = _LARGE_COMMUNITY.fullmatch(text)
     if not match or any(int(part) > U32 for part in match.groups()):
         r.error(path, f"{text!r} is not a large community (GLOBAL:LOCAL1:LOCAL2, each 0..4294967295)")
         return None
-    return text
+    return ":".join(str(int(part)) for part in match.groups())
 
 
-def _prefixes(r: Reader, value: Any, path: str) -> list[Prefix]:
+def _prefixes(r: Reader, value: Any, path: str) -> dict[int, Prefix]:
     items = r.sequence(value, path)
     if not items:
         if items is not None:
             r.error(path, "at least one anycast prefix is required")
-        return []
-    result: list[Prefix] = []
+        return {}
+    result: dict[int, Prefix] = {}  # by position in the file, so later checks name the right item
     seen: dict[str, int] = {}
     for index, item in enumerate(items):
         item_path = join(path, index)
@@ -132,6 +140,10 @@ def _prefixes(r: Reader, value: Any, path: str) -> list[Prefix]:
         except ValueError as exc:
             r.error(join(item_path, "prefix"), f"{text!r} is not a prefix ({exc})")
             continue
+        zone = getattr(network.network_address, "scope_id", None)
+        if zone is not None:
+            r.error(join(item_path, "prefix"), zone_problem(text, zone))
+            continue
         next_hop = "self"
         if data.get("next_hop") not in (None, "self"):
             next_hop = r.address(data["next_hop"], join(item_path, "next_hop"), network.version) or "self"
@@ -142,17 +154,17 @@ def _prefixes(r: Reader, value: Any, path: str) -> list[Prefix]:
             r.error(item_path, f"prefix {key} is listed twice (also at {path}[{seen[key]}])")
             continue
         seen[key] = index
-        result.append(Prefix(prefix=key, next_hop=next_hop, healthy=healthy, degraded=degraded))
+        result[index] = Prefix(prefix=key, next_hop=next_hop, healthy=healthy, degraded=degraded)
     return result
 
 
-def _neighbors(r: Reader, value: Any, path: str) -> list[Neighbor]:
+def _neighbors(r: Reader, value: Any, path: str) -> dict[int, Neighbor]:
     items = r.sequence(value, path)
     if not items:
         if items is not None:
             r.error(path, "at least one BGP neighbor is required")
-        return []
-    result: list[Neighbor] = []
+        return {}
+    result: dict[int, Neighbor] = {}  # by position in the file, so later checks name the right item
     seen: set[str] = set()
     for index, item in enumerate(items):
         item_path = join(path, index)
@@ -166,7 +178,7 @@ def _neighbors(r: Reader, value: Any, path: str) -> list[Neighbor]:
         if data.get("local_address") is not None and address is not None:
             local = r.address(data["local_address"], join(item_path, "local_address"),
                               ipaddress.ip_address(address).version)
-        description = r.optional(data, "description", item_path, r.string, "")
+        description = r.optional(data, "description", item_path, r.exabgp_text, "")
         hold_time = r.optional(data, "hold_time", item_path, lambda v, p: _hold_time(r, v, p), 9)
         passive = r.optional(data, "passive", item_path, r.boolean, False)
         if address is None or peer_as is None:
@@ -175,7 +187,7 @@ def _neighbors(r: Reader, value: Any, path: str) -> list[Neighbor]:
             r.error(join(item_path, "address"), f"neighbor {address} is listed twice")
             continue
         seen.add(address)
-        result.append(Neighbor(address, peer_as, local, description, hold_time, passive))
+        result[index] = Neighbor(address, peer_as, local, description, hold_time, passive)
     return result
 
 
@@ -187,13 +199,13 @@ def _hold_time(r: Reader, value: Any, path: str) -> int | None:
     return hold
 
 
-def _servers(r: Reader, value: Any, path: str) -> list[Server]:
+def _servers(r: Reader, value: Any, path: str) -> dict[int, Server]:
     items = r.sequence(value, path)
     if not items:
         if items is not None:
             r.error(path, "at least one VPN server is required")
-        return []
-    result: list[Server] = []
+        return {}
+    result: dict[int, Server] = {}  # by position in the file, so later checks name the right item
     names: dict[str, int] = {}
     targets: dict[tuple[str, int | None], int] = {}
     for index, item in enumerate(items):
@@ -220,7 +232,7 @@ def _servers(r: Reader, value: Any, path: str) -> list[Server]:
             continue
         names[name] = index
         targets[(address, port)] = index
-        result.append(Server(name, address, port, weight, enabled, wireguard))
+        result[index] = Server(name, address, port, weight, enabled, wireguard)
     return result
 
 
@@ -449,9 +461,9 @@ def _build(r: Reader, document: Any) -> Config:
         asn = r.need(pop_data, "asn", "pop", lambda v, p: r.integer(v, p, 1, U32))
         router_id = r.need(pop_data, "router_id", "pop", lambda v, p: r.address(v, p, 4))
         runtime_dir = r.optional(pop_data, "runtime_dir", "pop", lambda v, p: _path(r, v, p), runtime_dir)
-    neighbors = r.need(top, "neighbors", "", lambda v, p: _neighbors(r, v, p)) or []
-    prefixes = r.need(top, "prefixes", "", lambda v, p: _prefixes(r, v, p)) or []
-    servers = r.need(top, "servers", "", lambda v, p: _servers(r, v, p)) or []
+    neighbors = r.need(top, "neighbors", "", lambda v, p: _neighbors(r, v, p)) or {}
+    prefixes = r.need(top, "prefixes", "", lambda v, p: _prefixes(r, v, p)) or {}
+    servers = r.need(top, "servers", "", lambda v, p: _servers(r, v, p)) or {}
     checks = _checks(r, top.get("checks"), "checks")
     pool = _pool(r, top.get("pool"), "pool")
     status = _status(r, top.get("status"), "status")
@@ -460,24 +472,24 @@ def _build(r: Reader, document: Any) -> Config:
     _cross_checks(r, neighbors, prefixes, servers, checks)
     if r.problems or name is None or asn is None or router_id is None:
         raise ConfigError(r.problems or [f"{r.source}: pop: is incomplete"])
-    return Config(name=name, asn=asn, router_id=router_id, neighbors=tuple(neighbors), prefixes=tuple(prefixes),
-                  servers=tuple(servers), checks=checks, pool=pool, status=status, exabgp=exabgp, dataplane=dataplane,
-                  runtime_dir=runtime_dir, source=r.source)
+    return Config(name=name, asn=asn, router_id=router_id, neighbors=tuple(neighbors.values()),
+                  prefixes=tuple(prefixes.values()), servers=tuple(servers.values()), checks=checks, pool=pool,
+                  status=status, exabgp=exabgp, dataplane=dataplane, runtime_dir=runtime_dir, source=r.source)
 
 
 def _name(r: Reader, value: Any, path: str) -> str | None:
     return r.string(value, path, pattern=_NAME, what="a name (letters, digits, '_', '.', '-'; at most 63)")
 
 
-def _cross_checks(r: Reader, neighbors: list[Neighbor], prefixes: list[Prefix], servers: list[Server],
+def _cross_checks(r: Reader, neighbors: dict[int, Neighbor], prefixes: dict[int, Prefix], servers: dict[int, Server],
                   checks: Checks) -> None:
-    families = {n.version for n in neighbors}
-    for index, prefix in enumerate(prefixes):
+    families = {n.version for n in neighbors.values()}
+    for index, prefix in prefixes.items():
         if neighbors and prefix.version not in families:
             r.error(f"prefixes[{index}]", f"{prefix.prefix} is IPv{prefix.version} but no neighbor is "
                                           f"IPv{prefix.version}; it would never be announced")
     if checks.wireguard.enabled:
-        for index, server in enumerate(servers):
+        for index, server in servers.items():
             if server.wireguard is None:
                 r.error(f"servers[{index}].wireguard", "is required when checks.wireguard.enabled is true "
                                                        "(public_key of the server)")

@@ -18,7 +18,17 @@ T = TypeVar("T")
 U16 = 0xFFFF
 U32 = 0xFFFFFFFF
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0, DEL, C1 and the Unicode line separators: any of them can end a line for some reader
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+# Why a character cannot sit inside one of ExaBGP's quoted strings. Its tokeniser
+# (exabgp/configuration/core/format.py) unescapes a whole line before splitting it, and a
+# quote of either kind inside a string opens or closes a string.
+_NOT_IN_EXABGP_STRING = {
+    '"': "it would end ExaBGP's string",
+    "'": "ExaBGP would start another string there",
+    "\\": "ExaBGP reads it as an escape",
+}
 
 
 class ConfigError(Exception):
@@ -64,7 +74,7 @@ class Reader:
         if _CONTROL.search(value):
             self.error(path, "contains a control character (newline, tab, ...), which is not allowed")
             return None
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             self.error(path, f"{value!r} is not {what or 'valid'}")
             return None
         return value
@@ -113,10 +123,28 @@ class Reader:
         except ValueError:
             self.error(path, f"{text!r} is not an IP address")
             return None
+        if isinstance(parsed, ipaddress.IPv6Address) and parsed.scope_id is not None:
+            self.error(path, zone_problem(text, parsed.scope_id))
+            return None
         if version is not None and parsed.version != version:
             self.error(path, f"{text} is IPv{parsed.version}, expected IPv{version}")
             return None
         return str(parsed)
+
+    def exabgp_text(self, value: Any, path: str) -> str | None:
+        """Free text that goes between double quotes in ExaBGP's configuration."""
+        text = self.string(value, path)
+        if text is None:
+            return None
+        for char in text:
+            if char in _NOT_IN_EXABGP_STRING:
+                self.error(path, f"may not contain {char!r} ({_NOT_IN_EXABGP_STRING[char]})")
+                return None
+            if not " " <= char <= "~":
+                self.error(path, f"may not contain {char!r} (only printable ASCII: ExaBGP reads its "
+                                 f"configuration in the locale's encoding)")
+                return None
+        return text
 
     def need(self, data: dict[str, Any], key: str, path: str, parse: Callable[[Any, str], T | None]) -> T | None:
         if key not in data or data[key] is None:
@@ -130,6 +158,12 @@ class Reader:
             return default
         parsed = parse(data[key], join(path, key))
         return default if parsed is None else parsed
+
+
+def zone_problem(text: str, zone: str) -> str:
+    # ipaddress accepts any text after '%' as a zone; it would be spliced into ExaBGP's
+    # configuration, its API lines and the kernel's tables verbatim
+    return f"{text!r} has an IPv6 zone ({'%' + zone!r}), which is not allowed here"
 
 
 def join(path: str, key: str | int) -> str:

@@ -118,6 +118,33 @@ def test_not_a_config_at_all(text: str, expected: str) -> None:
     ({"dataplane": {"mode": "ipvs", "pin_flows": True}},
      "pop.yaml: dataplane.pin_flows: only for ecmp mode (IPVS keeps its flows on their servers itself)"),
     ({"bogus": 1}, "pop.yaml: bogus: unknown key"),
+    # what reaches ExaBGP's configuration or API lines must stay inside ExaBGP's grammar
+    ({"neighbors": [{"address": "10.0.0.1", "peer_as": 1, "description": 'x"; peer-as 64999; description "y'}]},
+     "pop.yaml: neighbors[0].description: may not contain '\"' (it would end ExaBGP's string)"),
+    ({"neighbors": [{"address": "10.0.0.1", "peer_as": 1, "description": "it's"}]},
+     "pop.yaml: neighbors[0].description: may not contain \"'\" (ExaBGP would start another string there)"),
+    ({"neighbors": [{"address": "10.0.0.1", "peer_as": 1, "description": "a\\u0022b"}]},
+     "pop.yaml: neighbors[0].description: may not contain '\\\\' (ExaBGP reads it as an escape)"),
+    ({"neighbors": [{"address": "10.0.0.1", "peer_as": 1, "description": "Z\u00fcrich"}]},
+     "pop.yaml: neighbors[0].description: may not contain '\u00fc' (only printable ASCII: ExaBGP reads its "
+     "configuration in the locale's encoding)"),
+    ({"neighbors": [{"address": "10.0.0.1", "peer_as": 1, "description": "up\x85stream"}]},
+     "pop.yaml: neighbors[0].description: contains a control character (newline, tab, ...), which is not allowed"),
+    ({"prefixes": [{"prefix": "198.51.100.1/32", "healthy": {"communities": ["\u0666\u0665\u0660\u0660\u0660:1"]}}]},
+     "pop.yaml: prefixes[0].healthy.communities[0]: '\u0666\u0665\u0660\u0660\u0660:1' is not a community "
+     "(ASN:VALUE, each 0..65535, or one of blackhole, graceful-shutdown, no-advertise, no-export, no-export-subconfed)"),
+    ({"prefixes": [{"prefix": "198.51.100.1/32", "healthy": {"large_communities": ["1:\u0661:1"]}}]},
+     "pop.yaml: prefixes[0].healthy.large_communities[0]: '1:\u0661:1' is not a large community "
+     "(GLOBAL:LOCAL1:LOCAL2, each 0..4294967295)"),
+    ({"neighbors": [{"address": "fe80::1%x; peer-as 5", "peer_as": 1}]},
+     "pop.yaml: neighbors[0].address: 'fe80::1%x; peer-as 5' has an IPv6 zone ('%x; peer-as 5'), "
+     "which is not allowed here"),
+    ({"neighbors": [{"address": "10.0.0.1", "peer_as": 1}, {"address": "2001:db8::1", "peer_as": 1}],
+      "prefixes": [{"prefix": "2001:db8:1::1/128", "next_hop": "fe80::1%eth0"}]},
+     "pop.yaml: prefixes[0].next_hop: 'fe80::1%eth0' has an IPv6 zone ('%eth0'), which is not allowed here"),
+    ({"neighbors": [{"address": "10.0.0.1", "peer_as": 1}, {"address": "2001:db8::1", "peer_as": 1}],
+      "prefixes": ["2001:db8:1::1%x y/128"]},
+     "pop.yaml: prefixes[0].prefix: '2001:db8:1::1%x y/128' has an IPv6 zone ('%x y'), which is not allowed here"),
 ])
 def test_one_problem(sections: dict[str, object], expected: str) -> None:
     assert problems(with_(**sections)) == [expected]
@@ -131,6 +158,34 @@ def test_every_problem_is_reported_at_once() -> None:
         "pop.yaml: pool.hold_down: must be a number, not a string",
         "pop.yaml: status.port: 0 is out of range 1..65535",
     ]
+
+
+def test_cross_checks_name_the_original_server_index() -> None:
+    key = "A" * 43 + "="
+    found = problems(with_(checks={"wireguard": {"enabled": True}}, servers=[
+        {"name": "broken", "address": "x", "wireguard": {"public_key": key}},
+        {"name": "a", "address": "10.0.2.11", "wireguard": {"public_key": key}},
+        {"name": "b", "address": "10.0.2.12"},
+    ]))
+    assert found == [
+        "pop.yaml: servers[0].address: 'x' is not an IP address",
+        "pop.yaml: servers[2].wireguard: is required when checks.wireguard.enabled is true (public_key of the server)",
+    ]
+
+
+def test_cross_checks_name_the_original_prefix_index() -> None:
+    found = problems(with_(prefixes=["198.51.100.1/24", "198.51.100.1/32", "2001:db8::1/128"]))
+    assert found == [
+        "pop.yaml: prefixes[0].prefix: '198.51.100.1/24' is not a prefix (198.51.100.1/24 has host bits set)",
+        "pop.yaml: prefixes[2]: 2001:db8::1/128 is IPv6 but no neighbor is IPv6; it would never be announced",
+    ]
+
+
+def test_communities_are_rendered_canonically() -> None:
+    config = load(with_(prefixes=[{"prefix": "198.51.100.1/32", "healthy": {
+        "communities": ["065101:007"], "large_communities": ["0065101:1:02"]}}]))
+    assert config.prefixes[0].healthy.communities == ("65101:7",)
+    assert config.prefixes[0].healthy.large_communities == ("65101:1:2",)
 
 
 def test_well_known_community_names() -> None:
