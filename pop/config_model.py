@@ -1,7 +1,8 @@
 """What one PoP's configuration is: frozen dataclasses, built only by `pop.config.load`.
 
-Every value here has passed the loader's checks (pop/config.py); addresses and prefixes are
-normalised.
+Every value here has passed the loader's checks (pop/config.py): addresses and prefixes are
+normalised and zone-free, communities are canonical ASCII digits, and any text that reaches
+ExaBGP fits its grammar.
 """
 
 from __future__ import annotations
