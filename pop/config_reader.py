@@ -136,14 +136,10 @@ class Reader:
         text = self.string(value, path)
         if text is None:
             return None
-        for char in text:
-            if char in _NOT_IN_EXABGP_STRING:
-                self.error(path, f"may not contain {char!r} ({_NOT_IN_EXABGP_STRING[char]})")
-                return None
-            if not " " <= char <= "~":
-                self.error(path, f"may not contain {char!r} (only printable ASCII: ExaBGP reads its "
-                                 f"configuration in the locale's encoding)")
-                return None
+        problem = exabgp_string_problem(text)
+        if problem is not None:
+            self.error(path, problem)
+            return None
         return text
 
     def need(self, data: dict[str, Any], key: str, path: str, parse: Callable[[Any, str], T | None]) -> T | None:
@@ -158,6 +154,17 @@ class Reader:
             return default
         parsed = parse(data[key], join(path, key))
         return default if parsed is None else parsed
+
+
+def exabgp_string_problem(text: str) -> str | None:
+    """Why `text` cannot stand between quotes in ExaBGP's configuration, or None if it can."""
+    for char in text:
+        if char in _NOT_IN_EXABGP_STRING:
+            return f"may not contain {char!r} ({_NOT_IN_EXABGP_STRING[char]})"
+        if not " " <= char <= "~":
+            return (f"may not contain {char!r} (only printable ASCII: ExaBGP reads its configuration "
+                    f"in the locale's encoding)")
+    return None
 
 
 def zone_problem(text: str, zone: str) -> str:

@@ -20,6 +20,7 @@ from string import Template
 from typing import Any
 
 from pop.config import Config, Neighbor
+from pop.config_reader import exabgp_string_problem
 from pop.desired import Announcement
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "exabgp"
@@ -55,12 +56,28 @@ def render_config(config: Config, engine_argv: list[str]) -> str:
             process=PROCESS,
         ))
     return _template("exabgp.conf.tmpl").substitute(
-        source=config.source,
+        source=_comment(config.source),
         pop_name=config.name,
         process=PROCESS,
-        engine_command=shlex.join(engine_argv),
+        engine_command=_run_command(engine_argv),
         neighbors="".join(blocks),
     )
+
+
+def _comment(text: str) -> str:
+    # the YAML file's path, echoed for a human: a newline would end the comment, and ExaBGP
+    # unescapes and joins lines ending in a backslash before it sees the '#'
+    return "".join(char if " " <= char <= "~" and char != "\\" else "?" for char in text)
+
+
+def _run_command(argv: list[str]) -> str:
+    """The engine's command line for ExaBGP's `run`: shlex quoting, which ExaBGP's tokeniser
+    reads back as the same words, as long as no word holds a quote, backslash or non-ASCII."""
+    for word in argv:
+        problem = exabgp_string_problem(word)
+        if problem is not None:
+            raise ValueError(f"exabgp.conf: the engine command cannot name {word!r}: it {problem}")
+    return shlex.join(argv)
 
 
 def render_env(config: Config, user: str = "root") -> str:

@@ -101,7 +101,11 @@ def run(config_path: Path) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 2
-    conf, env = render(config, config_path)
+    try:
+        conf, env = render(config, config_path)
+    except ValueError as exc:  # the engine's path cannot be written into ExaBGP's `run` line
+        print(f"{config_path}: {exc}", file=sys.stderr)
+        return 2
     ok, output = validate(conf, env)
     if not ok:
         print(f"{conf}: ExaBGP rejects the rendered configuration:\n{output}", file=sys.stderr)

@@ -105,3 +105,46 @@ def test_the_comparison_sees_an_injected_statement(tmp_path: Path) -> None:
                                          "x\\\"; peer-as 64999; description \\\"y", "x\n}\nneighbor 10.9.9.9 {"])
 def test_the_loader_refuses_descriptions_that_would_inject(description: str) -> None:
     assert not accepted(description)
+
+
+def test_a_newline_in_the_config_path_stays_inside_the_comment(tmp_path: Path) -> None:
+    """The file's path (the loader's `source`) is echoed in a comment at the top of exabgp.conf."""
+    source = "/etc/pop/x\nneighbor 10.9.9.9 { router-id 1.1.1.1; local-as 1; peer-as 64999; }\n#.yaml"
+    config = load(document(["plain"]), source)
+    assert parsed_by_exabgp(config, tmp_path) == configured(config)
+
+
+@pytest.mark.parametrize("path", ['/etc/po"p/pop.yaml', "/etc/po'p/pop.yaml", "/etc/po\\p/pop.yaml",
+                                  "/etc/pop\n/pop.yaml", "/etc/p\u00f6p/pop.yaml"])
+def test_an_engine_path_exabgp_cannot_read_is_refused_by_name(path: str) -> None:
+    config = load(document(["plain"]), path)
+    with pytest.raises(ValueError, match="may not contain") as info:
+        render_config(config, ["/usr/bin/python3", "-m", "pop", "engine", "-c", path])
+    assert repr(path) in str(info.value)
+
+
+def test_an_engine_path_with_spaces_and_syntax_reaches_exabgp_as_one_argument(tmp_path: Path) -> None:
+    path = "/etc/my pop;{x}#[1]/pop.yaml"
+    config = load(document(["plain"]), path)
+    conf, env = tmp_path / "exabgp.conf", tmp_path / "exabgp.env"
+    conf.write_text(render_config(config, ["/usr/bin/python3", "-m", "pop", "engine", "-c", path]))
+    env.write_text(render_env(config))
+    result = subprocess.run([str(EXABGP), "--env-file", str(env), "validate", "-v", str(conf)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = [m.group(3) for line in (result.stdout + result.stderr).splitlines()
+           if (m := TRACE.match(line)) and m.group(2) == "run"]
+    assert run == [f"'/usr/bin/python3' '-m' 'pop' 'engine' '-c' '{path}'"]
+
+
+def test_pop_run_names_a_config_path_exabgp_cannot_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pop.runner import run
+
+    directory = tmp_path / 'my "pops"'
+    directory.mkdir()
+    path = directory / "pop.yaml"
+    data = yaml.safe_load(document(["plain"]))
+    data["pop"]["runtime_dir"] = str(tmp_path / "run")
+    path.write_text(yaml.safe_dump(data))
+    assert run(path) == 2
+    assert f"the engine command cannot name {str(path)!r}: it may not contain '\"'" in capsys.readouterr().err
