@@ -1,183 +1,107 @@
-"""The engine: runs the checks, folds their results through the pure decisions, and has the
-adapters make the outcome true.
+"""The engine: folds check results through the pure decisions into one desired state.
 
-    probers (one per server and tier) --observe()--> hysteresis --> pool --> verdict
-        --> desired announcements --> applier --> bgp.set()
+    probes (pop.probes) --observe()--> hysteresis --> pool --> verdict
+        --> DesiredState (pop.desired) --want()--> applier (pop.applier) --> adapters
 
-Everything that decides lives in the pure modules; this module only schedules. All state
-changes happen on the event loop thread in `observe()` / `reevaluate()`, so no locks are
-needed. The applier coalesces: if the desired state changes while a `set()` is in flight,
-only the newest state is sent next.
-
-Probes run on a schedule, not back to back: a new probe starts every interval even while an
-earlier one waits for its timeout, so silence is detected at the pace of the interval rather
-than of the timeout. A result older than one already folded in is dropped as stale.
+Everything that decides lives in the pure modules (hysteresis, pool, drains, verdict,
+desired); everything that makes it true lives in the applier. This class only wires them:
+it keeps the per-server state, re-decides when something changes, and hands the applier the
+newest desired state. All state changes happen on the event loop thread, so no locks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import itertools
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Protocol
+from dataclasses import replace
 
 from pop import desired as plan
-from pop import hysteresis, load, verdict
+from pop import drains, hysteresis, load, pool, verdict
 from pop.adminstate import AdminState, ServerDrainRecord
+from pop.applier import Applier, Dataplane, DataplaneFailure, Speaker
 from pop.checks.base import Check, CheckResult
 from pop.config import Config
-from pop.desired import Announcement, DesiredState, announcements
-from pop.hysteresis import Policy, ServerHealth, State, TierState
-from pop.verdict import PoolView, Verdict, VerdictPolicy
+from pop.desired import Announcement, DesiredState
+from pop.drains import ServerDrain
+from pop.hysteresis import Policy, ServerHealth, TierState
+from pop.probes import Probes
+from pop.snapshot import Event, ServerSnapshot, Snapshot
+from pop.verdict import Verdict, VerdictPolicy
+
+__all__ = ["DataplaneFailure", "Engine"]
 
 log = logging.getLogger("pop.engine")
 
-
-class Speaker(Protocol):
-    async def set(self, announcements: Sequence[Announcement], *, force: bool = False) -> None: ...
-
-    def announced(self) -> tuple[Announcement, ...]: ...
-
-
-class Dataplane(Protocol):
-    """VIPs, IPVS services and ECMP routes; `set()` takes them whole (pop.adapters.dataplane)."""
-
-    async def set(self, state: DesiredState) -> None: ...
-
-    async def connections(self) -> Mapping[str, int]:
-        """Open connections per real-server address (IPVS); empty when the mode has none."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class ServerDrain:
-    """An operator drain of one server: quiescent (weight 0) until its connections are gone."""
-
-    since: float
-    done: bool = False  # connections gone or drain_timeout passed: out of the data plane
-    reason: str = "draining: no new flows, existing connections continue"
-
-
 LoadSignal = Callable[[], Awaitable[Mapping[str, float]]]
 """Pluggable load signal: a factor in (0, 1] per server address (pop/load.py)."""
-
-
-class DataplaneFailure(Exception):
-    """What a data plane adapter raises for a kernel error (pop.adapters.routes.DataplaneError)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One state change, kept for /status ("why is this PoP withdrawn?")."""
-
-    at: float  # monotonic
-    wall: float  # time.time(), for people
-    kind: str  # "server" | "verdict" | "admin"
-    subject: str
-    old: str
-    new: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ServerSnapshot:
-    name: str
-    address: str
-    weight: int
-    health: ServerHealth
-    tiers: Mapping[str, TierState]
-    drain: ServerDrain | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """An immutable picture of the engine for /status, the NOC page and /metrics."""
-
-    pop: str
-    at: float
-    started: float
-    verdict: Verdict
-    pool: PoolView
-    degraded: bool
-    servers: tuple[ServerSnapshot, ...]
-    desired: tuple[Announcement, ...]
-    announced: tuple[Announcement, ...]
-    events: tuple[Event, ...]
-    extra: Mapping[str, object] = field(default_factory=dict)
+Checks = Mapping[str, Sequence[tuple[Check, Policy]]]
 
 
 class Engine:
-    def __init__(self, config: Config, speaker: Speaker, checks: Mapping[str, Sequence[tuple[Check, Policy]]], *,
+    def __init__(self, config: Config, speaker: Speaker, checks: Checks, *,
                  clock: Callable[[], float] = time.monotonic, dataplane: Dataplane | None = None,
                  dataplane_errors: tuple[type[Exception], ...] = (DataplaneFailure,),
-                 load_signal: LoadSignal | None = None) -> None:
-        self.config = config
+                 load_signal: LoadSignal | None = None, verify_interval: float = 5.0,
+                 on_announced: Callable[[tuple[Announcement, ...]], None] | None = None) -> None:
+        self._clock = clock
+        self.started = clock()
         self.speaker = speaker
-        self.dataplane = dataplane
-        self._dataplane_errors = dataplane_errors
-        self.desired_dataplane = DesiredState()
-        self.applied_dataplane = DesiredState()
-        self.dataplane_error = ""
-        self.dataplane_failures = 0
-        self._withdrawn_at: float | None = None
-        self.server_drains: dict[str, ServerDrain] = {}
-        self.on_admin_change: Callable[[], None] | None = None  # the service persists drains
+        self.applier = Applier(speaker, dataplane, config, clock=clock, dataplane_errors=dataplane_errors,
+                               verify_interval=verify_interval, on_event=self._applier_event,
+                               on_announced=on_announced)
+        self.probes = Probes(self.observe, self._pace, clock=clock)
         self.load_signal = load_signal
         self.load_factors: dict[str, float] = {}
-        self.checks = checks
-        self.clock = clock
-        self.started = clock()
+        self.server_drains: dict[str, ServerDrain] = {}
+        self.on_admin_change: Callable[[], None] | None = None  # the service persists drains
         self.verdict = Verdict()
-        self.tiers: dict[str, dict[str, TierState]] = {
-            s.name: {check.name: TierState(since=self.started) for check, _ in checks.get(s.name, ())}
-            for s in config.servers
-        }
-        self.health: dict[str, ServerHealth] = {
-            s.name: hysteresis.combine(self.tiers[s.name], s.enabled) for s in config.servers
-        }
-        self.pool = PoolView(0, len(config.servers), settled=False)
-        self.desired: tuple[Announcement, ...] = ()
         self.events: collections.deque[Event] = collections.deque(maxlen=200)
-        self._dirty = asyncio.Event()
         self._wake_timer = asyncio.Event()
-        self._wake_prober: dict[tuple[str, str], asyncio.Event] = {}
-        self._latest: dict[tuple[str, str], int] = {}
-        self._sequence = itertools.count(1)
         self._group: asyncio.TaskGroup | None = None
-        self._probers: list[asyncio.Task[None]] = []
+        self._configure(config, checks, {})
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock: Callable[[], float]) -> None:
+        """One clock for the engine, its applier and its probes (tests hand in the loop's)."""
+        self._clock = self.applier.clock = self.probes.clock = clock
+
+    def _configure(self, config: Config, checks: Checks, tiers: dict[str, dict[str, TierState]]) -> None:
+        self.config = config
+        self.checks = checks
+        self.tiers = {s.name: {c.name: tiers.get(s.name, {}).get(c.name, TierState(since=self.clock()))
+                               for c, _ in checks.get(s.name, ())} for s in config.servers}
+        self.health: dict[str, ServerHealth] = {
+            s.name: hysteresis.combine(self.tiers[s.name], s.enabled) for s in config.servers}
+        self._policies = {(name, c.name): p for name, pairs in checks.items() for c, p in pairs}
+        self._servers = tuple(pool.Server(s.name, s.address, s.weight) for s in config.servers)
+        self._enabled = [s.name for s in config.servers if s.enabled]
         self._verdict_policy = VerdictPolicy(config.pool.low_watermark, config.pool.high_watermark,
                                              config.pool.hold_down)
+        self.server_drains = {n: d for n, d in self.server_drains.items() if n in self.health}
+        self.pool = pool.view(self._servers, self.health, self.server_drains)
 
     # --- decisions -------------------------------------------------------------------------
 
-    def observe(self, server: str, tier: str, result: CheckResult, sequence: int | None = None) -> None:
+    def observe(self, server: str, tier: str, result: CheckResult) -> None:
         """Fold one check result in; re-decide if the server's health changed."""
-        key = (server, tier)
-        if sequence is not None:
-            if sequence < self._latest.get(key, 0):
-                return  # a newer probe of this server and tier already answered
-            self._latest[key] = sequence
-        if server not in self.tiers or tier not in self.tiers[server]:
-            return  # the server or its tier went away in a reload while this probe ran
-        now = self.clock()
+        if tier not in self.tiers.get(server, {}):
+            return  # the server or its tier went away in a reload
         old = self.tiers[server][tier]
-        policy = next(p for c, p in self.checks[server] if c.name == tier)
-        new = hysteresis.step(old, result, policy, now)
-        self.tiers[server][tier] = new
+        new = self.tiers[server][tier] = hysteresis.step(old, result, self._policies[(server, tier)], self.clock())
         if new.state is not old.state:
             log.info("server.tier server=%s tier=%s %s->%s reason=%s", server, tier, old.state.value,
                      new.state.value, new.reason)
-            # every tier of the server re-reads its pace: one tier changing speeds up the others
-            for other in self.tiers[server]:
-                wake = self._wake_prober.get((server, other))
-                if wake is not None:
-                    wake.set()
+            self.probes.wake(server)  # one tier changing speeds up the others
+        self._fold(server)
+
+    def _fold(self, server: str) -> None:
         enabled = next(s.enabled for s in self.config.servers if s.name == server)
         health = hysteresis.combine(self.tiers[server], enabled)
         previous = self.health[server]
@@ -192,113 +116,99 @@ class Engine:
 
     def reevaluate(self) -> None:
         now = self.clock()
-        healthy = sum(1 for name, h in self.health.items() if h.in_pool and name not in self.server_drains)
-        settled = all(h.state is not State.INIT for h in self.health.values())
-        self.pool = PoolView(healthy, len(self.config.servers), settled)
+        self.pool = pool.view(self._servers, self.health, self.server_drains)
         old = self.verdict
         self.verdict = verdict.decide(old, self.pool, self._verdict_policy, now)
         if self.verdict.announce != old.announce:
             action = "announce" if self.verdict.announce else "withdraw"
             log.info("pop.%s pop=%s reason=%s", action, self.config.name, self.verdict.reason)
-            self._record("verdict", self.config.name, "announced" if old.announce else "withdrawn",
-                         "announced" if self.verdict.announce else "withdrawn", self.verdict.reason)
+            self._record("verdict", self.config.name, _word(old.announce), _word(self.verdict.announce),
+                         self.verdict.reason)
         elif self.verdict.hold_down_until != old.hold_down_until and self.verdict.hold_down_until is not None:
             log.info("pop.hold_down pop=%s until=+%.1fs reason=%s", self.config.name,
                      self.verdict.hold_down_until - now, self.verdict.reason)
         self._wake_timer.set()
-        desired = announcements(self.config.prefixes, self.verdict.announce, self.degraded)
-        members = [(s.address, self._weight(s.name, s.address, s.weight)) for s in self.config.servers
-                   if self.health[s.name].in_pool and not self._drained(s.name)]
-        dataplane = plan.dataplane(self.config.prefixes, members, self.config.dataplane)
-        if desired != self.desired or dataplane != self.desired_dataplane:
-            self.desired = desired
-            self.desired_dataplane = dataplane
-            self._dirty.set()
+        members = pool.members(self._servers, self.health, self.server_drains, self.load_factors)
+        state = plan.dataplane(self.config.prefixes, members, self.config.dataplane)
+        self.applier.want(replace(state, announcements=plan.announcements(
+            self.config.prefixes, self.verdict.announce, pool.degraded(self.health))))
 
-    def _weight(self, server: str, address: str, weight: int) -> int:
-        if server in self.server_drains:
-            return 0
-        return load.weighted(weight, self.load_factors.get(address, 1.0))
+    @property
+    def desired(self) -> tuple[Announcement, ...]:
+        return self.applier.desired.announcements
 
-    def pool_weights(self) -> dict[str, int]:
-        """Configured weights of the servers in the pool, by address (what a load signal scales)."""
-        return {s.address: s.weight for s in self.config.servers
-                if self.health[s.name].in_pool and s.name not in self.server_drains}
+    @property
+    def desired_state(self) -> DesiredState:
+        return self.applier.desired
+
+    def adopt(self, results: Mapping[tuple[str, str], CheckResult]) -> bool:
+        """Start from one probe round while ExaBGP still holds the previous engine's routes:
+        seed every tier from its result, and keep announcing if the pool passes."""
+        now = self.clock()
+        for (server, tier), result in results.items():
+            if tier in self.tiers.get(server, {}):
+                self.tiers[server][tier] = hysteresis.seed(result, now)
+        for server in self._enabled:
+            self.health[server] = hysteresis.combine(self.tiers[server])
+        self.pool = pool.view(self._servers, self.health, self.server_drains)
+        self.verdict = verdict.adopt(self.verdict, self.pool, self._verdict_policy, now)
+        log.info("engine.adopt announce=%s reason=%s", self.verdict.announce, self.verdict.reason)
+        self._record("verdict", self.config.name, "restarted", _word(self.verdict.announce), self.verdict.reason)
+        self.reevaluate()
+        return self.verdict.announce
 
     def observe_load(self, factors: Mapping[str, float]) -> None:
         """Fold a load reading in; re-decide only when a data-plane weight actually changes."""
-        before = {s.address: self._weight(s.name, s.address, s.weight) for s in self.config.servers}
+        before = pool.members(self._servers, self.health, self.server_drains, self.load_factors)
         self.load_factors = load.smooth(self.load_factors, factors)
-        after = {s.address: self._weight(s.name, s.address, s.weight) for s in self.config.servers}
+        after = pool.members(self._servers, self.health, self.server_drains, self.load_factors)
         if after != before:
-            log.info("dataplane.weights %s", " ".join(f"{a}={w}" for a, w in sorted(after.items())))
+            log.info("dataplane.weights %s", " ".join(f"{a}={w}" for a, w in after))
             self.reevaluate()
 
-    def _drained(self, server: str) -> bool:
-        drain = self.server_drains.get(server)
-        return drain is not None and drain.done
+    def pool_weights(self) -> dict[str, int]:
+        return pool.load_weights(self._servers, self.health, self.server_drains)
+
+    # --- operator actions ------------------------------------------------------------------
 
     def drain_server(self, server: str) -> None:
         """Quiescent drain of one server: no new clients, existing ones stay until they leave."""
         if server not in self.health:
             raise KeyError(server)
         if server not in self.server_drains:
-            if self.config.dataplane.mode == "ipvs" or self.config.dataplane.pin_flows:
-                # quiescent: IPVS weight 0, or out of the multipath route but still pinned
-                self.server_drains[server] = ServerDrain(self.clock())
-            else:
-                # a multipath route has no weight 0: the server leaves it at once, and the flows
-                # it carried rehash onto the others (mode none: it only leaves the pool count)
-                why = ("out of the multipath route at once; its flows move (ecmp has no quiescent weight 0)"
-                       if self.config.dataplane.mode == "ecmp" else "out of the healthy count (no data plane)")
-                self.server_drains[server] = ServerDrain(self.clock(), done=True, reason=f"drained: {why}")
-            self._record("admin", server, "", "draining", "operator drain of the server")
-            log.info("server.drain server=%s", server)
-            self._admin_changed()
-            self._wake_timer.set()
-            self.reevaluate()
+            dp = self.config.dataplane
+            self.server_drains[server] = drains.start(dp.mode, dp.pin_flows, self.clock())
+            self._admin("server", server, "", "draining", "operator drain of the server")
 
     def undrain_server(self, server: str) -> None:
         if server not in self.health:
             raise KeyError(server)
         if self.server_drains.pop(server, None) is not None:
-            self._record("admin", server, "draining", "", "operator undrain of the server")
-            log.info("server.undrain server=%s", server)
-            self._admin_changed()
-            self.reevaluate()
+            self._admin("server", server, "draining", "", "operator undrain of the server")
 
     def finish_drains(self, connections: Mapping[str, int]) -> None:
         """Take drained servers whose connections are gone, or whose time is up, out of the data plane."""
-        now = self.clock()
-        changed = False
-        for server in self.config.servers:
-            drain = self.server_drains.get(server.name)
-            if drain is None or drain.done:
-                continue
-            left = connections.get(server.address, 0)
-            if left == 0 or now - drain.since >= self.config.dataplane.drain_timeout:
-                why = "connections gone" if left == 0 else f"drain_timeout passed with {left} connections"
-                self.server_drains[server.name] = replace(drain, done=True, reason=f"drained: {why}")
-                self._record("admin", server.name, "draining", "drained", why)
-                log.info("server.drained server=%s reason=%s", server.name, why)
-                changed = True
-        if changed:
+        addresses = {s.name: s.address for s in self.config.servers}
+        self.server_drains, finished = drains.finish(self.server_drains, addresses, connections,
+                                                     self.config.dataplane.drain_timeout, self.clock())
+        for server, why in finished:
+            self._record("admin", server, "draining", "drained", why)
+            log.info("server.drained server=%s reason=%s", server, why)
+        if finished:
             self._admin_changed()
             self.reevaluate()
 
-    @property
-    def degraded(self) -> bool:
-        return any(h.state is not State.UP for h in self.health.values())
-
     def drain(self, reason: str = "operator drain") -> None:
         self.verdict = verdict.drain(self.verdict, self.clock())
-        self._record("admin", self.config.name, "", "drained", reason)
-        self._admin_changed()
-        self.reevaluate()
+        self._admin("pop", self.config.name, "", "drained", reason)
 
     def undrain(self) -> None:
         self.verdict = verdict.undrain(self.verdict)
-        self._record("admin", self.config.name, "drained", "", "operator undrain")
+        self._admin("pop", self.config.name, "drained", "", "operator undrain")
+
+    def _admin(self, what: str, subject: str, old: str, new: str, reason: str) -> None:
+        self._record("admin", subject, old, new, reason)
+        log.info("%s.%s %s=%s", what, new or "undrain", what, subject)
         self._admin_changed()
         self.reevaluate()
 
@@ -325,6 +235,9 @@ class Engine:
     def _record(self, kind: str, subject: str, old: str, new: str, reason: str) -> None:
         self.events.append(Event(self.clock(), time.time(), kind, subject, old, new, reason))
 
+    def _applier_event(self, kind: str, subject: str, reason: str) -> None:
+        self._record(kind, subject, "", kind, reason)
+
     # --- the loops -------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -332,212 +245,88 @@ class Engine:
         self.reevaluate()
         async with asyncio.TaskGroup() as group:
             self._group = group
-            group.create_task(self._applier(), name="applier")
+            group.create_task(self.applier.run(), name="applier")
             group.create_task(self._timer(), name="hold-down timer")
-            group.create_task(self._drain_watch(), name="server drains")
+            group.create_task(self._every(1.0, self._drain_watch), name="server drains")
             if self.load_signal is not None:
-                group.create_task(self._load_watch(self.load_signal), name="load signal")
-            self._start_probers()
+                group.create_task(self._every(2.0, self._load_watch), name="load signal")
+            self.probes.start(group, self.checks, self._enabled)
 
-    def _start_probers(self) -> None:
-        assert self._group is not None
-        for server in self.config.servers:
-            if not server.enabled:
-                continue
-            for check, policy in self.checks.get(server.name, ()):
-                self._probers.append(self._group.create_task(
-                    self._prober(server.name, check, policy), name=f"probe {server.name} {check.name}"))
-
-    def reload(self, config: Config, checks: Mapping[str, Sequence[tuple[Check, Policy]]]) -> None:
+    def reload(self, config: Config, checks: Checks) -> None:
         """Take a new configuration without losing health state or flapping routes.
 
         A server whose identity (address, ports, keys) is unchanged keeps the state of every
-        tier it still has; a new or changed server starts from INIT like at start-up. The
-        verdict is kept, so unchanged prefixes stay announced; the next `set()` sends only
-        what differs (new attributes, added or removed prefixes).
+        tier it still has; a new or changed server starts from INIT like at start-up. Probes
+        of the old configuration, in flight or not, are cancelled and their results dropped.
+        The verdict is kept, so unchanged prefixes stay announced; the applier is
+        reconfigured and sends only what differs.
         """
-        now = self.clock()
-        old_servers = {s.name: s for s in self.config.servers}
-        tiers: dict[str, dict[str, TierState]] = {}
-        for server in config.servers:
-            previous = old_servers.get(server.name)
-            same = previous is not None and (previous.address, previous.port, previous.wireguard) == (
-                server.address, server.port, server.wireguard)
-            tiers[server.name] = {
-                check.name: (self.tiers[server.name].get(check.name, TierState(since=now)) if same
-                             else TierState(since=now))
-                for check, _ in checks.get(server.name, ())
-            }
-        for task in self._probers:
-            task.cancel()
-        self._probers.clear()
-        self._latest.clear()
-        self.config = config
-        self.checks = checks
-        self.tiers = tiers
-        self.health = {s.name: hysteresis.combine(tiers[s.name], s.enabled) for s in config.servers}
-        self._verdict_policy = VerdictPolicy(config.pool.low_watermark, config.pool.high_watermark,
-                                             config.pool.hold_down)
+        old = {s.name: s for s in self.config.servers}
+        kept = {s.name: self.tiers[s.name] for s in config.servers if s.name in old
+                and (old[s.name].address, old[s.name].port, old[s.name].wireguard)
+                == (s.address, s.port, s.wireguard)}
+        self.probes.stop()
+        self._configure(config, checks, kept)
+        self.applier.reconfigure(config)
         self._record("admin", config.name, "", "reloaded", f"configuration reloaded from {config.source}")
         log.info("engine.reloaded servers=%d prefixes=%d", len(config.servers), len(config.prefixes))
         if self._group is not None:
-            self._start_probers()
+            self.probes.start(self._group, checks, self._enabled)
         self.reevaluate()
 
-    async def _applier(self) -> None:
-        reassert = self.config.exabgp.reassert_interval
-        last_full = self.clock()
-        while True:
-            timeout = None if reassert <= 0 else max(0.0, last_full + reassert - self.clock())
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._dirty.wait()
-            except TimeoutError:
-                pass
-            self._dirty.clear()
-            force = reassert > 0 and self.clock() >= last_full + reassert
-            if force:
-                last_full = self.clock()
-            await self._apply(force)
-
-    async def _apply(self, force: bool) -> bool:
-        """One pass of making the adapters hold the newest desired state, in the safe order.
-
-        Announcing: the data plane first (VIP, IPVS service, routes), then BGP, so that the
-        first packet attracted finds a way to a server. Withdrawing: BGP first, then the data
-        plane only after `dataplane.withdraw_dwell`, so that traffic already on its way while
-        the withdraw propagates is still delivered. A re-announce during the dwell cancels the
-        teardown. Returns False when the pass must be retried.
-        """
-        if self.dataplane is None:
-            await self.speaker.set(self.desired, force=force)
-            return True
-        if self.desired:
-            self._withdrawn_at = None
-            if not await self._set_dataplane(self.desired_dataplane) and not self.speaker.announced():
-                return False  # never attract traffic onto a data plane that is not there
-            await self.speaker.set(self.desired, force=force)
-            return True
-        await self.speaker.set((), force=force)
-        if self.applied_dataplane == DesiredState():
-            return True
-        if self._withdrawn_at is None:
-            self._withdrawn_at = self.clock()
-        remaining = self._withdrawn_at + self.config.dataplane.withdraw_dwell - self.clock()
-        if remaining > 0:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await self._dirty.wait()
-            if self._dirty.is_set():
-                return False  # something changed during the dwell: decide again
-        return await self._set_dataplane(DesiredState())
-
-    async def _set_dataplane(self, state: DesiredState) -> bool:
-        assert self.dataplane is not None
-        if state == self.applied_dataplane and not self.dataplane_error:
-            return True
-        try:
-            await self.dataplane.set(state)
-        except self._dataplane_errors as exc:
-            self.dataplane_failures += 1
-            if str(exc) != self.dataplane_error:
-                log.error("dataplane.failed error=%s", exc)
-            self.dataplane_error = str(exc)
-            asyncio.get_running_loop().call_later(1.0, self._dirty.set)  # retry: the kernel may recover
-            return False
-        if self.dataplane_error:
-            log.info("dataplane.recovered")
-        self.dataplane_error = ""
-        self.applied_dataplane = state
-        return True
+    def _pace(self, server: str, tier: str) -> float:
+        return hysteresis.interval(self.tiers[server][tier], self._policies[(server, tier)],
+                                   self.tiers[server].values())
 
     async def _timer(self) -> None:
         """Re-decide when a hold-down expires (nothing else would wake the verdict then)."""
         while True:
             self._wake_timer.clear()
             until = self.verdict.hold_down_until
-            timeout = None if until is None else max(0.0, until - self.clock())
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(None if until is None else max(0.0, until - self.clock())):
                     await self._wake_timer.wait()
             except TimeoutError:
                 self.reevaluate()
 
-    async def _drain_watch(self) -> None:
-        """While a server drains, read its connection count from the data plane every second."""
+    async def _every(self, seconds: float, work: Callable[[], Awaitable[None]]) -> None:
         while True:
-            await asyncio.sleep(1.0)
-            if not any(not d.done for d in self.server_drains.values()):
-                continue
-            connections: Mapping[str, int] = {}
-            if self.dataplane is not None:
-                try:
-                    connections = await self.dataplane.connections()
-                except self._dataplane_errors as exc:
-                    log.warning("dataplane.connections error=%s", exc)
-                    continue
+            await asyncio.sleep(seconds)
+            await work()
+
+    async def _drain_watch(self) -> None:
+        """While a server drains, read its connection count from the data plane."""
+        if drains.pending(self.server_drains.values()):
+            try:
+                connections = await self.applier.connections()
+            except self.applier.dataplane_errors as exc:
+                log.warning("dataplane.connections error=%s", exc)
+                return
             self.finish_drains(connections)
 
-    async def _load_watch(self, signal: LoadSignal) -> None:
-        while True:
-            await asyncio.sleep(2.0)
-            try:
-                factors = await signal()
-            except self._dataplane_errors as exc:
-                log.warning("load.signal error=%s", exc)
-                continue
-            self.observe_load(factors)
-
-    async def _prober(self, server: str, check: Check, policy: Policy) -> None:
-        key = (server, check.name)
-        wake = self._wake_prober[key] = asyncio.Event()
-        timeout = getattr(check, "timeout", 1.0)
-        in_flight: set[asyncio.Task[None]] = set()
-        # spread the first probes over one interval: no thundering herd at start
-        await asyncio.sleep(random.uniform(0, policy.fast_interval))
-        last_start = -1e9
-        while True:
-            pace = hysteresis.interval(self.tiers[server][check.name], policy, self.tiers[server].values())
-            delay = last_start + pace - self.clock()
-            if delay > 0:
-                wake.clear()
-                try:
-                    async with asyncio.timeout(delay):
-                        await wake.wait()
-                except TimeoutError:
-                    pass
-                continue  # re-read the pace: the state may have changed while we slept
-            # never more probes in flight than fit into one timeout at the fast pace
-            if len(in_flight) > timeout / policy.fast_interval + 1:
-                await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                continue
-            last_start = self.clock()
-            task = asyncio.create_task(self._probe_once(server, check, timeout * 2 + 0.5, next(self._sequence)))
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-
-    async def _probe_once(self, server: str, check: Check, deadline: float, sequence: int) -> None:
+    async def _load_watch(self) -> None:
+        assert self.load_signal is not None
         try:
-            # the check keeps its own timeout; this deadline is the backstop for a check that
-            # does not, so that a hung probe can never hold a server's state hostage
-            async with asyncio.timeout(deadline):
-                result = await check.probe()
-        except TimeoutError:
-            result = CheckResult.failure("timeout", detail="check did not return by its deadline")
-        except Exception as exc:  # a broken check is a failed check, never a dead engine
-            log.exception("check.crashed server=%s tier=%s", server, check.name)
-            result = CheckResult.failure("error", detail=f"check raised {exc!r}")
-        self.observe(server, check.name, result, sequence)
+            factors = await self.load_signal()
+        except self.applier.dataplane_errors as exc:
+            log.warning("load.signal error=%s", exc)
+            return
+        self.observe_load(factors)
 
     # --- introspection ---------------------------------------------------------------------
 
     def snapshot(self, extra: Mapping[str, object] | None = None) -> Snapshot:
         servers = tuple(
             ServerSnapshot(s.name, s.address, s.weight, self.health[s.name], dict(self.tiers[s.name]),
-                           self.server_drains.get(s.name))
-            for s in self.config.servers
-        )
+                           self.server_drains.get(s.name),
+                           pool.in_pool(self.health[s.name], self.server_drains.get(s.name)))
+            for s in self.config.servers)
         return Snapshot(pop=self.config.name, at=self.clock(), started=self.started, verdict=self.verdict,
-                        pool=self.pool, degraded=self.degraded and self.verdict.announce, servers=servers,
-                        desired=self.desired, announced=self.speaker.announced(), events=tuple(self.events),
-                        extra=dict(extra or {}))
+                        pool=self.pool, degraded=pool.degraded(self.health) and self.verdict.announce,
+                        servers=servers, desired=self.desired, announced=self.speaker.announced(),
+                        events=tuple(self.events), apply=self.applier.status(), extra=dict(extra or {}))
+
+
+def _word(announce: bool) -> str:
+    return "announced" if announce else "withdrawn"
+

@@ -157,3 +157,13 @@ def combine(tiers: dict[str, TierState], enabled: bool = True) -> ServerHealth:
                     return ServerHealth(State.UP, "", "all tiers up")
                 return ServerHealth(severity, name, tier.reason)
     raise AssertionError("unreachable: every State is in _SEVERITY")
+
+
+def seed(result: CheckResult, now: float) -> TierState:
+    """A tier's state from one probe taken at engine start, when the engine adopts the routes
+    its predecessor left announced: the previous engine had this tier risen moments ago, so
+    one good answer confirms it (UP), and one failure takes it DOWN at once."""
+    if result.ok:
+        return TierState(State.UP, since=now, reason="ok at engine start (adopted)", last=result, successes=1)
+    return TierState(State.DOWN, since=now, reason=f"{_failure_text(result)} at engine start", last=result,
+                     failures=1)

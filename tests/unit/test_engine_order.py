@@ -11,7 +11,8 @@ import pytest
 
 from pop.config import load
 from pop.desired import Announcement, DesiredState
-from pop.engine import DataplaneFailure, Engine
+from pop.applier import DataplaneFailure
+from pop.engine import Engine
 from pop.hysteresis import Policy
 from tests.unit.test_engine import DOWN, OK, Scripted
 
@@ -56,14 +57,19 @@ class FakeDataplane:
     def __init__(self, world: World) -> None:
         self.world = world
 
-    async def set(self, state: DesiredState) -> None:
+    async def set(self, state: DesiredState, *, verify: bool = False) -> tuple[str, ...]:
         if not state.vips:
             assert not self.world.announced, "data plane torn down while still announced"
         if self.world.fail_dataplane:
             raise DataplaneFailure("ip_vs: module not loaded")
         await asyncio.sleep(0)
+        changed = state != self.world.dataplane
         self.world.dataplane = state
         self.world.log.append((asyncio.get_running_loop().time(), "dataplane", state))
+        return ("changed",) if changed else ()
+
+    def reconfigure(self, *_: object) -> None:
+        pass
 
 
 async def scenario(world: World, checks: dict[str, Scripted], engine: Engine) -> None:
@@ -161,15 +167,15 @@ def test_a_failing_dataplane_is_reported_and_never_announced_onto() -> None:
         task = asyncio.create_task(engine.run())
         try:
             async with asyncio.timeout(10):
-                while not (engine.verdict.announce and engine.dataplane_failures >= 2):
+                while not (engine.verdict.announce and engine.applier.status().dataplane_failures >= 2):
                     await asyncio.sleep(0.01)
             assert not world.announced  # wanted, but not onto a missing data plane
-            assert engine.dataplane_error == "ip_vs: module not loaded" and engine.dataplane_failures >= 1
+            assert engine.applier.status().dataplane_error == "ip_vs: module not loaded" and engine.applier.status().dataplane_failures >= 1
             world.fail_dataplane = False  # the module got loaded: the retry succeeds
             async with asyncio.timeout(3):
                 while not world.announced:
                     await asyncio.sleep(0.01)
-            assert engine.dataplane_error == ""
+            assert engine.applier.status().dataplane_error == ""
         finally:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):

@@ -7,6 +7,9 @@ an EOF on stdin (ExaBGP gone) ends the engine with a non-zero code.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import select
 import signal
 import socket
@@ -38,6 +41,14 @@ class FakeExaBGP:
         self.buffer = b""
 
     def command(self, timeout: float = 5.0) -> str:
+        """The next command, answering the engine's start-up question about the sessions."""
+        line = self._line(timeout)
+        if line == "show neighbor json":
+            self.send("done")  # no neighbour configured in this ExaBGP: an empty answer
+            line = self._line(timeout)
+        return line
+
+    def _line(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
         while b"\n" not in self.buffer:
@@ -59,9 +70,19 @@ class FakeExaBGP:
         self.proc.stdin.flush()
 
     def silent(self, seconds: float) -> bool:
+        """No command for `seconds` (the start-up question about the sessions is answered)."""
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], seconds)
-        return not ready and b"\n" not in self.buffer
+        deadline = time.monotonic() + seconds
+        while b"\n" not in self.buffer:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return True
+            line = self._line(1.0)
+            if line != "show neighbor json":
+                self.buffer = line.encode() + b"\n" + self.buffer
+                return False
+            self.send("done")
+        return False
 
 
 @pytest.fixture
@@ -73,19 +94,27 @@ def server() -> Iterator[socket.socket]:
     sock.close()
 
 
+@contextlib.contextmanager
+def spawn(tmp_path: Path, path: Path) -> Iterator[FakeExaBGP]:
+    """`pop engine` with this test as its ExaBGP; killed and reaped whatever happens."""
+    with open(tmp_path / "engine.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pop", "engine", "-c", str(path)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+    try:
+        yield FakeExaBGP(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
 @pytest.fixture
 def engine(tmp_path: Path, server: socket.socket) -> Iterator[FakeExaBGP]:
-    with open(tmp_path / "engine.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pop", "engine", "-c", str(config(tmp_path, server.getsockname()[1]))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
-    yield FakeExaBGP(proc)
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-    for pipe in (proc.stdin, proc.stdout):
-        if pipe is not None:
-            pipe.close()
+    with spawn(tmp_path, config(tmp_path, server.getsockname()[1])) as fake:
+        yield fake
 
 
 WITHDRAW = "neighbor 127.0.0.2 withdraw route 198.51.100.1/32 next-hop self"
@@ -93,7 +122,7 @@ ANNOUNCE = "neighbor 127.0.0.2 announce route 198.51.100.1/32 next-hop self"
 
 
 def test_channel_contract(engine: FakeExaBGP, tmp_path: Path) -> None:
-    # a respawned engine cannot know what is announced: it withdraws first
+    # a fresh ExaBGP holds nothing the engine could adopt: it withdraws first
     assert engine.command(timeout=15) == WITHDRAW
     assert engine.silent(0.5), "the engine sent another command before the ack"
     engine.send("done")
@@ -115,7 +144,27 @@ def test_channel_contract(engine: FakeExaBGP, tmp_path: Path) -> None:
     assert "bgp.unparsed" in log and "pop.announce" in log
 
 
-def test_rejected_command_is_retried_not_lost(engine: FakeExaBGP) -> None:
+def test_a_refused_announce_is_retried_until_exabgp_accepts_it(engine: FakeExaBGP, tmp_path: Path) -> None:
+    assert engine.command(timeout=15) == WITHDRAW
+    engine.send("done")
+    assert engine.command() == ANNOUNCE
+    engine.send("error")  # ExaBGP refused it: nothing else will change, the engine must try again
+    refused = time.monotonic()
+    assert engine.command(timeout=5) == ANNOUNCE
+    assert time.monotonic() - refused >= 0.4  # after the first backoff step, not in a tight loop
+    engine.send("error")
+    assert engine.command(timeout=5) == ANNOUNCE  # backoff doubles, the retries go on
+    engine.send("done")
+    assert engine.silent(1.5), "the engine re-sent an acknowledged announcement"
+    log = (tmp_path / "engine.log").read_text()
+    assert "bgp.failed" in log and "bgp.recovered" in log
+    engine.proc.send_signal(signal.SIGTERM)
+    assert engine.command() == WITHDRAW
+    engine.send("done")
+    assert engine.proc.wait(timeout=5) == 0
+
+
+def test_a_refused_first_announce_is_not_withdrawn_on_exit(engine: FakeExaBGP) -> None:
     assert engine.command(timeout=15) == WITHDRAW
     engine.send("done")
     assert engine.command() == ANNOUNCE
@@ -125,9 +174,66 @@ def test_rejected_command_is_retried_not_lost(engine: FakeExaBGP) -> None:
     assert engine.proc.wait(timeout=5) == 0
 
 
+def test_no_ack_while_running_is_a_broken_channel_and_ends_the_engine_at_once(tmp_path: Path,
+                                                                             server: socket.socket) -> None:
+    path = config(tmp_path, server.getsockname()[1])
+    path.write_text(path.read_text().replace("exabgp: {withdraw_settle: 0.1}",
+                                             "exabgp: {withdraw_settle: 0.1, ack_timeout: 1}"))
+    with spawn(tmp_path, path) as fake:
+        proc = fake.proc
+        assert fake.command(timeout=15) == WITHDRAW
+        fake.send("done")
+        assert fake.command() == ANNOUNCE
+        sent = time.monotonic()  # ExaBGP hangs: no ack comes
+        assert proc.wait(timeout=10) == 1
+        assert time.monotonic() - sent < 1.9, "the engine waited another ack timeout on a dead channel"
+        text = (tmp_path / "engine.log").read_text()
+        assert "engine.channel_broken" in text and "engine.failed" not in text, text
+        assert proc.stdout is not None
+        assert fake.buffer + proc.stdout.read() == b"", "the engine tried to withdraw on a dead channel"
+
+
 def test_exabgp_gone_ends_the_engine_with_an_error(engine: FakeExaBGP) -> None:
     assert engine.command(timeout=15) == WITHDRAW
     engine.send("done")
     assert engine.proc.stdin is not None
     engine.proc.stdin.close()
     assert engine.proc.wait(timeout=5) == 1
+
+
+def handover_file(tmp_path: Path, exabgp_pid: int) -> None:
+    """What an engine that died left: ExaBGP (this test's process) announces 198.51.100.1/32."""
+    runtime = tmp_path / "run" / "proc"
+    runtime.mkdir(parents=True, exist_ok=True)
+    (runtime / "announced.json").write_text(json.dumps({"version": 1, "exabgp_pid": exabgp_pid, "announcements": [
+        {"prefix": "198.51.100.1/32", "next_hop": "self", "med": None, "local_pref": None, "communities": [],
+         "large_communities": [], "as_path_prepend": 0}]}))
+
+
+def test_a_respawned_engine_adopts_the_announcement_when_its_servers_answer(tmp_path: Path,
+                                                                            server: socket.socket) -> None:
+    handover_file(tmp_path, os.getpid())
+    with spawn(tmp_path, config(tmp_path, server.getsockname()[1])) as fake:
+        assert fake.silent(3.0), "a healthy PoP's respawned engine withdrew or re-announced"
+        assert "adopted the previous engine's announcement" in (tmp_path / "engine.log").read_text()
+        fake.proc.send_signal(signal.SIGTERM)  # it knows what it holds: SIGTERM withdraws it
+        assert fake.command() == WITHDRAW
+        fake.send("done")
+        assert fake.proc.wait(timeout=5) == 0
+
+
+def test_a_respawned_engine_withdraws_at_once_when_its_servers_are_dead(tmp_path: Path) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    handover_file(tmp_path, os.getpid())
+    with spawn(tmp_path, config(tmp_path, closed.getsockname()[1])) as fake:
+        started = time.monotonic()
+        assert fake.command(timeout=15) == WITHDRAW
+        assert time.monotonic() - started < 3.0
+        fake.send("done")
+    closed.close()
+
+
+def test_an_engine_under_another_exabgp_does_not_adopt(engine: FakeExaBGP, tmp_path: Path) -> None:
+    handover_file(tmp_path, 1)  # the file of an ExaBGP that is gone: nothing is held
+    assert engine.command(timeout=15) == WITHDRAW

@@ -42,12 +42,12 @@ def test_engine_follows_the_load_signal_in_ipvs_weights() -> None:
                         dataplane=FakeDataplane(world), load_signal=signal)
         engine.observe_load(readings[0])  # a first reading is taken as it is
         engine.reevaluate()
-        reals = {r.address: r.weight for r in engine.desired_dataplane.services[0].reals} \
-            if engine.desired_dataplane.services else {}
+        reals = {r.address: r.weight for r in engine.desired_state.services[0].reals} \
+            if engine.desired_state.services else {}
         assert reals == {}  # nothing is in the pool before the servers rose
         for name in ("a", "b"):
             engine.observe(name, "tcp", Scripted().result)
-        reals = {r.address: r.weight for r in engine.desired_dataplane.services[0].reals}
+        reals = {r.address: r.weight for r in engine.desired_state.services[0].reals}
         assert reals == {"10.0.2.1": 1, "10.0.2.2": 2}  # 8 x 0.25
 
     asyncio.run(main())

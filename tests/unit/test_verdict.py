@@ -2,7 +2,7 @@
 
 import pytest
 
-from pop.verdict import PoolView, Verdict, VerdictPolicy, decide, drain, undrain
+from pop.verdict import PoolView, Verdict, VerdictPolicy, adopt, decide, drain, undrain
 
 POLICY = VerdictPolicy(low_watermark=0.5, high_watermark=0.75, hold_down=5.0)
 ANNOUNCED = Verdict(announce=True, since=0.0, reason="x", ever_announced=True, changes=1)
@@ -66,3 +66,28 @@ def test_drain_withdraws_and_holds_until_undrain() -> None:
 def test_drain_before_first_announce_keeps_it_withdrawn() -> None:
     drained = drain(Verdict(), 1.0)
     assert not decide(drained, PoolView(4, 4), POLICY, 2.0).announce
+
+
+@pytest.mark.parametrize(("healthy", "reason"), [
+    (4, "4/4 healthy, servers up"),
+    (3, "3/4 healthy, degraded: not below low watermark 0.5"),
+    (2, "2/4 healthy, degraded: not below low watermark 0.5"),
+])
+def test_reason_follows_the_pool_while_announced(healthy: int, reason: str) -> None:
+    announced = Verdict(announce=True, since=0.0, reason="4/4 healthy, servers up", cause="4/4 healthy, servers up",
+                        ever_announced=True, changes=1)
+    new = decide(announced, PoolView(healthy, 4), POLICY, 10.0)
+    assert (new.announce, new.reason, new.cause, new.changes) == (True, reason, "4/4 healthy, servers up", 1)
+
+
+@pytest.mark.parametrize(("healthy", "drained", "announce"), [
+    (4, False, True),
+    (2, False, True),  # not below the low watermark: the previous engine's announcement stays
+    (1, False, False),
+    (0, False, False),
+    (4, True, False),  # an operator drain outlives the engine
+])
+def test_adopt_keeps_the_announcement_only_if_the_pool_passes(healthy: int, drained: bool, announce: bool) -> None:
+    new = adopt(Verdict(drained=drained), PoolView(healthy, 4), POLICY, 10.0)
+    assert (new.announce, new.ever_announced, new.changes) == (announce, True, 0)
+    assert "at engine start" in new.reason

@@ -1,0 +1,72 @@
+"""The pool: which servers carry traffic, and with what weight. Pure.
+
+One definition, used by the verdict, the data plane, /status and the metrics:
+
+- a server is *in the pool* while its health is in the pool (every tier UP or merely
+  FALLING) and no operator drain is on it; the pool's healthy count is the number of those;
+- a server is *a member of the data plane* while it is in the pool, and also while it is
+  being drained quiescently (weight 0: its open flows stay, new ones go elsewhere) until its
+  drain is done;
+- a member's weight is its configured weight scaled by the load signal (pop.load), or 0
+  while it drains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from pop import load
+from pop.drains import ServerDrain
+from pop.hysteresis import ServerHealth, State
+from pop.verdict import PoolView
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """What the pool needs of a configured server (pop.config.Server has more)."""
+
+    name: str
+    address: str
+    weight: int
+
+
+def in_pool(health: ServerHealth, drain: ServerDrain | None) -> bool:
+    return health.in_pool and drain is None
+
+
+def view(servers: Iterable[Server], health: Mapping[str, ServerHealth],
+         drains: Mapping[str, ServerDrain]) -> PoolView:
+    servers = tuple(servers)
+    healthy = sum(1 for s in servers if in_pool(health[s.name], drains.get(s.name)))
+    settled = all(health[s.name].state is not State.INIT for s in servers)
+    return PoolView(healthy, len(servers), settled)
+
+
+def weight(server: Server, drain: ServerDrain | None, factors: Mapping[str, float]) -> int:
+    """The data-plane weight: 0 while drained, else the configured weight scaled by load."""
+    if drain is not None:
+        return 0
+    return load.weighted(server.weight, factors.get(server.address, 1.0))
+
+
+def members(servers: Iterable[Server], health: Mapping[str, ServerHealth], drains: Mapping[str, ServerDrain],
+            factors: Mapping[str, float]) -> tuple[tuple[str, int], ...]:
+    """(address, weight) of every server the data plane should hold, in configuration order."""
+    result = []
+    for s in servers:
+        drain = drains.get(s.name)
+        if health[s.name].in_pool and (drain is None or not drain.done):
+            result.append((s.address, weight(s, drain, factors)))
+    return tuple(result)
+
+
+def load_weights(servers: Iterable[Server], health: Mapping[str, ServerHealth],
+                 drains: Mapping[str, ServerDrain]) -> dict[str, int]:
+    """Configured weights of the servers in the pool, by address (what a load signal scales)."""
+    return {s.address: s.weight for s in servers if in_pool(health[s.name], drains.get(s.name))}
+
+
+def degraded(health: Mapping[str, ServerHealth]) -> bool:
+    """Any server not fully UP: the PoP announces with its degraded attributes."""
+    return any(h.state is not State.UP for h in health.values())
