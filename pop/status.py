@@ -85,6 +85,8 @@ def to_json(snap: Snapshot) -> dict[str, Any]:
             }
             for s in snap.servers
         ],
+        "apply": _apply(snap),
+        "dataplane": _dataplane(snap),
         "bgp": {
             "desired": [_announcement(a) for a in snap.desired],
             "announced": [_announcement(a) for a in snap.announced],
@@ -96,6 +98,28 @@ def to_json(snap: Snapshot) -> dict[str, Any]:
             for e in reversed(snap.events)
         ],
     }
+
+
+def _apply(snap: Snapshot) -> dict[str, Any]:
+    """Whether what was decided is also what the session and the kernel hold (pop.applier)."""
+    a = snap.apply
+    return {"ok": not (a.bgp_error or a.dataplane_error), "bgp_error": a.bgp_error or None,
+            "dataplane_error": a.dataplane_error or None,
+            "retry_in_seconds": None if a.retry_at is None else round(max(0.0, a.retry_at - snap.at), 3),
+            "bgp_failures": a.bgp_failures, "dataplane_failures": a.dataplane_failures,
+            "repairs": a.repairs, "last_repair": a.last_repair or None,
+            "teardown_in_seconds": None if a.dwell_until is None else round(max(0.0, a.dwell_until - snap.at), 3)}
+
+
+def _dataplane(snap: Snapshot) -> dict[str, Any]:
+    """The data plane as last applied in full."""
+    applied = snap.apply.applied
+    return {"vips": list(applied.vips),
+            "routes": [{"prefix": r.prefix, "nexthops": [f"{h.address}*{h.weight}" for h in r.nexthops]}
+                       for r in applied.routes],
+            "services": [{"service": f"{s.protocol}/{s.address}:{s.port}",
+                          "reals": [f"{x.address}:{x.port}*{x.weight}" for x in s.reals]} for s in applied.services],
+            "pins": list(applied.pins)}
 
 
 def _pop_state(snap: Snapshot) -> str:
@@ -130,6 +154,13 @@ class _Collector(Collector):
             (CounterMetricFamily, "pop_verdict_changes", "announce/withdraw decisions", float(snap.verdict.changes)),
             (GaugeMetricFamily, "pop_pool_healthy_servers", "servers in the pool", float(snap.pool.healthy)),
             (GaugeMetricFamily, "pop_pool_servers", "servers configured", float(snap.pool.total)),
+            (GaugeMetricFamily, "pop_apply_failing", "1 while a BGP or data-plane step waits for its retry",
+             float(bool(snap.apply.bgp_error or snap.apply.dataplane_error))),
+            (CounterMetricFamily, "pop_bgp_failures", "BGP passes ExaBGP refused", float(snap.apply.bgp_failures)),
+            (CounterMetricFamily, "pop_dataplane_failures", "data-plane passes the kernel refused",
+             float(snap.apply.dataplane_failures)),
+            (CounterMetricFamily, "pop_dataplane_repairs", "read-backs that found and repaired drift",
+             float(snap.apply.repairs)),
         )
         for family, name, text, value in per_pop:
             metric = family(name, text, labels=["pop"])
@@ -239,6 +270,7 @@ h1 .b{{font-size:70%}}</style></head><body>
 <p><b>Why:</b> {e(data['reason'])}</p>
 <p>Last change: {e(data['last_change_reason'] or '-')}
 {'' if data['since_seconds'] is None else f"({data['since_seconds']:.0f}s ago)"}</p>
+{_apply_line(data['apply'])}
 <p>Pool: {data['pool']['healthy']}/{data['pool']['total']} healthy · up {data['uptime_seconds']:.0f}s</p>
 <h2>Announced</h2><ul>{routes or '<li>nothing</li>'}</ul>
 <h2>BGP sessions</h2><ul>{peers or '<li>unknown</li>'}</ul>
@@ -247,3 +279,12 @@ h1 .b{{font-size:70%}}</style></head><body>
 <h2>Recent events (UTC)</h2><table><tr><th>time</th><th>kind</th><th>subject</th><th>change</th><th>reason</th></tr>
 {events}</table>
 </body></html>"""
+
+
+def _apply_line(apply: dict[str, Any]) -> str:
+    if apply["ok"]:
+        return ""
+    e = html.escape
+    errors = "; ".join(e(str(apply[k])) for k in ("bgp_error", "dataplane_error") if apply[k])
+    retry = "" if apply["retry_in_seconds"] is None else f" (retry in {apply['retry_in_seconds']:.1f}s)"
+    return f'<p style="color:#cf222e"><b>Not applied:</b> {errors}{retry}</p>'

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 import pytest
 
+from pop.applier import DataplaneFailure
 from pop.config import load
 from pop.desired import Announcement, DesiredState
-from pop.applier import DataplaneFailure
 from pop.engine import Engine
 from pop.hysteresis import Policy
 from tests.unit.test_engine import DOWN, OK, Scripted

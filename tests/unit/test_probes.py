@@ -29,8 +29,8 @@ class Held(Scripted):
         return self.result
 
 
-async def until(predicate: object, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):  # a busy machine is slower, never wrong
+async def until(predicate: object, within: float = 5.0) -> None:
+    async with asyncio.timeout(within):  # a busy machine is slower, never wrong
         while not predicate():  # type: ignore[operator]
             await asyncio.sleep(0.005)
 
