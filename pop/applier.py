@@ -92,7 +92,6 @@ class Applier:
     def __init__(self, speaker: Speaker, dataplane: Dataplane | None, config: Config, *,
                  clock: Callable[[], float] = time.monotonic,
                  dataplane_errors: tuple[type[Exception], ...] = (DataplaneFailure,),
-                 verify_interval: float = 5.0,
                  on_event: Callable[[str, str, str], None] | None = None,
                  on_announced: Callable[[tuple[Announcement, ...]], None] | None = None) -> None:
         self.speaker = speaker
@@ -100,7 +99,7 @@ class Applier:
         self.config = config
         self.clock = clock
         self.dataplane_errors = dataplane_errors
-        self.verify_interval = verify_interval
+        self.verify_interval = config.dataplane.verify_interval
         self._on_event = on_event  # (kind, subject, reason) for the engine's event list
         self._on_announced = on_announced  # the service persists what ExaBGP holds
         self._desired = EMPTY
@@ -123,6 +122,7 @@ class Applier:
     def reconfigure(self, config: Config) -> None:
         """A reload: rebuild what depends on the configuration; the next pass applies the rest."""
         self.config = config
+        self.verify_interval = config.dataplane.verify_interval
         if self.dataplane is not None:
             try:
                 self.dataplane.reconfigure(config.dataplane, config.prefixes, [s.address for s in config.servers])

@@ -361,7 +361,7 @@ _SCHEDULERS = {"mh", "sh", "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sed
 def _dataplane(r: Reader, value: Any, path: str) -> Dataplane:
     data = r.mapping(value, path, {"mode", "vip", "withdraw_dwell", "table", "protocol", "hash_policy",
                                    "scheduler", "forward", "services", "drain_timeout", "load_weights",
-                                   "pin_flows"})
+                                   "pin_flows", "verify_interval"})
     default = Dataplane()
     if data is None:
         return default
@@ -404,6 +404,8 @@ def _dataplane(r: Reader, value: Any, path: str) -> Dataplane:
                                  default.drain_timeout),
         load_weights=r.optional(data, "load_weights", path, r.boolean, default.load_weights),
         pin_flows=r.optional(data, "pin_flows", path, r.boolean, default.pin_flows),
+        verify_interval=r.optional(data, "verify_interval", path, lambda v, p: r.number(v, p, 0, 3600),
+                                   default.verify_interval),
     )
     if result.pin_flows and result.mode != "ecmp":
         r.error(join(path, "pin_flows"), "only for ecmp mode (IPVS keeps its flows on their servers itself)")

@@ -154,6 +154,7 @@ class Dataplane:
     drain_timeout: float = 300.0  # a drained server leaves IPVS when its connections are gone or after this
     load_weights: bool = False  # scale weights down for servers busier than the pool's average (pop/load.py)
     pin_flows: bool = False  # ecmp: keep each flow on its server while that server is pinned (pop/adapters/pins.py)
+    verify_interval: float = 5.0  # read the kernel back this often and repair drift (pop/applier.py); 0 = never
 
 
 @dataclass(frozen=True, slots=True)

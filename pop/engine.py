@@ -44,13 +44,13 @@ class Engine:
     def __init__(self, config: Config, speaker: Speaker, checks: Checks, *,
                  clock: Callable[[], float] = time.monotonic, dataplane: Dataplane | None = None,
                  dataplane_errors: tuple[type[Exception], ...] = (DataplaneFailure,),
-                 load_signal: LoadSignal | None = None, verify_interval: float = 5.0,
+                 load_signal: LoadSignal | None = None,
                  on_announced: Callable[[tuple[Announcement, ...]], None] | None = None) -> None:
         self._clock = clock
         self.started = clock()
         self.speaker = speaker
         self.applier = Applier(speaker, dataplane, config, clock=clock, dataplane_errors=dataplane_errors,
-                               verify_interval=verify_interval, on_event=self._applier_event,
+                               on_event=self._applier_event,
                                on_announced=on_announced)
         self.probes = Probes(self.observe, self._pace, clock=clock)
         self.load_signal = load_signal

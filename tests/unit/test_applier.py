@@ -86,8 +86,9 @@ def run(scenario: Callable[[Applier, Speaker, Kernel], object], verify_interval:
         kernel = Kernel(speaker)
         speaker.kernel = lambda: kernel.state
         events: list[tuple[str, str, str]] = []
-        applier = Applier(speaker, kernel, CONFIG, clock=asyncio.get_running_loop().time,
-                          verify_interval=verify_interval, on_event=lambda *e: events.append(e))
+        config = load(CONFIG_TEXT.replace("withdraw_dwell: 0.6", f"withdraw_dwell: 0.6, verify_interval: {verify_interval}"))
+        applier = Applier(speaker, kernel, config, clock=asyncio.get_running_loop().time,
+                          on_event=lambda *e: events.append(e))
         applier.events = events  # type: ignore[attr-defined]
         task = asyncio.create_task(applier.run())
         try:
