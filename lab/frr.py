@@ -300,6 +300,14 @@ class FrrRouter:
         data = self.vtysh_json(f"show bgp neighbors {address} json")
         return str(data.get(address, {}).get("bgpState", "Unknown"))
 
+    def updates_received(self, peer: str) -> int:
+        """BGP UPDATE messages bgpd has received from ``peer`` in this session (FRR's
+        messageStats): a re-announcement of an unchanged route counts too, which the kernel
+        route table would not show."""
+        address = str(ipaddress.ip_address(peer))
+        data = self.vtysh_json(f"show bgp neighbors {address} json")
+        return int(data.get(address, {}).get("messageStats", {}).get("updatesRecv", 0))
+
     def wait_established(self, peer: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while (state := self.neighbor_state(peer)) != "Established":
