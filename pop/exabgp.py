@@ -7,7 +7,8 @@
   characters when the configuration was loaded.
 - `parse_line()`: one line ExaBGP wrote on the engine's stdin, as a typed message. Malformed
   input becomes `Unparsed`, never an exception: a message we cannot read must not stop the
-  engine or change what is announced.
+  engine or change what is announced. Besides acks and the JSON encoder's messages, this
+  includes End-of-RIB and the answer to `SHOW_NEIGHBORS` (a JSON array, then its ack).
 """
 
 from __future__ import annotations
@@ -157,6 +158,32 @@ class Update:
 
 
 @dataclass(frozen=True, slots=True)
+class EndOfRib:
+    """The peer has sent its whole table for one family (RFC 4724 section 2).
+
+    ExaBGP passes it as an `update` whose message is `{"eor": {"afi": ..., "safi": ...}}`.
+    BIRD sends one per family on every session; FRR only when graceful restart is negotiated.
+    """
+
+    peer: str
+    family: str  # "ipv4 unicast"
+
+
+@dataclass(frozen=True, slots=True)
+class NeighborSummary:
+    peer: str
+    state: str  # as in NeighborState: "up", "connected", "down"
+    up_for: int  # whole seconds the session has been established; 0 unless up
+
+
+@dataclass(frozen=True, slots=True)
+class NeighborReport:
+    """ExaBGP's answer to `SHOW_NEIGHBORS`: every session's state at the moment it answered."""
+
+    neighbors: tuple[NeighborSummary, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Other:
     """A well-formed message we have no use for (keepalive, open, ...)."""
 
@@ -169,7 +196,12 @@ class Unparsed:
     problem: str
 
 
-Message = Ack | Shutdown | NeighborState | Update | Other | Unparsed
+Message = Ack | Shutdown | NeighborState | Update | EndOfRib | NeighborReport | Other | Unparsed
+
+# ExaBGP 5 (reactor/api/command/neighbor.py) answers with one line, a JSON array with one
+# object per configured neighbor, then the ack. Neighbor changes are reported only when they
+# happen, so this is how an engine started while sessions are up learns their state.
+SHOW_NEIGHBORS = "show neighbor json"
 
 _ACKS: dict[str, Ack | Shutdown] = {"done": Ack(True), "error": Ack(False), "shutdown": Shutdown()}
 
@@ -178,15 +210,17 @@ def parse_line(line: str) -> Message:
     text = line.strip()
     if text in _ACKS:
         return _ACKS[text]
-    if not text.startswith("{"):
+    if not text.startswith(("{", "[")):
         return Unparsed(text[:200], "neither an ack nor a JSON message")
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as exc:
         return Unparsed(text[:200], f"bad JSON: {exc}")
-    if not isinstance(data, dict):
-        return Unparsed(text[:200], "JSON message is not an object")
     try:
+        if isinstance(data, list):
+            return _neighbor_report(data)
+        if not isinstance(data, dict):
+            return Unparsed(text[:200], "JSON message is not an object")
         return _from_json(data)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         return Unparsed(text[:200], f"unexpected JSON shape: {exc!r}")
@@ -207,6 +241,9 @@ def _from_json(data: dict[str, Any]) -> Message:
                              reason=str(neighbor.get("reason", "")))
     if kind == "update":
         neighbor = data["neighbor"]
+        if "eor" in neighbor["message"]:
+            eor = neighbor["message"]["eor"]
+            return EndOfRib(peer=str(neighbor["address"]["peer"]), family=f"{_text(eor['afi'])} {_text(eor['safi'])}")
         update = neighbor["message"]["update"]
         announced: list[str] = []
         for families in update.get("announce", {}).values():
@@ -223,3 +260,26 @@ def _nlri_prefix(nlri: Any) -> str:
     if isinstance(nlri, dict):
         return str(nlri["nlri"])
     return str(nlri)
+
+
+# ExaBGP's FSM state names (bgp/fsm.py) in the words of its neighbor-changes messages. Its own
+# "state" field says "down" for a session established less than a second ago (duration 0).
+_FSM_STATES = {"ESTABLISHED": "up", "OPENCONFIRM": "connected", "OPENSENT": "connected"}
+
+
+def _neighbor_report(data: list[Any]) -> NeighborReport:
+    neighbors = []
+    for item in data:
+        state = _FSM_STATES.get(_text(item["fsm"]), "down")
+        up_for = item["duration"]
+        if isinstance(up_for, bool) or not isinstance(up_for, int) or up_for < 0:
+            raise ValueError(f"duration {up_for!r} is not a number of seconds")
+        # when the session is not up, "duration" holds ExaBGP's reset - creation time instead
+        neighbors.append(NeighborSummary(_text(item["peer"]["address"]), state, up_for if state == "up" else 0))
+    return NeighborReport(tuple(neighbors))
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a string")
+    return value

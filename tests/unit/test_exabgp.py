@@ -11,7 +11,10 @@ from pop.config import load
 from pop.desired import Announcement
 from pop.exabgp import (
     Ack,
+    EndOfRib,
+    NeighborReport,
     NeighborState,
+    NeighborSummary,
     Other,
     Shutdown,
     Unparsed,
@@ -24,6 +27,7 @@ from pop.exabgp import (
 )
 
 GOLDEN = Path(__file__).parent / "golden"
+CAPTURED = Path(__file__).parent / "captured"  # lines ExaBGP 5.0.15 really wrote to its API process
 CONFIG = load("""
 pop: {name: ams1, asn: 65101, router_id: 192.0.2.11}
 neighbors:
@@ -116,4 +120,46 @@ def test_parse(line: str, expected: object) -> None:
     '{"answer": "maybe"}', "[" * 100000,
 ])
 def test_bad_messages_are_values_not_exceptions(line: str) -> None:
+    assert isinstance(parse_line(line), Unparsed)
+
+
+def captured(name: str) -> str:
+    return (CAPTURED / name).read_text()
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("bird-end-of-rib.json", EndOfRib("10.0.1.1", "ipv4 unicast")),
+    ("frr-update.json", Update("10.0.1.1", ("203.0.113.0/24",), ())),
+    ("show-neighbor-json-up.json", NeighborReport((NeighborSummary("10.0.1.1", "up", 4),))),
+    # an idle session's "duration" counts something else (ExaBGP's reset - creation): not kept
+    ("show-neighbor-json-down.json", NeighborReport((NeighborSummary("10.0.1.1", "down", 0),))),
+])
+def test_parse_captured(name: str, expected: object) -> None:
+    assert parse_line(captured(name)) == expected
+
+
+@pytest.mark.parametrize(("fsm", "state"), [
+    ("ESTABLISHED", "up"), ("OPENCONFIRM", "connected"), ("OPENSENT", "connected"), ("ACTIVE", "down"),
+    ("CONNECT", "down"), ("IDLE", "down"),
+])
+def test_neighbor_report_state_follows_the_fsm(fsm: str, state: str) -> None:
+    """ExaBGP's own "state" says down for a session up less than a second (duration 0)."""
+    line = f'[{{"state": "down", "duration": 0, "fsm": "{fsm}", "peer": {{"address": "10.0.1.1"}}}}]'
+    assert parse_line(line) == NeighborReport((NeighborSummary("10.0.1.1", state, 0),))
+
+
+def test_an_empty_neighbor_report_is_a_report() -> None:
+    assert parse_line("[]") == NeighborReport(())
+
+
+@pytest.mark.parametrize("line", [
+    '{"type": "update", "neighbor": {"address": {"peer": "10.0.1.1"}, "message": {"eor": {"afi": "ipv4"}}}}',
+    '{"type": "update", "neighbor": {"address": {"peer": "10.0.1.1"}, "message": {"eor": "ipv4 unicast"}}}',
+    '[{"fsm": "ESTABLISHED", "duration": 3}]',
+    '[{"fsm": "ESTABLISHED", "duration": "long", "peer": {"address": "10.0.1.1"}}]',
+    '[{"fsm": 7, "duration": 3, "peer": {"address": "10.0.1.1"}}]',
+    '[{"fsm": "ESTABLISHED", "duration": 3, "peer": {"address": null}}]',
+    '[{"fsm": "ESTABLISHED", "duration": true, "peer": {"address": "10.0.1.1"}}]',
+])
+def test_malformed_end_of_rib_and_reports_are_unparsed(line: str) -> None:
     assert isinstance(parse_line(line), Unparsed)
