@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -21,8 +22,11 @@ from dataclasses import dataclass
 from pop.config import Config
 from pop.desired import Announcement
 from pop.exabgp import (
+    SHOW_NEIGHBORS,
     Ack,
+    EndOfRib,
     Message,
+    NeighborReport,
     NeighborState,
     Shutdown,
     Unparsed,
@@ -45,6 +49,7 @@ class PeerView:
     since: float = 0.0
     reason: str = ""
     received: frozenset[str] = frozenset()  # prefixes this peer announces to us
+    eor_received: frozenset[str] = frozenset()  # families the peer has sent End-of-RIB for
 
 
 class ExaBgpSpeaker:
@@ -130,6 +135,22 @@ class ExaBgpSpeaker:
             log.error("bgp.rejected command=%r", command)
         return ok
 
+    async def refresh_sessions(self) -> None:
+        """Ask ExaBGP for every session's state: a respawned engine has seen no change yet.
+
+        `handle()` applies the answer when it arrives, in the stream's order, so it is in
+        `peers` once the ack is. An answer we cannot read leaves the sessions as they were
+        (counted as unparsed); a refusal or a broken channel is logged, never raised: the
+        commands that follow find out about the channel themselves.
+        """
+        try:
+            ok = await self._send(SHOW_NEIGHBORS)
+        except (ChannelError, OSError) as exc:
+            log.warning("bgp.sessions_unknown error=%s", exc)
+            return
+        if not ok:
+            log.warning("bgp.sessions_unknown error=ExaBGP refused %r", SHOW_NEIGHBORS)
+
     async def read_forever(self) -> None:
         """Consume ExaBGP's stdin stream until EOF. Must always run: ExaBGP blocks otherwise."""
         try:
@@ -158,25 +179,36 @@ class ExaBgpSpeaker:
                     return
             log.warning("bgp.unexpected_ack ok=%s", message.ok)
         elif isinstance(message, NeighborState):
-            old = self.peers.get(message.peer, PeerView())
-            view = PeerView(
-                state=message.state,
-                since=self._clock(),
-                reason=message.reason,
-                received=old.received if message.state == "up" else frozenset(),
-            )
-            self.peers[message.peer] = view
+            self._set_state(message.peer, message.state, self._clock(), message.reason)
             log.info("bgp.session peer=%s state=%s reason=%s", message.peer, message.state, message.reason or "-")
+        elif isinstance(message, NeighborReport):
+            for neighbor in message.neighbors:
+                old = self.peers.get(neighbor.peer, PeerView())
+                if old.state == neighbor.state:
+                    continue  # what we saw happen is more precise than ExaBGP's whole seconds
+                self._set_state(neighbor.peer, neighbor.state, self._clock() - neighbor.up_for, "")
+                log.info("bgp.session peer=%s state=%s reason=reported by ExaBGP up_for=%ds",
+                         neighbor.peer, neighbor.state, neighbor.up_for)
         elif isinstance(message, Update):
             old = self.peers.get(message.peer, PeerView())
             received = (old.received - set(message.withdrawn)) | set(message.announced)
-            self.peers[message.peer] = PeerView(old.state, old.since, old.reason, frozenset(received))
+            self.peers[message.peer] = dataclasses.replace(old, received=frozenset(received))
+        elif isinstance(message, EndOfRib):
+            old = self.peers.get(message.peer, PeerView())
+            self.peers[message.peer] = dataclasses.replace(old, eor_received=old.eor_received | {message.family})
+            log.info("bgp.end_of_rib peer=%s family=%s", message.peer, message.family)
         elif isinstance(message, Shutdown):
             log.info("bgp.exabgp_shutdown")
             self.shutting_down = True
             self.closed.set()
         elif isinstance(message, Unparsed):
             self._note_unparsed(message)
+
+    def _set_state(self, peer: str, state: str, since: float, reason: str) -> None:
+        old = self.peers.get(peer, PeerView())
+        up = state == "up"  # what a peer sent belongs to its session
+        self.peers[peer] = PeerView(state, since, reason, old.received if up else frozenset(),
+                                    old.eor_received if up else frozenset())
 
     def _note_unparsed(self, message: Unparsed) -> None:
         self.unparsed += 1
