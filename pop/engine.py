@@ -131,7 +131,7 @@ class Engine:
         members = pool.members(self._servers, self.health, self.server_drains, self.load_factors)
         state = plan.dataplane(self.config.prefixes, members, self.config.dataplane)
         self.applier.want(replace(state, announcements=plan.announcements(
-            self.config.prefixes, self.verdict.announce, pool.degraded(self.health))))
+            self.config.prefixes, self.verdict.announce, pool.degraded(self.health, self.tiers))))
 
     @property
     def desired(self) -> tuple[Announcement, ...]:
@@ -322,7 +322,7 @@ class Engine:
                            pool.in_pool(self.health[s.name], self.server_drains.get(s.name)))
             for s in self.config.servers)
         return Snapshot(pop=self.config.name, at=self.clock(), started=self.started, verdict=self.verdict,
-                        pool=self.pool, degraded=pool.degraded(self.health) and self.verdict.announce,
+                        pool=self.pool, degraded=pool.degraded(self.health, self.tiers) and self.verdict.announce,
                         servers=servers, desired=self.desired, announced=self.speaker.announced(),
                         events=tuple(self.events), apply=self.applier.status(), extra=dict(extra or {}))
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from pop import load
 from pop.drains import ServerDrain
-from pop.hysteresis import ServerHealth, State
+from pop.hysteresis import ServerHealth, State, TierState
 from pop.verdict import PoolView
 
 
@@ -67,6 +67,15 @@ def load_weights(servers: Iterable[Server], health: Mapping[str, ServerHealth],
     return {s.address: s.weight for s in servers if in_pool(health[s.name], drains.get(s.name))}
 
 
-def degraded(health: Mapping[str, ServerHealth]) -> bool:
-    """Any server not fully UP: the PoP announces with its degraded attributes."""
-    return any(h.state is not State.UP for h in health.values())
+def degraded(health: Mapping[str, ServerHealth], tiers: Mapping[str, Mapping[str, TierState]]) -> bool:
+    """Some server is not fully UP: the PoP announces with its degraded attributes.
+
+    A server that has never failed and is still rising for the first time (just configured
+    by a reload, or at start-up) is not a loss of capacity: it does not degrade the PoP, so
+    adding a server never sends an UPDATE for the prefixes.
+    """
+    return any(h.state is not State.UP and not _new(tiers.get(name, {})) for name, h in health.items())
+
+
+def _new(tiers: Mapping[str, TierState]) -> bool:
+    return bool(tiers) and all(t.state in (State.INIT, State.RISING) and t.failures == 0 for t in tiers.values())

@@ -203,7 +203,9 @@ def test_reload_keeps_state_of_unchanged_servers() -> None:
         assert engine.tiers["c"]["tcp"].state is State.INIT
         assert engine.verdict.announce
         assert [a.prefix for a in engine.desired] == [a.prefix for a in announced]
-        assert engine.desired[0].med == 50  # c is not up yet: degraded
+        assert engine.desired[0].med == 10  # c is new and rising: no loss of capacity, no UPDATE
+        engine.observe("c", "tcp", DOWN)
+        assert engine.desired[0].med == 50  # c failed: degraded
 
     asyncio.run(main())
 

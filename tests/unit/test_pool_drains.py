@@ -61,3 +61,16 @@ def test_finish(connections: dict[str, int], now: float, finished: list[tuple[st
     assert new["a"] is DRAINED
     assert new["b"].done == bool(finished)
     assert drains.pending(new.values()) == (not finished)
+
+
+def test_a_new_server_rising_for_the_first_time_does_not_degrade_the_pop() -> None:
+    from pop.checks.base import CheckResult
+    from pop.hysteresis import TierState
+
+    rising = TierState(State.RISING, streak=1, successes=1)
+    fell = TierState(State.RISING, streak=1, successes=3, failures=1)
+    health = {"a": UP, "b": ServerHealth(State.RISING, "tcp", "ok 1/3")}
+    assert not pool.degraded(health, {"a": {"tcp": TierState(State.UP)}, "b": {"tcp": rising}})
+    assert pool.degraded(health, {"a": {"tcp": TierState(State.UP)}, "b": {"tcp": fell}})
+    assert pool.degraded({"a": UP, "b": DOWN}, {"b": {"tcp": TierState(State.DOWN, last=CheckResult(ok=False),
+                                                                        failures=1)}})
