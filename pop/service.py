@@ -6,11 +6,13 @@ ExaBGP; we move it aside and point fd 1 at stderr, so that a stray print() from 
 never inject a command into ExaBGP.
 
 Lifecycle:
-- start: withdraw every configured prefix (a respawned engine cannot know what its
-  predecessor left announced), then announce only after the servers have risen;
+- start: if ExaBGP still holds what the previous engine announced (pop.handover: the engine
+  died, ExaBGP respawned us), probe every server once and keep the announcement if the pool
+  passes, else withdraw at once; withdraw every other configured prefix. A fresh ExaBGP holds
+  nothing: withdraw everything, announce only after the servers have risen;
 - SIGTERM / SIGINT: withdraw, wait `exabgp.withdraw_settle`, exit 0;
-- ExaBGP closes the channel or stops acknowledging: exit 1 (nothing left to talk to; if
-  ExaBGP is still alive it respawns us and we start from the clean slate above);
+- ExaBGP closes the channel or stops acknowledging (`engine.channel_broken`): exit 1 at once
+  (nothing left to talk to; if ExaBGP is still alive it respawns us);
 - any other failure of an engine task: try to withdraw, then exit 1.
 """
 
@@ -25,16 +27,21 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from pop import adminstate, load
+from pop import adminstate, handover, load
 from pop.adapters.bgp import ChannelError, ExaBgpSpeaker
 from pop.checks import cascade as check_builder
 from pop.config import Config, ConfigError
+from pop.desired import Announcement
 from pop.engine import Engine
 from pop.runner import HEARTBEAT_INTERVAL, engine_heartbeat, engine_pidfile, load_file, write_if_changed
 from pop.status import make_app
+
+if TYPE_CHECKING:
+    from pop.adapters.dataplane import KernelDataplane
 
 log = logging.getLogger("pop.service")
 
@@ -68,6 +75,9 @@ def _reload(engine: Engine, config_path: Path) -> None:
         return
     if new.status != engine.config.status or new.name != engine.config.name:
         log.warning("reload.partial pop.name and status changes take effect at the next restart")
+    if _kernel(new) != _kernel(engine.config):
+        log.warning("reload.partial starting or stopping the kernel data plane (dataplane.mode none, no vip) "
+                    "takes effect at the next restart")
     engine.reload(new, checks)
 
 
@@ -80,25 +90,19 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
         return 2
     reader, writer = await _open_channel(channel_fd)
     speaker = ExaBgpSpeaker(config, reader, writer)
-    dataplane = None
-    if config.dataplane.mode != "none" or config.dataplane.vip:
-        # pyroute2 loads only for PoPs that program the kernel
-        from pop.adapters.dataplane import KernelDataplane
-        from pop.adapters.routes import DataplaneError
-
-        dataplane = KernelDataplane(config.dataplane, config.prefixes, servers=[s.address for s in config.servers])
+    runtime = Path(config.runtime_dir) / config.name
+    dataplane, errors = _dataplane(config)
+    engine = Engine(config, speaker, checks, dataplane=dataplane, dataplane_errors=errors,
+                    on_announced=lambda routes: _save_handover(runtime / handover.FILE_NAME, routes))
+    if dataplane is not None and config.dataplane.load_weights:
         kernel = dataplane
 
         async def connection_load() -> dict[str, float]:
             return load.connection_factors(await kernel.connections(), engine.pool_weights())
 
-        engine = Engine(config, speaker, checks, dataplane=dataplane, dataplane_errors=(DataplaneError,),
-                        load_signal=connection_load if config.dataplane.load_weights else None)
-    else:
-        engine = Engine(config, speaker, checks)
-    drains = Path(config.runtime_dir) / config.name / adminstate.FILE_NAME
-    _restore_drains(engine, drains, config)
-    engine.on_admin_change = lambda: _save_drains(engine, drains)
+        engine.load_signal = connection_load
+    _restore_drains(engine, runtime / adminstate.FILE_NAME, config)
+    engine.on_admin_change = lambda: _save_drains(engine, runtime / adminstate.FILE_NAME)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -109,31 +113,12 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
     _beat(config)
     _write_pid(config)
     heartbeat = asyncio.create_task(_heartbeat(config), name="heartbeat")
-
-    def extra() -> dict[str, object]:
-        return {"sessions": {peer: view.state for peer, view in speaker.peers.items()},
-                "exabgp_command_errors": speaker.errors, "exabgp_unparsed_messages": speaker.unparsed,
-                "dataplane": {"mode": config.dataplane.mode, "error": engine.dataplane_error or None,
-                              "vips": list(engine.applied_dataplane.vips),
-                              "routes": [{"prefix": r.prefix, "nexthops": [h.address for h in r.nexthops]}
-                                         for r in engine.applied_dataplane.routes],
-                              "services": [{"service": f"{s.protocol}/{s.address}:{s.port}",
-                                            "reals": [f"{x.address}:{x.port}*{x.weight}" for x in s.reals]}
-                                           for s in engine.applied_dataplane.services]},
-                "dataplane_failures": engine.dataplane_failures}
-
-    runner: web.AppRunner | None = None
-    if config.status.enabled:
-        app = make_app(lambda: engine.snapshot(extra()), engine)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, config.status.listen, config.status.port, reuse_address=True).start()
-        log.info("status.listening address=%s port=%d", config.status.listen, config.status.port)
-
+    runner = await _status_endpoint(config, engine, speaker)
     code = 0
     reading = asyncio.create_task(speaker.read_forever(), name="exabgp reader")
     try:
-        await speaker.withdraw_configured()
+        await speaker.refresh_sessions()  # ExaBGP reports changes only: learn the sessions as they are
+        await _start(engine, speaker, config, runtime / handover.FILE_NAME)
         log.info("engine.started pop=%s servers=%d prefixes=%d", config.name, len(config.servers),
                  len(config.prefixes))
         running = asyncio.create_task(engine.run(), name="engine")
@@ -142,10 +127,14 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
         done, _ = await asyncio.wait({running, stopping, closed}, return_when=asyncio.FIRST_COMPLETED)
         for task in (running, stopping, closed):
             task.cancel()
-        if running in done and not running.cancelled() and running.exception() is not None:
-            log.error("engine.failed error=%r", running.exception())
+        failure = running.exception() if running in done and not running.cancelled() else None
+        if failure is not None:
+            broken = _channel_error(failure)
+            if broken is not None:
+                raise broken
+            log.error("engine.failed error=%r", failure)
             code = 1
-        if closed in done:
+        if closed in done or speaker.closed.is_set():
             if speaker.shutting_down:
                 log.info("engine.stopped: ExaBGP is shutting down")
                 return code
@@ -167,6 +156,82 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
         with contextlib.suppress(OSError):
             engine_heartbeat(config).unlink()
     return code
+
+
+def _channel_error(failure: BaseException) -> ChannelError | None:
+    """The ChannelError inside an engine failure (the TaskGroup wraps it in an ExceptionGroup)."""
+    if isinstance(failure, ChannelError):
+        return failure
+    if isinstance(failure, BaseExceptionGroup):
+        match, _ = failure.split(ChannelError)
+        if match is not None:
+            return _channel_error(match.exceptions[0])
+    return None
+
+
+def _kernel(config: Config) -> bool:
+    """Whether the PoP programs the kernel at all."""
+    return config.dataplane.mode != "none" or config.dataplane.vip
+
+
+def _dataplane(config: Config) -> tuple[KernelDataplane | None, tuple[type[Exception], ...]]:
+    if not _kernel(config):
+        return None, ()
+    # pyroute2 loads only for PoPs that program the kernel
+    from pop.adapters.dataplane import KernelDataplane
+    from pop.adapters.routes import DataplaneError
+
+    return (KernelDataplane(config.dataplane, config.prefixes, servers=[s.address for s in config.servers]),
+            (DataplaneError,))
+
+
+async def _start(engine: Engine, speaker: ExaBgpSpeaker, config: Config, path: Path) -> None:
+    """Adopt what the previous engine left announced, if ExaBGP still holds it and one probe
+    round says the pool passes; withdraw every other configured prefix (pop.handover)."""
+    adopted = _read_handover(path, config)
+    await speaker.withdraw_configured(keep={a.prefix for a in adopted})
+    if not adopted:
+        return
+    speaker.adopt(adopted)
+    results = await engine.probes.round(engine.checks, [s.name for s in config.servers if s.enabled])
+    engine.adopt(results)  # if the pool fails, the applier's first pass withdraws at once
+
+
+def _read_handover(path: Path, config: Config) -> tuple[Announcement, ...]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return ()
+    except OSError as exc:
+        log.error("handover.unreadable path=%s error=%s; withdrawing first", path, exc.strerror)
+        return ()
+    try:
+        return handover.parse(json.loads(text), os.getppid(), {p.prefix: p.next_hop for p in config.prefixes})
+    except (ValueError, handover.HandoverError) as exc:
+        log.error("handover.invalid path=%s error=%s; withdrawing first", path, exc)
+        return ()
+
+
+def _save_handover(path: Path, routes: tuple[Announcement, ...]) -> None:
+    try:
+        write_if_changed(path, json.dumps(handover.to_dict(routes, os.getppid()), indent=1) + "\n")
+    except OSError as exc:
+        log.error("handover.unsaved path=%s error=%s: a respawned engine would withdraw first", path, exc.strerror)
+
+
+async def _status_endpoint(config: Config, engine: Engine, speaker: ExaBgpSpeaker) -> web.AppRunner | None:
+    if not config.status.enabled:
+        return None
+
+    def extra() -> dict[str, object]:
+        return {"sessions": {peer: view.state for peer, view in speaker.peers.items()},
+                "exabgp_command_errors": speaker.errors, "exabgp_unparsed_messages": speaker.unparsed}
+
+    runner = web.AppRunner(make_app(lambda: engine.snapshot(extra()), engine), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, config.status.listen, config.status.port, reuse_address=True).start()
+    log.info("status.listening address=%s port=%d", config.status.listen, config.status.port)
+    return runner
 
 
 async def _withdraw(speaker: ExaBgpSpeaker, config: Config) -> None:

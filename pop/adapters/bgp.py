@@ -16,7 +16,7 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from pop.config import Config
@@ -41,6 +41,10 @@ log = logging.getLogger("pop.bgp")
 
 class ChannelError(Exception):
     """The command channel to ExaBGP is broken (EOF, no ack in time)."""
+
+
+class BgpRefused(Exception):
+    """ExaBGP answered `error` to some commands of a `set()`; the others were applied."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,14 +84,23 @@ class ExaBgpSpeaker:
         return tuple(self._announced.values())
 
     async def set(self, announcements: Sequence[Announcement], *, force: bool = False) -> None:
-        """Make ExaBGP announce exactly `announcements`. `force` re-sends unchanged ones too."""
+        """Make ExaBGP announce exactly `announcements`. `force` re-sends unchanged ones too.
+
+        Every difference is tried; a refused command leaves its route as it was in our books
+        (so the next `set()` tries it again) and, once all were tried, raises BgpRefused
+        naming the refused prefixes.
+        """
+        refused: list[str] = []
         async with self._lock:
             desired = {a.prefix: a for a in announcements}
             for prefix, old in list(self._announced.items()):
-                if prefix not in desired and await self._send_all(
-                        withdraw_commands(self.config, prefix, old.next_hop)):
+                if prefix in desired:
+                    continue
+                if await self._send_all(withdraw_commands(self.config, prefix, old.next_hop)):
                     del self._announced[prefix]
                     log.info("bgp.withdraw prefix=%s", prefix)
+                else:
+                    refused.append(f"withdraw {prefix}")
             for prefix, new in desired.items():
                 if not force and self._announced.get(prefix) == new:
                     continue
@@ -100,15 +113,29 @@ class ExaBgpSpeaker:
                         ",".join(new.communities) or "-",
                         new.as_path_prepend,
                     )
+                else:
+                    refused.append(f"announce {prefix}")
+        if refused:
+            raise BgpRefused("ExaBGP refused: " + ", ".join(refused))
 
-    async def withdraw_configured(self) -> None:
-        """Withdraw every configured prefix, announced by us or not.
+    def adopt(self, announcements: Sequence[Announcement]) -> None:
+        """Take into our books what ExaBGP already announces for us (a previous engine's
+        routes, pop.handover): an equal `set()` then sends nothing, a different one the
+        difference."""
+        for announcement in announcements:
+            self._announced[announcement.prefix] = announcement
 
-        A respawned engine does not know what its predecessor left in ExaBGP's RIB, so it
-        starts from a clean slate: withdrawing a route that is not announced is harmless.
+    async def withdraw_configured(self, keep: Collection[str] = ()) -> None:
+        """Withdraw every configured prefix but `keep`, announced by us or not.
+
+        A respawned engine does not know what its predecessor left in ExaBGP's RIB beyond what
+        it adopts (`keep`: pop.service), so it starts from a clean slate for the rest:
+        withdrawing a route that is not announced is harmless.
         """
         async with self._lock:
             for prefix in self.config.prefixes:
+                if prefix.prefix in keep:
+                    continue
                 await self._send_all(withdraw_commands(self.config, prefix.prefix, prefix.next_hop))
                 self._announced.pop(prefix.prefix, None)
 
