@@ -10,7 +10,12 @@ Contract:
   changed scheduler or flags edited in place (IPVS_CMD_SET_SERVICE keeps the connection
   table), real servers added / re-weighted / removed, services no longer desired deleted.
   New capacity is added before old is removed. Nothing is sent when the kernel matches,
-  so a restarted engine adopts what it programmed before without a flap.
+  so a restarted engine adopts what it programmed before without a flap. It returns the
+  changes made ("ipvs add-real udp/192.0.2.1:51820 10.0.1.12"), () when the kernel matched:
+  a service or real server deleted behind pop's back is put back by the next set().
+- `reown(prefixes)` (a reload changed the anycast prefixes): until the next successful
+  set() the table owns the old prefixes and the new ones, so that set() removes the
+  services of a prefix that left the configuration; then only the new ones.
 - Quiescent drain is weight 0 in the desired state: IPVS keeps forwarding existing
   connections but schedules no new ones to that real server. When to remove it is the
   engine's decision; `loads()` reports active/inactive connection counts per real server
@@ -151,6 +156,17 @@ class IpvsOp:
         r = self.real
         return f"{text} {r.address}:{r.port} w{r.weight} {s.forward}"
 
+    def change(self) -> str:
+        """One short line for the applier's report: what this operation changed."""
+        s = self.entry.service
+        address = f"[{s.address}]" if ":" in s.address else s.address
+        text = f"ipvs {self.kind} {s.protocol}/{address}:{s.port}"
+        if self.real is None:
+            return text if self.kind == "del-service" else f"{text} {s.scheduler}"
+        r = self.real
+        text += f" {r.address}" + (f" port {r.port}" if r.port != s.port else "")
+        return text if self.kind == "del-real" or r.weight == 1 else f"{text} weight {r.weight}"
+
 
 _ORDER = {"add-service": 0, "edit-service": 1, "add-real": 2, "edit-real": 3, "del-real": 4, "del-service": 5}
 
@@ -257,8 +273,17 @@ class IpvsTable(NetlinkAdapter):
         self.netns = netns
         self.flags = tuple(flags)
         sched_flags(self.flags)  # validate now, not at the first set()
+        self._owned_next: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
         self._sock: NetlinkSocket | None = None
         self._family = 0
+
+    def reown(self, owned: Sequence[str]) -> None:
+        """A reload changed the owned prefixes: own old and new until the next set() is done."""
+        new = tuple(ipaddress.ip_network(p, strict=True) for p in owned)
+        if not new:
+            raise ValueError("an IpvsTable needs the prefixes of the services it owns")
+        self.owned = tuple(dict.fromkeys((*self.owned, *new)))
+        self._owned_next = new
 
     def owns(self, address: str) -> bool:
         addr = ipaddress.ip_address(address)
@@ -341,13 +366,17 @@ class IpvsTable(NetlinkAdapter):
         wanted = (ServiceEntry(s, sched_flags(self.flags, s.scheduler)) for s in services)
         return plan_services(wanted, current)
 
-    async def set(self, services: Sequence[VirtualService]) -> None:
+    async def set(self, services: Sequence[VirtualService]) -> tuple[str, ...]:
         ops = await self.plan(services)
-        if ops:
-            await self.apply(ops)
+        changes = await self.apply(ops) if ops else ()
+        if self._owned_next is not None:
+            self.owned, self._owned_next = self._owned_next, None  # the old prefixes' services are gone
+        return changes
 
-    async def apply(self, ops: Iterable[IpvsOp]) -> None:
+    async def apply(self, ops: Iterable[IpvsOp]) -> tuple[str, ...]:
+        """Send the operations in order; returns the changes the kernel accepted."""
         sock, family = await self._socket()
+        changes: list[str] = []
         for op in ops:
             service = op.entry.service
             try:
@@ -363,3 +392,5 @@ class IpvsTable(NetlinkAdapter):
                     ) from exc
                 raise kernel_error(str(op), exc) from exc
             log.info("ipvs.apply netns=%s op=%s", self.netns, op)
+            changes.append(op.change())
+        return tuple(changes)

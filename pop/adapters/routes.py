@@ -8,13 +8,17 @@ Contract:
   differs with one RTM_NEWROUTE (NLM_F_REPLACE: the prefix never goes without a route),
   deletes its own routes that are no longer desired, and sends nothing when the kernel
   already matches (idempotent; after a restart it adopts what it programmed before).
+  It returns the changes it made, one line each ("route replace 192.0.2.1/32 via
+  10.0.1.10,10.0.1.11"), () when the kernel already matched: a route deleted or changed
+  behind pop's back is put back by the next set() and shows up there.
 - A desired route with no next hops means "no route": it is deleted if present.
 - It refuses (DataplaneError) to take over a route of another owner that has the same
   prefix and metric, because NLM_F_REPLACE would silently take it over.
 - `read()` returns what is in the kernel, in the desired-state vocabulary.
 - `diagnostics()` reports net.ipv{4,6}.fib_multipath_hash_policy: with the L3 policy (0)
   every flow of one client lands on the same server. The sysctl is only written when
-  the adapter is constructed with `hash_policy=` (then by the first set()).
+  the adapter is constructed with `hash_policy=` (then by the first set(), and again by
+  `set(..., verify=True)` when it has drifted).
 - Every adapter can be bound to a named network namespace (`netns=`, /run/netns/NAME).
 - Kernel errors (unreachable gateway, EPERM, ...) raise `DataplaneError`, shared by the
   VIP and IPVS adapters, which carries the operation and the kernel's own message.
@@ -323,17 +327,28 @@ class RouteTable(NetlinkAdapter):
                     f"this adapter's (table {self.table} protocol {self.protocol})"
                 )
 
-    async def set(self, routes: Sequence[EcmpRoute]) -> None:
+    async def set(self, routes: Sequence[EcmpRoute], *, verify: bool = False) -> tuple[str, ...]:
+        """Make the slice equal `routes`; the changes made, () when the kernel matched.
+        `verify` also reads the hash policy back (otherwise written once)."""
         self._check_slice(routes)
-        if self.hash_policy is not None and not self._policy_applied:
-            await self.apply_hash_policy()
+        changes: list[str] = []
+        if self.hash_policy is not None and (verify or not self._policy_applied):
+            changes += await self.apply_hash_policy()
         plan = plan_routes(routes, await self._dump())
         if not plan.empty:
-            await self.apply(plan)
+            changes += await self.apply(plan)
+        return tuple(changes)
 
-    async def apply(self, plan: RoutePlan) -> None:
-        """Send a plan: additions and replacements first, removals last."""
+    def set_hash_policy(self, policy: int | None) -> None:
+        """A reload changed `dataplane.hash_policy`: the next set() writes it."""
+        self.hash_policy = policy
+        self._policy_applied = False
+
+    async def apply(self, plan: RoutePlan) -> tuple[str, ...]:
+        """Send a plan: additions and replacements first, removals last. Returns the
+        changes the kernel accepted (a deletion of a route already gone is none)."""
         sock = await self._socket()
+        changes: list[str] = []
         for route, flags in itertools.chain(
             ((r, NLM_F_CREATE | NLM_F_EXCL) for r in plan.add),
             ((r, NLM_F_CREATE | NLM_F_REPLACE) for r in plan.replace),
@@ -358,6 +373,7 @@ class RouteTable(NetlinkAdapter):
                     ) from exc
                 raise kernel_error(op, exc) from exc
             log.info("route.%s table=%d prefix=%s via=%s", verb, self.table, route.prefix, _hops_text(route))
+            changes.append(f"route {verb} {route.prefix}{self._table_text()} via {_hops_change(route)}")
         for route in plan.delete:
             op = f"delete route {route.prefix} table {self.table}"
             family = AF_INET6 if ":" in route.prefix else AF_INET
@@ -371,6 +387,11 @@ class RouteTable(NetlinkAdapter):
                     continue  # already gone
                 raise kernel_error(op, exc) from exc
             log.info("route.delete table=%d prefix=%s", self.table, route.prefix)
+            changes.append(f"route delete {route.prefix}{self._table_text()}")
+        return tuple(changes)
+
+    def _table_text(self) -> str:
+        return "" if self.table == 254 else f" table {self.table:#x}" if self.table > 0xFFFF else f" table {self.table}"
 
     async def diagnostics(self) -> RouteDiagnostics:
         policies = []
@@ -385,13 +406,14 @@ class RouteTable(NetlinkAdapter):
                 )
         return RouteDiagnostics(tuple(policies), len(await self._dump()), tuple(warnings))
 
-    async def apply_hash_policy(self) -> None:
+    async def apply_hash_policy(self) -> tuple[str, ...]:
         """Write the configured hash policy where it differs (only if the adapter was given
         one; set() does this once by itself). A family whose sysctl is absent (IPv6 off)
-        is skipped."""
+        is skipped. Returns the sysctls written."""
         if self.hash_policy is None:
-            return
+            return ()
         policy = self.hash_policy
+        changes: list[str] = []
         for family in ("ipv4", "ipv6"):
             path = _sysctl_path(family)
             current = await run_in_netns(self.netns, functools.partial(_read_int, path))
@@ -402,7 +424,9 @@ class RouteTable(NetlinkAdapter):
             except OSError as exc:
                 raise kernel_error(f"write {path}={policy} netns={self.netns}", exc) from exc
             log.info("sysctl.set netns=%s %s=%d was=%d", self.netns, path, policy, current)
+            changes.append(f"sysctl net.{family}.fib_multipath_hash_policy={policy} (was {current})")
         self._policy_applied = True
+        return tuple(changes)
 
 
 def _read_int(path: str) -> int | None:
@@ -416,6 +440,13 @@ def _read_int(path: str) -> int | None:
 def _write_int(path: str, value: int) -> None:
     with open(path, "w") as f:
         f.write(f"{value}\n")
+
+
+def _hops_change(route: EcmpRoute, limit: int = 8) -> str:
+    """Next hops for a change line: addresses, a weight only where it is not 1."""
+    hops = [h.address if h.weight == 1 else f"{h.address}*{h.weight}" for h in route.nexthops[:limit]]
+    more = len(route.nexthops) - limit
+    return ",".join(hops) + (f",... ({len(route.nexthops)} next hops)" if more > 0 else "")
 
 
 def _hops_text(route: EcmpRoute, limit: int = 4) -> str:

@@ -11,6 +11,8 @@ Contract:
   added it (after a restart ours are recognised by the mark, so nothing flaps); an
   address without the mark is never removed, even when it is no longer desired, because
   an operator or another tool put it there.
+- `set()` reads `lo` back every time and returns the changes it made ("vip add
+  192.0.2.1/32"), () when nothing was missing: a VIP deleted behind pop's back is put back.
 - `read()` returns the marked addresses; `present()` everything on `lo` with its mark.
 - Kernel errors raise `DataplaneError`. Bind to a namespace with `netns=`.
 
@@ -118,13 +120,14 @@ class VipSet(NetlinkAdapter):
     async def read(self) -> tuple[str, ...]:
         return tuple(p.address for p in await self.present() if p.protocol == self.protocol)
 
-    async def set(self, vips: Sequence[str]) -> None:
+    async def set(self, vips: Sequence[str]) -> tuple[str, ...]:
         plan = plan_vips(vips, await self.present(), self.protocol)
-        if not plan.empty:
-            await self.apply(plan)
+        return await self.apply(plan) if not plan.empty else ()
 
-    async def apply(self, plan: VipPlan) -> None:
+    async def apply(self, plan: VipPlan) -> tuple[str, ...]:
+        """Send a plan; returns the changes the kernel accepted."""
         ipr, index = await self._socket()
+        changes: list[str] = []
         for vip in plan.add:
             iface = ipaddress.ip_interface(vip)
             try:
@@ -142,6 +145,7 @@ class VipSet(NetlinkAdapter):
             except OSError as exc:
                 raise kernel_error(f"add {vip} to {self.ifname}", exc) from exc
             log.info("vip.add netns=%s ifname=%s vip=%s", self.netns, self.ifname, vip)
+            changes.append(f"vip add {vip}")
         for vip in plan.delete:
             iface = ipaddress.ip_interface(vip)
             try:
@@ -153,6 +157,8 @@ class VipSet(NetlinkAdapter):
             except OSError as exc:
                 raise kernel_error(f"delete {vip} from {self.ifname}", exc) from exc
             log.info("vip.delete netns=%s ifname=%s vip=%s", self.netns, self.ifname, vip)
+            changes.append(f"vip delete {vip}")
+        return tuple(changes)
 
 
 def _decode(msg: Any) -> PresentAddress:

@@ -18,10 +18,10 @@ INNER = "tests/kernel/inner/test_ipvs_inner.py"
 
 
 def test_ipvs_adapter_on_debian_kernel(microvm: KernelCache) -> None:
-    # Emulated (TCG) guest: the inner suite takes about 4-5 minutes.
+    # Emulated (TCG) guest: the inner suite takes about 5-6 minutes.
     result = run_pytest_in_vm([INNER], modules=["ip_vs", "ip_vs_mh", "ip_vs_rr"], timeout=1200)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.output}\n{result.console[-2000:]}"
-    assert re.search(r"\b4 passed\b", result.output) and "skipped" not in result.output, result.output
+    assert re.search(r"\b5 passed\b", result.output) and "skipped" not in result.output, result.output
 
 
 @pytest.mark.skipif(Path("/proc/net/ip_vs").exists(), reason="this kernel has IPVS loaded")

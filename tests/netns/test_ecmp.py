@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import struct
 import subprocess
@@ -24,8 +25,11 @@ from pathlib import Path
 import pytest
 
 from lab.netns import Netns, veth
+from pop import desired
+from pop.adapters.dataplane import KernelDataplane
 from pop.adapters.routes import DataplaneError, RouteTable, normalize_route
-from pop.desired import EcmpRoute, NextHop
+from pop.config import Attributes, Dataplane, Prefix
+from pop.desired import DesiredState, EcmpRoute, NextHop
 
 VIP = "203.0.113.10"
 UDP_PORT = 5000
@@ -360,3 +364,56 @@ def test_without_privileges_the_error_is_a_dataplane_error(lab: Lab) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "DataplaneError:" in proc.stdout and "not permitted" in proc.stdout, proc.stdout
     assert "203.0.113.10" not in lab.pop.run("ip", "route", "show").stdout
+
+
+# ---------------------------------------------------------------------------------------
+# The whole data plane (KernelDataplane) in ecmp mode: drift, a reload, diagnostics.
+
+ECMP = Dataplane(mode="ecmp", hash_policy=1)
+
+
+def anycast(*prefixes: str) -> tuple[Prefix, ...]:
+    return tuple(Prefix(p, "self", Attributes(), Attributes()) for p in prefixes)
+
+
+def test_ecmp_route_drift_is_repaired_and_reported_and_a_reload_adds_a_prefix(lab: Lab) -> None:
+    pop = lab.pop
+    prefixes = anycast(f"{VIP}/32")
+    servers = [f"10.71.{i}.2" for i in range(SERVERS)]
+    members = [(s, 1) for s in servers]
+    all_three = f"route add {VIP}/32 via 10.71.0.2,10.71.1.2,10.71.2.2"
+
+    async def scenario() -> None:
+        dp = KernelDataplane(ECMP, prefixes, netns=pop.name, servers=servers)
+        try:
+            state = desired.dataplane(prefixes, members, ECMP)
+            changes = await dp.set(state)
+            assert changes[-1] == all_three, changes
+            assert all(c.startswith("sysctl net.ipv") for c in changes[:-1]), changes
+            assert await dp.set(state) == ()
+
+            pop.run("ip", "route", "del", f"{VIP}/32", "proto", "200")
+            assert await dp.set(state, verify=True) == (all_three,)
+            pop.run("ip", "route", "replace", f"{VIP}/32", "via", "10.71.1.2", "proto", "200")
+            assert await dp.set(state) == (f"route replace {VIP}/32 via 10.71.0.2,10.71.1.2,10.71.2.2",)
+            pop.run("sysctl", "-qw", "net.ipv4.fib_multipath_hash_policy=0")
+            assert await dp.set(state, verify=True) == ("sysctl net.ipv4.fib_multipath_hash_policy=1 (was 0)",)
+
+            # a reload adds a prefix: routed by the next set(), the first route untouched
+            bigger = anycast(f"{VIP}/32", "192.0.2.0/24")
+            dp.reconfigure(ECMP, bigger, servers)
+            state = desired.dataplane(bigger, members, ECMP)
+            assert await dp.set(state) == ("route add 192.0.2.0/24 via 10.71.0.2,10.71.1.2,10.71.2.2",)
+            assert await dp.set(state, verify=True) == ()
+
+            diag = await dp.diagnostics()
+            assert json.loads(json.dumps(diag)) == {
+                "mode": "ecmp", "hash_policy": {"ipv4": 1, "ipv6": 1}, "l4_hashing": True,
+                "owned_routes": 2, "warnings": [], "pin_flows": False,
+            }
+            # withdrawn: everything pop put there goes
+            assert await dp.set(DesiredState()) == ("route delete 192.0.2.0/24", f"route delete {VIP}/32")
+        finally:
+            await dp.close()
+
+    asyncio.run(scenario())

@@ -12,6 +12,7 @@ them. With pins, the same change leaves them on s1 while every new connection go
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -19,9 +20,12 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from lab.netns import Netns, veth
+from pop import desired
+from pop.adapters.dataplane import KernelDataplane
 from pop.adapters.pins import PIN_BASE, FlowPins
-from pop.adapters.routes import RouteTable
-from pop.desired import EcmpRoute, NextHop
+from pop.adapters.routes import DataplaneError, RouteTable
+from pop.config import Attributes, Dataplane, Prefix
+from pop.desired import DesiredState, EcmpRoute, NextHop
 
 VIP = "203.0.113.20"
 PORT = 7000
@@ -152,3 +156,132 @@ def test_pins_are_idempotent_and_adopted_by_a_new_adapter(net: Net) -> None:
     assert net.pop.run("nft", "list", "ruleset").stdout == ruleset
     assert net.pop.run("ip", "rule").stdout == rules
     assert rules.count("fwmark") == 2
+
+
+
+# ---------------------------------------------------------------------------------------
+# The whole data plane (KernelDataplane) in ecmp mode with pins: reloads and drift.
+
+CONFIG = Dataplane(mode="ecmp", pin_flows=True)
+PREFIXES = (Prefix(f"{VIP}/32", "self", Attributes(), Attributes()),)
+
+
+def pool(*servers: str) -> DesiredState:
+    return desired.dataplane(PREFIXES, [(s, 1) for s in servers], CONFIG)
+
+
+class Plane:
+    """Data planes in the PoP namespace as the engine builds them, driven from one event loop
+    for the whole test, as in the engine (the VIP adapter's socket belongs to its loop)."""
+
+    def __init__(self, net: Net) -> None:
+        self.net = net
+        self.runner = asyncio.Runner()
+        self.made: list[KernelDataplane] = []
+
+    def make(self, *servers: str) -> KernelDataplane:
+        self.made.append(KernelDataplane(CONFIG, PREFIXES, netns=self.net.pop.name, servers=servers))
+        return self.made[-1]
+
+    def set(self, dp: KernelDataplane, *servers: str, verify: bool = False) -> tuple[str, ...]:
+        return self.runner.run(dp.set(pool(*servers), verify=verify))
+
+    def close(self) -> None:
+        for dp in self.made:
+            self.runner.run(dp.close())
+        self.runner.close()
+
+
+@pytest.fixture
+def plane(net: Net) -> Iterator[Plane]:
+    plane = Plane(net)
+    yield plane
+    plane.close()
+
+
+def pin_map(ns: Netns) -> dict[str, int]:
+    out = ns.run("nft", "-j", "list", "map", "ip", "pop", "pins").stdout
+    maps = [o["map"] for o in json.loads(out)["nftables"] if "map" in o]
+    return {address: mark for address, mark in maps[0].get("elem", [])}
+
+
+def test_reload_adding_a_server_pins_it_and_moves_no_other_flow(net: Net, plane: Plane) -> None:
+    s1, s2 = SERVERS
+    dp = plane.make(s2)
+    assert plane.set(dp, s2) == (f"pins add {s2}", f"route add {VIP}/32 via {s2}")
+    s2_mark = pin_map(net.pop)[s2]
+    conns = net.connect(8)
+    assert {who(c) for c in conns} == {"s2"}
+
+    # the reload lists s1 *before* s2: by position s2 would be re-marked, its flows unpinned
+    dp.reconfigure(CONFIG, PREFIXES, (s1, s2))
+    changes = plane.set(dp, s1, s2)
+    assert changes == (f"pins add {s1}", f"route replace {VIP}/32 via {s1},{s2}"), changes
+    assert pin_map(net.pop) == {s2: s2_mark, s1: pin_map(net.pop)[s1]} and pin_map(net.pop)[s1] != s2_mark
+    assert [who(c) for c in conns] == ["s2"] * 8  # the open flows did not move
+    assert {who(c) for c in net.connect(24)} == {"s1", "s2"}
+    assert plane.runner.run(dp.connections())[s1] > 0  # s1's new flows carry s1's pin mark
+    assert plane.set(dp, s1, s2) == ()
+
+
+def test_reload_removing_a_server_unpins_it_and_leaves_the_other(net: Net,
+                                                                 plane: Plane) -> None:
+    s1, s2 = SERVERS
+    dp = plane.make(s1, s2)
+    plane.set(dp, s1, s2)
+    s2_mark = pin_map(net.pop)[s2]
+    on_s2 = [c for c in net.connect(24) if who(c) == "s2"]
+    assert on_s2
+
+    dp.reconfigure(CONFIG, PREFIXES, (s2,))
+    changes = plane.set(dp, s2)
+    assert changes == (f"pins remove {s1}", f"route replace {VIP}/32 via {s2}"), changes
+    assert pin_map(net.pop) == {s2: s2_mark}
+    assert net.pop.run("ip", "rule").stdout.count("fwmark") == 1
+    assert net.pop.run("ip", "route", "show", "table", str(PIN_BASE | 1)).stdout == ""  # s1's table emptied
+    assert {who(c) for c in on_s2} == {"s2"}
+
+
+def test_a_new_engine_adopts_the_marks_in_the_kernel(net: Net, plane: Plane) -> None:
+    s1, s2 = SERVERS
+    plane.set(plane.make(s2), s2)  # s2 got the first mark
+    restarted = plane.make(s1, s2)  # by position s1 would take it
+    assert plane.set(restarted, s1, s2) == (f"pins add {s1}", f"route replace {VIP}/32 via {s1},{s2}")
+    assert pin_map(net.pop) == {s2: PIN_BASE | 1, s1: PIN_BASE | 2}
+
+
+def test_pin_drift_is_repaired_on_verify_and_reported(net: Net, plane: Plane) -> None:
+    s1, s2 = SERVERS
+    dp = plane.make(s1, s2)
+    plane.set(dp, s1, s2)
+    assert plane.set(dp, s1, s2, verify=True) == ()
+    rules = sorted(net.pop.run("ip", "rule").stdout.splitlines())  # equal priorities: insertion order
+    ruleset = net.pop.run("nft", "list", "table", "ip", "pop").stdout
+    table1 = net.pop.run("ip", "route", "show", "table", str(PIN_BASE | 1)).stdout
+
+    net.pop.run("ip", "rule", "del", "fwmark", hex(PIN_BASE | 1), "table", str(PIN_BASE | 1))
+    assert plane.set(dp, s1, s2) == ()  # unchanged desired state: no read-back
+    changes = plane.set(dp, s1, s2, verify=True)
+    assert changes == (f"pins rule add fwmark {PIN_BASE | 1:#x} family 2",), changes
+    assert sorted(net.pop.run("ip", "rule").stdout.splitlines()) == rules
+
+    net.pop.run("ip", "route", "flush", "table", str(PIN_BASE | 2))
+    changes = plane.set(dp, s1, s2, verify=True)
+    assert changes == (f"pins route add {VIP}/32 table {PIN_BASE | 2:#x} via {s2}",), changes
+
+    net.pop.run("nft", "flush", "chain", "ip", "pop", "pin")
+    assert plane.set(dp, s1, s2, verify=True) == ("pins nft repair table ip pop",)
+    assert net.pop.run("nft", "list", "table", "ip", "pop").stdout == ruleset
+
+    net.pop.run("nft", "delete", "table", "ip", "pop")
+    assert plane.set(dp, s1, s2, verify=True) == (f"pins add {s1}", f"pins add {s2}")
+    assert net.pop.run("nft", "list", "table", "ip", "pop").stdout == ruleset
+    assert net.pop.run("ip", "route", "show", "table", str(PIN_BASE | 1)).stdout == table1
+    assert plane.set(dp, s1, s2, verify=True) == ()
+
+
+def test_pinning_an_unconfigured_server_is_a_dataplane_error(net: Net,
+                                                             plane: Plane) -> None:
+    dp = plane.make(SERVERS[0])
+    with pytest.raises(DataplaneError, match=r"pin flows: server 10\.73\.2\.2 is not configured"):
+        plane.set(dp, *SERVERS)

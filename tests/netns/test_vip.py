@@ -8,7 +8,10 @@ from collections.abc import Callable
 import pytest
 
 from lab.netns import Netns
+from pop import desired
+from pop.adapters.dataplane import KernelDataplane
 from pop.adapters.vip import VipSet
+from pop.config import Attributes, Dataplane, Prefix
 from tests.netns.test_ecmp import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, netlink_events
 
 
@@ -56,5 +59,26 @@ def test_foreign_protocol_mark_is_left_alone(ns: Netns) -> None:
             await vips.set([])
             assert await vips.read() == ()
         assert "192.0.2.7/32" in addresses(ns)
+
+    asyncio.run(scenario())
+
+
+def test_a_vip_deleted_behind_pops_back_is_put_back_and_reported(ns: Netns) -> None:
+    config = Dataplane(mode="none", vip=True)
+    prefixes = (Prefix("192.0.2.1/32", "self", Attributes(), Attributes()),)
+    state = desired.dataplane(prefixes, [("10.0.0.2", 1)], config)
+
+    async def scenario() -> None:
+        dp = KernelDataplane(config, prefixes, netns=ns.name)
+        try:
+            assert await dp.set(state) == ("vip add 192.0.2.1/32",)
+            assert await dp.set(state) == ()
+            ns.run("ip", "addr", "del", "192.0.2.1/32", "dev", "lo")
+            assert await dp.set(state, verify=True) == ("vip add 192.0.2.1/32",)
+            assert "192.0.2.1/32" in addresses(ns)
+            assert await dp.set(state, verify=True) == ()
+            assert await dp.diagnostics() == {"mode": "none"}
+        finally:
+            await dp.close()
 
     asyncio.run(scenario())

@@ -25,10 +25,13 @@ from pathlib import Path
 import pytest
 
 from lab.netns import Netns, cleanup_prefix, veth
+from pop.adapters.dataplane import KernelDataplane
 from pop.adapters.ipvs import IpvsTable, normalize_service, service_key
 from pop.adapters.routes import DataplaneError
 from pop.adapters.vip import VipSet
-from pop.desired import RealServer, VirtualService
+from pop.config import Attributes, Dataplane, Prefix, ServicePort
+from pop.desired import DesiredState, RealServer, VirtualService
+from pop.desired import dataplane as desired_dataplane
 
 pytestmark = pytest.mark.kernel
 
@@ -354,5 +357,51 @@ def test_kernel_errors_are_dataplane_errors(vm: Vm) -> None:
             with pytest.raises(ValueError, match="outside the owned prefixes"):
                 await ipvs.set([VirtualService("udp", "198.51.100.9", 1)])
             assert await ipvs.read() == ()
+
+    asyncio.run(scenario())
+
+
+def test_dataplane_reload_adds_and_removes_a_prefix_and_repairs_deleted_services(vm: Vm) -> None:
+    ns = vm.director
+    config = Dataplane(mode="ipvs", forward="nat", services=(ServicePort("udp", UDP_PORT),))
+    servers = [f"10.81.{i}.2" for i in range(SERVERS)]
+    one = (Prefix(f"{VIP}/32", "self", Attributes(), Attributes()),)
+    two = (*one, Prefix("203.0.113.21/32", "self", Attributes(), Attributes()))
+    udp = f"udp/{VIP}:{UDP_PORT}"
+
+    def state(prefixes: tuple[Prefix, ...], *members: int) -> DesiredState:
+        return desired_dataplane(prefixes, [(servers[i], 1) for i in members], config)
+
+    async def scenario() -> None:
+        dp = KernelDataplane(config, one, netns=ns.name, servers=servers)
+        try:
+            # the fixture's VIP (same protocol mark) is adopted, not re-added
+            assert await dp.set(state(one, 0, 1)) == (
+                f"ipvs add-service {udp} mh", f"ipvs add-real {udp} 10.81.0.2", f"ipvs add-real {udp} 10.81.1.2")
+            assert await dp.set(state(one, 0, 1)) == ()
+
+            ns.run("ipvsadm", "-D", "-u", f"{VIP}:{UDP_PORT}")
+            assert await dp.set(state(one, 0, 1), verify=True) == (
+                f"ipvs add-service {udp} mh", f"ipvs add-real {udp} 10.81.0.2", f"ipvs add-real {udp} 10.81.1.2")
+            ns.run("ipvsadm", "-d", "-u", f"{VIP}:{UDP_PORT}", "-r", f"10.81.1.2:{UDP_PORT}")
+            assert await dp.set(state(one, 0, 1), verify=True) == (f"ipvs add-real {udp} 10.81.1.2",)
+            answers = vm.ask("udp", flows(26000, CLIENT_IPS[:16]))
+            assert set(answers.values()) == {"s0", "s1"}, answers
+
+            # a reload adds a prefix (and a server): no ValueError, the new service appears
+            dp.reconfigure(config, two, servers)
+            new = f"udp/203.0.113.21:{UDP_PORT}"
+            assert await dp.set(state(two, 0, 1, 2)) == (
+                "vip add 203.0.113.21/32", f"ipvs add-service {new} mh",
+                f"ipvs add-real {udp} 10.81.2.2", f"ipvs add-real {new} 10.81.0.2",
+                f"ipvs add-real {new} 10.81.1.2", f"ipvs add-real {new} 10.81.2.2")
+            # and removes it again: its service and VIP go, the first one's stay
+            dp.reconfigure(config, one, servers)
+            assert await dp.set(state(one, 0, 1, 2)) == ("vip delete 203.0.113.21/32", f"ipvs del-service {new}")
+            assert "203.0.113.21" not in ipvsadm(ns) and f"{VIP}:{UDP_PORT}" in ipvsadm(ns)
+            assert await dp.set(state(one, 0, 1, 2), verify=True) == ()
+            await dp.set(DesiredState())
+        finally:
+            await dp.close()
 
     asyncio.run(scenario())
