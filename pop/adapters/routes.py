@@ -391,7 +391,10 @@ class RouteTable(NetlinkAdapter):
         return tuple(changes)
 
     def _table_text(self) -> str:
-        return "" if self.table == 254 else f" table {self.table:#x}" if self.table > 0xFFFF else f" table {self.table}"
+        """Nothing for main; pin tables (0x504f....) read better in hex, as their marks."""
+        if self.table == 254:
+            return ""
+        return f" table {self.table:#x}" if self.table > 0xFFFF else f" table {self.table}"
 
     async def diagnostics(self) -> RouteDiagnostics:
         policies = []
