@@ -78,4 +78,6 @@ def degraded(health: Mapping[str, ServerHealth], tiers: Mapping[str, Mapping[str
 
 
 def _new(tiers: Mapping[str, TierState]) -> bool:
-    return bool(tiers) and all(t.state in (State.INIT, State.RISING) and t.failures == 0 for t in tiers.values())
+    # some tiers may have risen already (TCP answers before the handshake is confirmed)
+    return bool(tiers) and all(t.state in (State.INIT, State.RISING, State.UP) and t.failures == 0
+                               for t in tiers.values())

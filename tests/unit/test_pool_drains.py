@@ -71,6 +71,8 @@ def test_a_new_server_rising_for_the_first_time_does_not_degrade_the_pop() -> No
     fell = TierState(State.RISING, streak=1, successes=3, failures=1)
     health = {"a": UP, "b": ServerHealth(State.RISING, "tcp", "ok 1/3")}
     assert not pool.degraded(health, {"a": {"tcp": TierState(State.UP)}, "b": {"tcp": rising}})
+    assert not pool.degraded(health, {"a": {"tcp": TierState(State.UP)},
+                                      "b": {"tcp": TierState(State.UP, successes=3), "wireguard": rising}})
     assert pool.degraded(health, {"a": {"tcp": TierState(State.UP)}, "b": {"tcp": fell}})
     assert pool.degraded({"a": UP, "b": DOWN}, {"b": {"tcp": TierState(State.DOWN, last=CheckResult(ok=False),
                                                                         failures=1)}})
