@@ -44,7 +44,8 @@ from pop.adapters.routes import DataplaneError
 from pop.checks import cascade
 from pop.config import Config, load
 from pop.desired import Announcement, DesiredState
-from pop.engine import Engine, Event
+from pop.engine import Engine
+from pop.snapshot import Event
 from tests.kernel.inner.test_ipvs_inner import CLIENT_IPS, SERVER, TCP_PORT, UDP_PORT, _require_ipvs, ipvsadm
 
 pytestmark = pytest.mark.kernel
@@ -482,4 +483,4 @@ def test_all_servers_dead_withdraw_first_then_the_dataplane_after_the_dwell(lab:
     lab.wait_for(f"{VIP} off lo", lambda: f"{VIP}/" not in lab.director.run(
         "ip", "-o", "addr", "show", "dev", "lo").stdout)
     assert not lab.engine.speaker.announced()
-    assert lab.engine.call(lambda e: e.dataplane_error) == ""
+    assert lab.engine.call(lambda e: e.applier.status().dataplane_error) == ""
