@@ -112,8 +112,11 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
     # stale heartbeat of an engine that died
     _beat(config)
     _write_pid(config)
-    heartbeat = asyncio.create_task(_heartbeat(config), name="heartbeat")
-    runner = await _status_endpoint(config, engine, speaker)
+    background = [asyncio.create_task(_heartbeat(config), name="heartbeat")]
+    diagnostics: dict[str, object] = {}  # the kernel's view of the data plane, for /status
+    if dataplane is not None:
+        background.append(asyncio.create_task(_diagnose(dataplane, diagnostics, errors), name="diagnostics"))
+    runner = await _status_endpoint(config, engine, speaker, diagnostics)
     code = 0
     reading = asyncio.create_task(speaker.read_forever(), name="exabgp reader")
     try:
@@ -146,7 +149,8 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
         code = 1
     finally:
         reading.cancel()
-        heartbeat.cancel()
+        for task in background:
+            task.cancel()
         if dataplane is not None:
             await dataplane.close()
         if runner is not None:
@@ -156,6 +160,17 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
         with contextlib.suppress(OSError):
             engine_heartbeat(config).unlink()
     return code
+
+
+async def _diagnose(dataplane: KernelDataplane, into: dict[str, object],
+                    errors: tuple[type[Exception], ...]) -> None:
+    """Keep the kernel's own view (e.g. the multipath hash policy) fresh for /status."""
+    while True:
+        try:
+            into.update(await dataplane.diagnostics())
+        except errors as exc:
+            into.update({"error": str(exc)})
+        await asyncio.sleep(2.0)
 
 
 def _channel_error(failure: BaseException) -> ChannelError | None:
@@ -219,13 +234,15 @@ def _save_handover(path: Path, routes: tuple[Announcement, ...]) -> None:
         log.error("handover.unsaved path=%s error=%s: a respawned engine would withdraw first", path, exc.strerror)
 
 
-async def _status_endpoint(config: Config, engine: Engine, speaker: ExaBgpSpeaker) -> web.AppRunner | None:
+async def _status_endpoint(config: Config, engine: Engine, speaker: ExaBgpSpeaker,
+                           diagnostics: dict[str, object]) -> web.AppRunner | None:
     if not config.status.enabled:
         return None
 
     def extra() -> dict[str, object]:
         return {"sessions": {peer: view.state for peer, view in speaker.peers.items()},
-                "exabgp_command_errors": speaker.errors, "exabgp_unparsed_messages": speaker.unparsed}
+                "exabgp_command_errors": speaker.errors, "exabgp_unparsed_messages": speaker.unparsed,
+                "dataplane": diagnostics or None}
 
     runner = web.AppRunner(make_app(lambda: engine.snapshot(extra()), engine), access_log=None)
     await runner.setup()

@@ -86,11 +86,11 @@ def to_json(snap: Snapshot) -> dict[str, Any]:
             for s in snap.servers
         ],
         "apply": _apply(snap),
-        "dataplane": _dataplane(snap),
+        "dataplane": {**_dataplane(snap), "diagnostics": snap.extra.get("dataplane")},
         "bgp": {
             "desired": [_announcement(a) for a in snap.desired],
             "announced": [_announcement(a) for a in snap.announced],
-            **snap.extra,
+            **{k: v for k, v in snap.extra.items() if k != "dataplane"},
         },
         "events": [
             {"time": round(e.wall, 3), "ago_seconds": round(now_wall - e.wall, 3), "kind": e.kind,

@@ -6,7 +6,9 @@
 pop1 announces 198.51.100.1/32 to r1 and programs a multipath route for it via the healthy
 servers (its own table slice, protocol 200). Each server holds the VIP on lo and answers
 TCP :8080 on it with its own name. Flows from the client spread over both servers; when s1
-dies, the engine takes it out of the route and every new flow lands on s2.
+dies, the engine takes it out of the route and every new flow lands on s2. A route changed
+behind pop's back is repaired by the next read-back; an operator drain withdraws first and
+removes the route `withdraw_dwell` later.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def test_ecmp_mode_spreads_flows_and_drops_a_dead_server(netns_factory: NsFactor
         "prefixes": [f"{VIP}/32"],
         "servers": [{"name": "s1", "address": "10.1.1.2"}, {"name": "s2", "address": "10.1.2.2"}],
         "checks": {"l4": {"port": 443}},
-        "dataplane": {"mode": "ecmp", "hash_policy": 1, "withdraw_dwell": 0.5},
+        "dataplane": {"mode": "ecmp", "hash_policy": 1, "withdraw_dwell": 0.5, "verify_interval": 0.5},
     }, tmp_path / "pop1")
     pop.start()
     try:
@@ -93,6 +95,23 @@ def test_ecmp_mode_spreads_flows_and_drops_a_dead_server(netns_factory: NsFactor
             assert pop_ns.run("sysctl", "-n", "net.ipv4.fib_multipath_hash_policy").stdout.strip() == "1"
             spread = flows(client, 60)
             assert spread["s1"] >= 10 and spread["s2"] >= 10, spread  # L4 hashing spreads one client's flows
+            # the kernel's own view, read back every 2 s: the policy pop set
+            status = pop.wait_status(lambda s: (s["dataplane"]["diagnostics"] or {}).get("hash_policy", {})
+                                     .get("ipv4") == 1, timeout=5)
+            assert status["dataplane"]["diagnostics"]["l4_hashing"] is True
+
+            # drift: somebody deletes pop's route, then narrows it to one server; read-back repairs both
+            both = frozenset({"10.1.1.2", "10.1.2.2"})
+            for damage in (("ip", "route", "del", f"{VIP}/32"),
+                           ("ip", "route", "replace", f"{VIP}/32", "via", "10.1.1.2", "proto", "200")):
+                repairs = pop.status()["apply"]["repairs"]
+                pop_ns.run(*damage)
+                broken = time.monotonic()
+                at = at_pop.wait_for(lambda hops: hops == both, timeout=10, since=broken)
+                print(f"\nMEASURED {damage[2]} behind pop's back -> repaired: {(at - broken) * 1000:.0f} ms")
+                assert pop.wait_status(lambda s, n=repairs: s["apply"]["repairs"] > n, timeout=5)["apply"]["ok"]
+            assert "dataplane.repaired" in pop.log_tail(200)
+            assert at_router.nexthops == frozenset({"10.0.1.2"})  # BGP never moved
 
             # s1 dies: it leaves the multipath route, the PoP stays announced, new flows all go to s2
             _, health, whoami = services[1]
@@ -104,8 +123,9 @@ def test_ecmp_mode_spreads_flows_and_drops_a_dead_server(netns_factory: NsFactor
             assert flows(client, 30) == collections.Counter({"s2": 30})
             assert at_router.nexthops == frozenset({"10.0.1.2"})
 
-            # the last server dies: BGP withdraws first, the route toward the servers goes after the dwell
-            services[2][1].stop()
+            # an operator drain with s2 alive: BGP withdraws first; the route toward s2 stays for the
+            # dwell (traffic still on its way is delivered), then goes
+            pop.post("/drain")
             gone = at_router.wait_for(lambda hops: not hops, timeout=10, since=time.monotonic())
             torn = at_pop.wait_for(lambda hops: not hops, timeout=10, since=gone)
             assert torn - gone >= 0.4, (gone, torn)
