@@ -19,16 +19,17 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 
 from pop import desired as plan
-from pop import drains, hysteresis, load, pool, verdict
+from pop import drains, load, pool, snapshot, verdict
 from pop.adminstate import AdminState, ServerDrainRecord
 from pop.applier import Applier, Dataplane, DataplaneFailure, Speaker
 from pop.checks.base import Check, CheckResult
 from pop.config import Config
 from pop.desired import Announcement, DesiredState
 from pop.drains import ServerDrain
+from pop.health import Health
 from pop.hysteresis import Policy, ServerHealth, TierState
 from pop.probes import Probes
-from pop.snapshot import Event, ServerSnapshot, Snapshot
+from pop.snapshot import Event, Snapshot
 from pop.verdict import Verdict, VerdictPolicy
 
 __all__ = ["DataplaneFailure", "Engine"]
@@ -61,7 +62,7 @@ class Engine:
         self.events: collections.deque[Event] = collections.deque(maxlen=200)
         self._wake_timer = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
-        self._configure(config, checks, {})
+        self._configure(config, checks)
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -72,14 +73,11 @@ class Engine:
         """One clock for the engine, its applier and its probes (tests hand in the loop's)."""
         self._clock = self.applier.clock = self.probes.clock = clock
 
-    def _configure(self, config: Config, checks: Checks, tiers: dict[str, dict[str, TierState]]) -> None:
+    def _configure(self, config: Config, checks: Checks) -> None:
         self.config = config
         self.checks = checks
-        self.tiers = {s.name: {c.name: tiers.get(s.name, {}).get(c.name, TierState(since=self.clock()))
-                               for c, _ in checks.get(s.name, ())} for s in config.servers}
-        self.health: dict[str, ServerHealth] = {
-            s.name: hysteresis.combine(self.tiers[s.name], s.enabled) for s in config.servers}
-        self._policies = {(name, c.name): p for name, pairs in checks.items() for c, p in pairs}
+        policies = {name: {c.name: p for c, p in pairs} for name, pairs in checks.items()}
+        self.board = Health(config.servers, policies, self.clock(), getattr(self, "board", None))
         self._servers = tuple(pool.Server(s.name, s.address, s.weight) for s in config.servers)
         self._enabled = [s.name for s in config.servers if s.enabled]
         self._verdict_policy = VerdictPolicy(config.pool.low_watermark, config.pool.high_watermark,
@@ -87,31 +85,32 @@ class Engine:
         self.server_drains = {n: d for n, d in self.server_drains.items() if n in self.health}
         self.pool = pool.view(self._servers, self.health, self.server_drains)
 
+    @property
+    def tiers(self) -> dict[str, dict[str, TierState]]:
+        return self.board.tiers
+
+    @property
+    def health(self) -> dict[str, ServerHealth]:
+        return self.board.servers
+
     # --- decisions -------------------------------------------------------------------------
 
     def observe(self, server: str, tier: str, result: CheckResult) -> None:
         """Fold one check result in; re-decide if the server's health changed."""
-        if tier not in self.tiers.get(server, {}):
+        moved = self.board.fold(server, tier, result, self.clock())
+        if moved is None:
             return  # the server or its tier went away in a reload
-        old = self.tiers[server][tier]
-        new = self.tiers[server][tier] = hysteresis.step(old, result, self._policies[(server, tier)], self.clock())
-        if new.state is not old.state:
+        (old, new), (before, after) = moved.tier, moved.server
+        if moved.tier_state:
             log.info("server.tier server=%s tier=%s %s->%s reason=%s", server, tier, old.state.value,
                      new.state.value, new.reason)
             self.probes.wake(server)  # one tier changing speeds up the others
-        self._fold(server)
-
-    def _fold(self, server: str) -> None:
-        enabled = next(s.enabled for s in self.config.servers if s.name == server)
-        health = hysteresis.combine(self.tiers[server], enabled)
-        previous = self.health[server]
-        if health != previous:
-            self.health[server] = health
-            if health.state is not previous.state:
-                log.info("server.%s server=%s tier=%s reason=%s", health.state.value, server, health.tier or "-",
-                         health.reason)
-                self._record("server", server, previous.state.value, health.state.value,
-                             f"{health.tier}: {health.reason}" if health.tier else health.reason)
+        if moved.server_state:
+            log.info("server.%s server=%s tier=%s reason=%s", after.state.value, server, after.tier or "-",
+                     after.reason)
+            self._record("server", server, before.state.value, after.state.value,
+                         f"{after.tier}: {after.reason}" if after.tier else after.reason)
+        if after != before:
             self.reevaluate()
 
     def reevaluate(self) -> None:
@@ -145,11 +144,7 @@ class Engine:
         """Start from one probe round while ExaBGP still holds the previous engine's routes:
         seed every tier from its result, and keep announcing if the pool passes."""
         now = self.clock()
-        for (server, tier), result in results.items():
-            if tier in self.tiers.get(server, {}):
-                self.tiers[server][tier] = hysteresis.seed(result, now)
-        for server in self._enabled:
-            self.health[server] = hysteresis.combine(self.tiers[server])
+        self.board.seed(results, now)
         self.pool = pool.view(self._servers, self.health, self.server_drains)
         self.verdict = verdict.adopt(self.verdict, self.pool, self._verdict_policy, now)
         log.info("engine.adopt announce=%s reason=%s", self.verdict.announce, self.verdict.reason)
@@ -255,18 +250,13 @@ class Engine:
     def reload(self, config: Config, checks: Checks) -> None:
         """Take a new configuration without losing health state or flapping routes.
 
-        A server whose identity (address, ports, keys) is unchanged keeps the state of every
-        tier it still has; a new or changed server starts from INIT like at start-up. Probes
-        of the old configuration, in flight or not, are cancelled and their results dropped.
-        The verdict is kept, so unchanged prefixes stay announced; the applier is
-        reconfigured and sends only what differs.
+        Servers whose identity is unchanged keep their state (pop.health); probes of the old
+        configuration, in flight or not, are cancelled and their results dropped. The verdict
+        is kept, so unchanged prefixes stay announced; the applier is reconfigured and sends
+        only what differs.
         """
-        old = {s.name: s for s in self.config.servers}
-        kept = {s.name: self.tiers[s.name] for s in config.servers if s.name in old
-                and (old[s.name].address, old[s.name].port, old[s.name].wireguard)
-                == (s.address, s.port, s.wireguard)}
         self.probes.stop()
-        self._configure(config, checks, kept)
+        self._configure(config, checks)
         self.applier.reconfigure(config)
         self._record("admin", config.name, "", "reloaded", f"configuration reloaded from {config.source}")
         log.info("engine.reloaded servers=%d prefixes=%d", len(config.servers), len(config.prefixes))
@@ -275,8 +265,7 @@ class Engine:
         self.reevaluate()
 
     def _pace(self, server: str, tier: str) -> float:
-        return hysteresis.interval(self.tiers[server][tier], self._policies[(server, tier)],
-                                   self.tiers[server].values())
+        return self.board.pace(server, tier)  # the board is replaced on reload: look it up each time
 
     async def _timer(self) -> None:
         """Re-decide when a hold-down expires (nothing else would wake the verdict then)."""
@@ -316,15 +305,10 @@ class Engine:
     # --- introspection ---------------------------------------------------------------------
 
     def snapshot(self, extra: Mapping[str, object] | None = None) -> Snapshot:
-        servers = tuple(
-            ServerSnapshot(s.name, s.address, s.weight, self.health[s.name], dict(self.tiers[s.name]),
-                           self.server_drains.get(s.name),
-                           pool.in_pool(self.health[s.name], self.server_drains.get(s.name)))
-            for s in self.config.servers)
-        return Snapshot(pop=self.config.name, at=self.clock(), started=self.started, verdict=self.verdict,
-                        pool=self.pool, degraded=pool.degraded(self.health, self.tiers) and self.verdict.announce,
-                        servers=servers, desired=self.desired, announced=self.speaker.announced(),
-                        events=tuple(self.events), apply=self.applier.status(), extra=dict(extra or {}))
+        return snapshot.build(self.config, now=self.clock(), started=self.started, verdict=self.verdict,
+                              pool_view=self.pool, board=self.board, drains=self.server_drains,
+                              announced=self.speaker.announced(), events=tuple(self.events),
+                              applier=self.applier, extra=extra or {})
 
 
 def _word(announce: bool) -> str:

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pop.applier import ApplyStatus
+from pop import pool
+from pop.applier import Applier, ApplyStatus
+from pop.config import Config
 from pop.desired import Announcement
 from pop.drains import ServerDrain
+from pop.health import Health
 from pop.hysteresis import ServerHealth, TierState
 from pop.verdict import PoolView, Verdict
 
@@ -50,3 +53,17 @@ class Snapshot:
     events: tuple[Event, ...]
     apply: ApplyStatus = field(default_factory=ApplyStatus)
     extra: Mapping[str, object] = field(default_factory=dict)
+
+
+def build(config: Config, *, now: float, started: float, verdict: Verdict, pool_view: PoolView, board: Health,
+          drains: Mapping[str, ServerDrain], announced: tuple[Announcement, ...], events: tuple[Event, ...],
+          applier: Applier, extra: Mapping[str, object]) -> Snapshot:
+    """The engine's picture, assembled from its parts (read-only)."""
+    servers = tuple(
+        ServerSnapshot(s.name, s.address, s.weight, board.servers[s.name], dict(board.tiers[s.name]),
+                       drains.get(s.name), pool.in_pool(board.servers[s.name], drains.get(s.name)))
+        for s in config.servers)
+    return Snapshot(pop=config.name, at=now, started=started, verdict=verdict, pool=pool_view,
+                    degraded=pool.degraded(board.servers, board.tiers) and verdict.announce, servers=servers,
+                    desired=applier.desired.announcements, announced=announced, events=events,
+                    apply=applier.status(), extra=dict(extra))
