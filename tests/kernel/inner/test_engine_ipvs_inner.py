@@ -3,7 +3,7 @@ started by tests/kernel/test_engine_ipvs.py. In the guest, a missing IPVS is a f
 
 The `Engine` runs in-process on its own event loop, in a thread that joined the director
 (PoP) namespace, with the real `KernelDataplane` (VIP on lo, IPVS NAT services udp/51820 and
-tcp/1194), the real L4 checks (TCP connect to each server's service port) and a fake BGP
+tcp/1194), the real L4 checks (TCP connect to each server's service port) and a BGP
 speaker that looks at the kernel itself whenever the engine announces or withdraws. Real
 UDP and TCP flows from 64 client addresses go through the director's IPVS into three server
 namespaces that answer with their name (the server of tests/kernel/inner/test_ipvs_inner.py):
@@ -13,8 +13,12 @@ namespaces that answer with their name (the server of tests/kernel/inner/test_ip
 The tests share one setup and run in order, each building on the state the previous left:
 all servers take flows; s0 dies and leaves IPVS; s2 is drained (weight 0, its flows stay,
 new ones avoid it, it leaves once its connections are gone); s2 (undrained) and s0
-(restarted) take new flows again; all die and the PoP withdraws before the data plane goes,
-`withdraw_dwell` later.
+(restarted) take new flows again; drained by the operator, the PoP withdraws and keeps serving
+through the dwell, and s1, dying during it, leaves IPVS at once (issue 8, defect 13); all die
+and the PoP withdraws before the data plane goes, `withdraw_dwell` later.
+
+The BGP side is pop's real ExaBgpSpeaker on a socket to a fake ExaBGP that acknowledges every
+command and keeps it (`FakeExaBgp`), so tests count the commands pop really sends.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from typing import TypeVar
 import pytest
 
 from lab.netns import Netns, cleanup_prefix, veth
+from pop.adapters.bgp import ExaBgpSpeaker
 from pop.adapters.dataplane import KernelDataplane
 from pop.adapters.routes import DataplaneError
 from pop.checks import cascade
@@ -53,8 +58,11 @@ pytestmark = pytest.mark.kernel
 T = TypeVar("T")
 VIP = "203.0.113.30"
 NAMES = ("s0", "s1", "s2")
-ADDRESS = {name: f"10.81.{i}.2" for i, name in enumerate(NAMES)}
+ADDRESS = {f"s{i}": f"10.81.{i}.2" for i in range(4)}  # s3: for the reload scenario
 WITHDRAW_DWELL = 3.0
+# The dwell of the step where a server dies during it: long enough, in the emulated guest, to
+# see the server leave (about 0.6 s) and to open new flows (a few seconds) before the teardown.
+LONG_DWELL = 12.0
 # IPVS's own UDP idle timeout in the director (default 300 s): a drained server's UDP flows
 # must be able to end within the test. TCP needs nothing: a client RST puts its entry in
 # CLOSE, which IPVS expires after 10 s.
@@ -63,64 +71,97 @@ IPVS_UDP_TIMEOUT = 15
 SLOW = 60.0
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
-CONFIG = f"""
+
+def pop_config(servers: Sequence[str] = NAMES, vips: Sequence[str] = (VIP,),
+               withdraw_dwell: float = WITHDRAW_DWELL) -> Config:
+    """The director's configuration: ipvs mode, NAT, udp and tcp services on every VIP."""
+    text = f"""
 pop: {{name: vm1, asn: 65101, router_id: 192.0.2.1}}
 neighbors: [{{address: 10.80.0.1, peer_as: 65000}}]
-prefixes: [{VIP}/32]
-servers: [{", ".join(f"{{name: {n}, address: {a}}}" for n, a in ADDRESS.items())}]
+prefixes: [{", ".join(f"{vip}/32" for vip in vips)}]
+servers: [{", ".join(f"{{name: {n}, address: {ADDRESS[n]}}}" for n in servers)}]
 checks: {{l4: {{port: {TCP_PORT}, interval: 0.5, fast_interval: 0.25, timeout: 1.0, rise: 2, fall: 3,
               fall_definitive: 1}}}}
-# announce only with all three up; stay announced down to one of three (s0 dead, s2 drained)
+# announce only with all servers up; stay announced down to one of three (s0 dead, s2 drained)
 pool: {{low_watermark: 0.3, high_watermark: 1.0, hold_down: 0.5}}
 dataplane:
   mode: ipvs
   forward: nat
   services: [{{protocol: udp, port: {UDP_PORT}}}, {{protocol: tcp, port: {TCP_PORT}}}]
-  withdraw_dwell: {WITHDRAW_DWELL}
+  withdraw_dwell: {withdraw_dwell}
   drain_timeout: 600  # the drain must end because the connections are gone, not by time
 """
+    return load(text, "engine-ipvs.yaml")
 
 
-# --- the fake BGP speaker and the engine thread ----------------------------------------------
+# --- the BGP speaker on a fake ExaBGP, and the engine thread -----------------------------------
 
 
-def dataplane_problem(seen: DesiredState, *, need_reals: bool) -> str:
-    """What is missing in the kernel for the VIP to be served ("" when nothing)."""
-    if f"{VIP}/32" not in seen.vips:
-        return f"no {VIP}/32 on lo"
-    services = {(s.protocol, s.port): s for s in seen.services if s.address == VIP}
-    for key in (("udp", UDP_PORT), ("tcp", TCP_PORT)):
-        if key not in services:
-            return f"no IPVS service {key}"
-        if need_reals and not any(r.weight > 0 for r in services[key].reals):
-            return f"IPVS service {key} has no real server taking new flows"
+def dataplane_problem(seen: DesiredState, prefixes: Sequence[str], *, need_reals: bool) -> str:
+    """What is missing in the kernel for these prefixes' VIPs to be served ("" when nothing)."""
+    for prefix in prefixes:
+        vip = prefix.split("/")[0]
+        if prefix not in seen.vips:
+            return f"no {prefix} on lo"
+        services = {(s.protocol, s.port): s for s in seen.services if s.address == vip}
+        for key in (("udp", UDP_PORT), ("tcp", TCP_PORT)):
+            if key not in services:
+                return f"no IPVS service {vip} {key}"
+            if need_reals and not any(r.weight > 0 for r in services[key].reals):
+                return f"IPVS service {vip} {key} has no real server taking new flows"
     return ""
 
 
-class KernelWitnessSpeaker:
-    """A fake BGP session that reads the kernel (its own sockets) at every announce and withdraw:
-    an announce onto a missing data plane, or a data plane gone before the withdraw, fails the
-    engine (the exception propagates out of Engine.run)."""
+class FakeExaBgp:
+    """ExaBGP's end of the API channel: answers `done` to every command and keeps it, so a
+    test counts the announce and withdraw commands pop really sent (no BGP session behind)."""
 
-    def __init__(self, kernel: KernelDataplane) -> None:
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            self.commands.append(line.decode().rstrip("\n"))
+            writer.write(b"done\n")
+            await writer.drain()
+
+    def count(self, prefix: str, since: int = 0) -> int:
+        """Commands about `prefix` (announce or withdraw) from the `since`-th on."""
+        return sum(f" route {prefix} " in command for command in self.commands[since:])
+
+
+class KernelWitnessSpeaker:
+    """pop's real ExaBgpSpeaker, with a witness in front that reads the kernel (its own
+    sockets) at every announce and withdraw: an announce onto a missing data plane, or a data
+    plane gone before the withdraw, fails the engine (the exception propagates out of
+    Engine.run)."""
+
+    def __init__(self, kernel: KernelDataplane, bgp: ExaBgpSpeaker) -> None:
         self.kernel = kernel
+        self.bgp = bgp
         self.log: list[tuple[float, tuple[str, ...]]] = []  # (time.monotonic(), prefixes)
-        self._announced: tuple[Announcement, ...] = ()
+        self.passes = 0  # set() calls: one per applier pass
 
     async def set(self, announcements: Sequence[Announcement], *, force: bool = False) -> None:
-        if announcements or self._announced:
+        self.passes += 1
+        wanted = tuple(a.prefix for a in announcements)
+        leaving = [a.prefix for a in self.bgp.announced() if a.prefix not in wanted]
+        if announcements or leaving:
             seen = await self.kernel.read()
-            problem = dataplane_problem(seen, need_reals=bool(announcements))
+            problem = (dataplane_problem(seen, wanted, need_reals=True)
+                       or dataplane_problem(seen, leaving, need_reals=False))
             action = "announce" if announcements else "withdraw"
             assert not problem, f"{action} while the kernel lacks the data plane: {problem}; kernel: {seen}"
-            self.log.append((time.monotonic(), tuple(a.prefix for a in announcements)))
-        self._announced = tuple(announcements)
+            if self.bgp.announced() != tuple(announcements) or force:
+                self.log.append((time.monotonic(), wanted))
+        await self.bgp.set(announcements, force=force)
 
     def announced(self) -> tuple[Announcement, ...]:
-        return self._announced
+        return self.bgp.announced()
 
     def withdrawn_at(self) -> float | None:
-        return next((at for at, prefixes in reversed(self.log) if not prefixes), None)
+        """When the last withdraw was sent, while nothing is announced since (None otherwise)."""
+        return self.log[-1][0] if self.log and not self.log[-1][1] else None
 
 
 class EngineThread:
@@ -131,11 +172,13 @@ class EngineThread:
         self.config = config
         self.director = director
         self.error: BaseException | None = None
+        self.exabgp = FakeExaBgp()
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._engine: Engine | None = None
         self._speaker: KernelWitnessSpeaker | None = None
+        self._witness: KernelDataplane | None = None
         self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -157,23 +200,31 @@ class EngineThread:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         ns = self.director.name
+        engine_end, exabgp_end = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=engine_end)
+        exabgp_reader, exabgp_writer = await asyncio.open_connection(sock=exabgp_end)
+        bgp = ExaBgpSpeaker(self.config, reader, writer)
         dataplane = KernelDataplane(self.config.dataplane, self.config.prefixes, netns=ns)
-        witness = KernelDataplane(self.config.dataplane, self.config.prefixes, netns=ns)
-        self._speaker = KernelWitnessSpeaker(witness)
+        witness = self._witness = KernelDataplane(self.config.dataplane, self.config.prefixes, netns=ns)
+        self._speaker = KernelWitnessSpeaker(witness, bgp)
         self._engine = Engine(self.config, self._speaker, cascade.build(self.config), dataplane=dataplane,
                               dataplane_errors=(DataplaneError,))
         self._ready.set()
-        run = asyncio.create_task(self._engine.run(), name="engine")
+        tasks = {asyncio.create_task(self._engine.run(), name="engine"),
+                 asyncio.create_task(bgp.read_forever(), name="acks"),
+                 asyncio.create_task(self.exabgp.serve(exabgp_reader, exabgp_writer), name="fake ExaBGP")}
         stop = asyncio.create_task(self._stop.wait())
         try:
-            await asyncio.wait({run, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if run.done():
-                run.result()  # the engine's failure, or a RuntimeError: it must not end by itself
-                raise RuntimeError("Engine.run() returned")
+            done, _ = await asyncio.wait({*tasks, stop}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {stop}:
+                task.result()  # the engine's failure, or a RuntimeError: none may end by itself
+                raise RuntimeError(f"{task.get_name()} ended")
         finally:
-            for task in (run, stop):
+            for task in (*tasks, stop):
                 task.cancel()
-            await asyncio.gather(run, stop, return_exceptions=True)
+            await asyncio.gather(*tasks, stop, return_exceptions=True)
+            for end in (writer, exabgp_writer):
+                end.close()
             await dataplane.close()
             await witness.close()
 
@@ -195,6 +246,15 @@ class EngineThread:
 
         return asyncio.run_coroutine_threadsafe(on_loop(), self._loop).result(SLOW)
 
+    def reload(self, config: Config) -> None:
+        """What SIGHUP does (pop.service): the engine takes the new configuration and checks."""
+        def reload(engine: Engine) -> None:
+            assert self._witness is not None
+            engine.reload(config, cascade.build(config))
+            self._witness.reconfigure(config.dataplane, config.prefixes, [s.address for s in config.servers])
+
+        self.call(reload)
+
     @property
     def speaker(self) -> KernelWitnessSpeaker:
         assert self._speaker is not None
@@ -211,8 +271,8 @@ class EngineThread:
 Flows = dict[str, socket.socket]  # "client-ip:port" -> a connected socket
 
 
-def open_flows(client: Netns, kind: int, port: int) -> Flows:
-    """One socket per client address, from `port`, to the VIP's service of `kind`.
+def open_flows(client: Netns, kind: int, port: int, vip: str = VIP) -> Flows:
+    """One socket per client address, from `port`, to the service of `kind` on `vip`.
 
     TCP connects here (a refused or silent connect leaves the flow out: the caller counts
     answers, so a missing flow shows as a missing answer)."""
@@ -224,7 +284,7 @@ def open_flows(client: Netns, kind: int, port: int) -> Flows:
         sock.settimeout(5)
         sock.bind((ip, port))
         try:
-            sock.connect((VIP, UDP_PORT if kind == socket.SOCK_DGRAM else TCP_PORT))
+            sock.connect((vip, UDP_PORT if kind == socket.SOCK_DGRAM else TCP_PORT))
         except OSError:
             sock.close()
             continue
@@ -254,9 +314,9 @@ def ask(flows: Flows) -> dict[str, str | None]:
     return answers
 
 
-def new_flows(client: Netns, kind: int, port: int) -> dict[str, str | None]:
+def new_flows(client: Netns, kind: int, port: int, vip: str = VIP) -> dict[str, str | None]:
     """Fresh flows from every client address: which server each one reached."""
-    flows = open_flows(client, kind, port)
+    flows = open_flows(client, kind, port, vip)
     try:
         answers = ask(flows)
     finally:
@@ -288,16 +348,17 @@ class Lab:
     started: float  # time.monotonic() when the engine started
     logs: Path
     kept: dict[str, Flows] = field(default_factory=dict)
+    reached: dict[str, str | None] = field(default_factory=dict)  # kept flow -> the server it reached
 
-    def ipvs(self) -> dict[str, Reals]:
+    def ipvs(self, vip: str = VIP) -> dict[str, Reals]:
         """The director's IPVS as ipvsadm sees it (a witness independent of pop's adapter):
-        "udp"/"tcp" -> the VIP service's real servers."""
+        "udp"/"tcp" -> the real servers of `vip`'s service."""
         table: dict[str, Reals] = {}
         current: Reals | None = None
         for line in ipvsadm(self.director).splitlines():
             fields = line.split()
             if fields[:1] in (["UDP"], ["TCP"]):
-                current = table.setdefault(fields[0].lower(), {}) if fields[1].startswith(f"{VIP}:") else None
+                current = table.setdefault(fields[0].lower(), {}) if fields[1].startswith(f"{vip}:") else None
             elif fields[:1] == ["->"] and fields[1] != "RemoteAddress:Port" and current is not None:
                 current[fields[1].rsplit(":", 1)[0]] = (int(fields[3]), int(fields[4]), int(fields[5]))
         return table
@@ -314,6 +375,17 @@ class Lab:
                 raise AssertionError(f"no {what} after {timeout:.0f}s; last: {value!r}")
             time.sleep(pause)
 
+    def wait_withdrawn(self) -> float:
+        """When the engine withdrew (the speaker saw the kernel still serving then)."""
+        at = self.wait_for("withdraw", self.engine.speaker.withdrawn_at, timeout=SLOW, pause=0.05)
+        assert at is not None
+        return at
+
+    def wait_torn_down(self, dwell: float) -> float:
+        """When the VIP's IPVS services were gone (polled every 50 ms)."""
+        self.wait_for("the IPVS services torn down", lambda: not self.ipvs(), timeout=dwell + SLOW, pause=0.05)
+        return time.monotonic()
+
     def start(self, name: str) -> None:
         """The server answers UDP and TCP (the L4-checked port) with its name."""
         self.processes[name] = self.servers[name].popen(sys.executable, "-c", SERVER, name, str(UDP_PORT),
@@ -327,11 +399,13 @@ class Lab:
         return self.engine.call(lambda e: [ev for ev in e.events if ev.subject == subject and ev.new == new])
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+@contextlib.contextmanager
+def running_lab(logs: Path, config: Config, names: Sequence[str] = NAMES,
+                udp_timeout: int = IPVS_UDP_TIMEOUT) -> Iterator[Lab]:
+    """Client, director and one namespace per server of `names` (each server answering), and
+    the engine on `config`; all of it removed on the way out, failure or not."""
     _require_ipvs()
     logging.getLogger("pop").setLevel(logging.INFO)  # engine events in the report of a failure
-    logs = tmp_path_factory.mktemp("engine-ipvs")
     prefix = f"tei{os.getpid() % 100000}"
     made: list[Netns] = []
     engine: EngineThread | None = None
@@ -343,16 +417,17 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         client.run("ip", "-batch", "-", input="".join(f"addr add {ip}/24 dev eth0\n" for ip in CLIENT_IPS))
         client.run("ip", "route", "add", "default", "via", "10.80.0.1")
         director.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
-        director.run("ipvsadm", "--set", "0", "0", str(IPVS_UDP_TIMEOUT))  # 0: keep the TCP timeouts
+        director.run("ipvsadm", "--set", "0", "0", str(udp_timeout))  # 0: keep the TCP timeouts
         servers: dict[str, Netns] = {}
-        for i, name in enumerate(NAMES):
+        for name in names:
+            i = int(name[1:])
             ns = servers[name] = Netns(f"{prefix}{name}")
             made.append(ns)
             veth(director, f"sv{i}", f"10.81.{i}.1/24", ns, "eth0", f"{ADDRESS[name]}/24")
             ns.run("ip", "route", "add", "default", "via", f"10.81.{i}.1")
-        engine = EngineThread(load(CONFIG, "engine-ipvs.yaml"), director)
+        engine = EngineThread(config, director)
         lab = Lab(director, client, servers, {}, engine, time.monotonic(), logs)
-        for name in NAMES:
+        for name in names:
             lab.start(name)
         engine.start()
         yield lab
@@ -365,6 +440,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         for ns in reversed(made):
             ns.close()
         cleanup_prefix(prefix)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    with running_lab(tmp_path_factory.mktemp("engine-ipvs"), pop_config()) as lab:
+        yield lab
 
 
 def spread(answers: dict[str, str | None]) -> Counter[str | None]:
@@ -471,13 +552,53 @@ def test_an_undrained_and_a_recovered_server_take_new_flows_again(lab: Lab) -> N
     assert lab.engine.speaker.announced()
 
 
+def test_a_server_that_dies_during_the_withdraw_dwell_leaves_ipvs_before_the_teardown(lab: Lab) -> None:
+    # Issue 8, defect 13: the dwell is there so that traffic still in flight after the withdraw
+    # reaches a live server; a server dying during it must leave IPVS at once (mh would keep
+    # sending it new flows, refused), the others stay until the teardown.
+    lab.engine.reload(pop_config(withdraw_dwell=LONG_DWELL))
+    lab.engine.call(lambda e: e.drain())
+    withdrawn = lab.wait_withdrawn()
+    teardown = withdrawn + LONG_DWELL
+    table = lab.ipvs()
+    assert all(set(reals) == {ADDRESS[n] for n in NAMES} for reals in table.values()) and len(table) == 2, table
+
+    lab.kill("s1")
+    killed = time.monotonic()
+    lab.wait_for("s1 out of both IPVS services while the others stay, within the dwell",
+                 lambda: all(set(reals) == {ADDRESS["s0"], ADDRESS["s2"]} for reals in lab.ipvs().values())
+                 and len(lab.ipvs()) == 2,
+                 timeout=max(0.0, teardown - time.monotonic()), pause=0.05)
+    left = time.monotonic()
+    print(f"\nMEASURED server dies during the dwell -> leaves IPVS: {(left - killed) * 1000:.0f} ms, "
+          f"{teardown - left:.1f}s before the teardown")
+    for kind, port in ((socket.SOCK_DGRAM, 33000), (socket.SOCK_STREAM, 34000)):
+        counts = spread(new_flows(lab.client, kind, port))
+        assert None not in counts and counts["s1"] == 0, counts
+        assert counts["s0"] >= 10 and counts["s2"] >= 10, counts
+    assert time.monotonic() < teardown, f"the new flows took past the dwell ({LONG_DWELL}s): lengthen LONG_DWELL"
+    assert len(lab.ipvs()) == 2, "the services went before the dwell ended"
+
+    gone = lab.wait_torn_down(LONG_DWELL)
+    assert gone - withdrawn >= LONG_DWELL, (withdrawn, gone)
+    assert not lab.engine.speaker.announced()
+
+    # back to three servers announced, on the short dwell, for the last step
+    lab.engine.reload(pop_config())
+    lab.start("s1")
+    lab.engine.call(lambda e: e.undrain())
+    lab.wait_for("re-announced with all three in both services at weight 1",
+                 lambda: lab.engine.speaker.announced() and all(
+                     {a: r[0] for a, r in reals.items()} == {ADDRESS[n]: 1 for n in NAMES}
+                     for reals in lab.ipvs().values()))
+
+
 def test_all_servers_dead_withdraw_first_then_the_dataplane_after_the_dwell(lab: Lab) -> None:
     for name in NAMES:
         lab.kill(name)
-    withdrawn = lab.wait_for("withdraw", lab.engine.speaker.withdrawn_at, timeout=SLOW, pause=0.05)
+    withdrawn = lab.wait_withdrawn()
     # the speaker checked the kernel at the withdraw: VIP and services were still there
-    gone = lab.wait_for("the IPVS services torn down", lambda: not lab.ipvs() and time.monotonic(),
-                        timeout=WITHDRAW_DWELL + SLOW, pause=0.05)
+    gone = lab.wait_torn_down(WITHDRAW_DWELL)
     print(f"\nMEASURED withdraw -> IPVS services gone: {gone - withdrawn:.2f}s (withdraw_dwell {WITHDRAW_DWELL}s)")
     assert gone - withdrawn >= WITHDRAW_DWELL, (withdrawn, gone)
     lab.wait_for(f"{VIP} off lo", lambda: f"{VIP}/" not in lab.director.run(
