@@ -109,6 +109,7 @@ class Applier:
         self._withdrawn_at: float | None = None
         self._next_verify = self._next_reassert = 0.0  # set when run() starts
         self._status = ApplyStatus()
+        self.first_pass = asyncio.Event()  # set once the first pass has run (whatever its outcome)
 
     # --- what the engine calls -------------------------------------------------------------
 
@@ -118,6 +119,12 @@ class Applier:
             self._desired = state
             self._dirty = True
             self._wake.set()
+
+    def attach(self, dataplane: Dataplane, errors: tuple[type[Exception], ...]) -> None:
+        """The kernel's data plane, before run() (the engine process loads it after its start-up
+        round, so that a withdraw never waits for pyroute2 to import)."""
+        self.dataplane = dataplane
+        self.dataplane_errors = errors
 
     def reconfigure(self, config: Config) -> None:
         """A reload: rebuild what depends on the configuration; the next pass applies the rest."""
@@ -178,6 +185,7 @@ class Applier:
                 retry = self.clock() + self._backoff
                 self._backoff = min(self._backoff * 2, BACKOFF_MAX)
                 self._status = replace(self._status, retry_at=retry)
+            self.first_pass.set()
 
     def _due(self) -> float | None:
         """The next time a pass must run although nothing new was wanted."""

@@ -26,10 +26,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from aiohttp import web
 
 from pop import adminstate, handover, load
 from pop.adapters.bgp import ChannelError, ExaBgpSpeaker
@@ -38,9 +37,10 @@ from pop.config import Config, ConfigError
 from pop.desired import Announcement
 from pop.engine import Engine
 from pop.runner import HEARTBEAT_INTERVAL, engine_heartbeat, engine_pidfile, load_file, write_if_changed
-from pop.status import make_app
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from pop.adapters.dataplane import KernelDataplane
 
 log = logging.getLogger("pop.service")
@@ -91,16 +91,8 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
     reader, writer = await _open_channel(channel_fd)
     speaker = ExaBgpSpeaker(config, reader, writer)
     runtime = Path(config.runtime_dir) / config.name
-    dataplane, errors = _dataplane(config)
-    engine = Engine(config, speaker, checks, dataplane=dataplane, dataplane_errors=errors,
+    engine = Engine(config, speaker, checks,
                     on_announced=lambda routes: _save_handover(runtime / handover.FILE_NAME, routes))
-    if dataplane is not None and config.dataplane.load_weights:
-        kernel = dataplane
-
-        async def connection_load() -> dict[str, float]:
-            return load.connection_factors(await kernel.connections(), engine.pool_weights())
-
-        engine.load_signal = connection_load
     _restore_drains(engine, runtime / adminstate.FILE_NAME, config)
     engine.on_admin_change = lambda: _save_drains(engine, runtime / adminstate.FILE_NAME)
     stop = asyncio.Event()
@@ -114,14 +106,22 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
     _write_pid(config)
     background = [asyncio.create_task(_heartbeat(config), name="heartbeat")]
     diagnostics: dict[str, object] = {}  # the kernel's view of the data plane, for /status
-    if dataplane is not None:
-        background.append(asyncio.create_task(_diagnose(dataplane, diagnostics, errors), name="diagnostics"))
-    runner = await _status_endpoint(config, engine, speaker, diagnostics)
+    dataplane: KernelDataplane | None = None
     code = 0
     reading = asyncio.create_task(speaker.read_forever(), name="exabgp reader")
+    # the status endpoint (aiohttp, prometheus_client: a third of the start-up's imports) comes
+    # after the applier's first pass: a respawned engine that must withdraw does so first
+    status = asyncio.create_task(_status_endpoint(config, engine, speaker, diagnostics), name="status")
     try:
         await speaker.refresh_sessions()  # ExaBGP reports changes only: learn the sessions as they are
         await _start(engine, speaker, config, runtime / handover.FILE_NAME)
+        # the kernel's adapters (pyroute2) load after the routers were told what the round found
+        dataplane, errors = _dataplane(config)
+        if dataplane is not None:
+            engine.applier.attach(dataplane, errors)
+            background.append(asyncio.create_task(_diagnose(dataplane, diagnostics, errors), name="diagnostics"))
+            if config.dataplane.load_weights:
+                engine.load_signal = _connection_load(dataplane, engine)
         log.info("engine.started pop=%s servers=%d prefixes=%d", config.name, len(config.servers),
                  len(config.prefixes))
         running = asyncio.create_task(engine.run(), name="engine")
@@ -153,7 +153,9 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
             task.cancel()
         if dataplane is not None:
             await dataplane.close()
-        if runner is not None:
+        if not status.done():
+            status.cancel()
+        elif not status.cancelled() and status.exception() is None and (runner := status.result()) is not None:
             await runner.cleanup()
         with contextlib.suppress(OSError):
             engine_pidfile(config).unlink()
@@ -171,6 +173,13 @@ async def _diagnose(dataplane: KernelDataplane, into: dict[str, object],
         except errors as exc:
             into.update({"error": str(exc)})
         await asyncio.sleep(2.0)
+
+
+def _connection_load(dataplane: KernelDataplane, engine: Engine) -> Callable[[], Awaitable[dict[str, float]]]:
+    async def factors() -> dict[str, float]:
+        return load.connection_factors(await dataplane.connections(), engine.pool_weights())
+
+    return factors
 
 
 def _channel_error(failure: BaseException) -> ChannelError | None:
@@ -209,7 +218,8 @@ async def _start(engine: Engine, speaker: ExaBgpSpeaker, config: Config, path: P
         return
     speaker.adopt(adopted)
     results = await engine.probes.round(engine.checks, [s.name for s in config.servers if s.enabled])
-    engine.adopt(results)  # if the pool fails, the applier's first pass withdraws at once
+    if not engine.adopt(results):
+        await speaker.withdraw_configured()  # at once: the servers under the route are gone
 
 
 def _read_handover(path: Path, config: Config) -> tuple[Announcement, ...]:
@@ -238,6 +248,10 @@ async def _status_endpoint(config: Config, engine: Engine, speaker: ExaBgpSpeake
                            diagnostics: dict[str, object]) -> web.AppRunner | None:
     if not config.status.enabled:
         return None
+    await engine.applier.first_pass.wait()
+    from aiohttp import web
+
+    from pop.status import make_app
 
     def extra() -> dict[str, object]:
         return {"sessions": {peer: view.state for peer, view in speaker.peers.items()},
@@ -246,7 +260,13 @@ async def _status_endpoint(config: Config, engine: Engine, speaker: ExaBgpSpeake
 
     runner = web.AppRunner(make_app(lambda: engine.snapshot(extra()), engine), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, config.status.listen, config.status.port, reuse_address=True).start()
+    try:
+        await web.TCPSite(runner, config.status.listen, config.status.port, reuse_address=True).start()
+    except OSError as exc:  # monitoring that cannot start is no reason to stop serving
+        log.error("status.failed address=%s port=%d error=%s", config.status.listen, config.status.port,
+                  exc.strerror or exc)
+        await runner.cleanup()
+        return None
     log.info("status.listening address=%s port=%d", config.status.listen, config.status.port)
     return runner
 
