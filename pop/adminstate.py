@@ -19,8 +19,11 @@ wrong; servers the configuration no longer has are dropped (and named in ``dropp
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from pop.drains import ServerDrain
 
 VERSION = 1
 FILE_NAME = "drains.json"
@@ -76,3 +79,14 @@ def parse(data: Any, servers: set[str]) -> AdminState:
         else:
             dropped.append(str(name))
     return AdminState(pop_drained, records, tuple(dropped))
+
+
+def record(pop_drained: bool, drains: Mapping[str, ServerDrain], wall: float, now: float) -> AdminState:
+    """The engine's drains with wall-clock times (``wall`` is time.time() at the engine's ``now``)."""
+    return AdminState(pop_drained, {name: ServerDrainRecord(wall - (now - d.since), d.done, d.reason)
+                                    for name, d in drains.items()})
+
+
+def restore(state: AdminState, wall: float, now: float) -> dict[str, ServerDrain]:
+    """The server drains of a saved state on the engine's monotonic clock (ages kept)."""
+    return {name: ServerDrain(now - max(0.0, wall - r.since), r.done, r.reason) for name, r in state.servers.items()}

@@ -18,9 +18,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 
+from pop import adminstate, drains, load, pool, snapshot, verdict
 from pop import desired as plan
-from pop import drains, load, pool, snapshot, verdict
-from pop.adminstate import AdminState, ServerDrainRecord
+from pop.adminstate import AdminState
 from pop.applier import Applier, Dataplane, DataplaneFailure, Speaker
 from pop.checks.base import Check, CheckResult
 from pop.config import Config
@@ -209,16 +209,13 @@ class Engine:
 
     def admin_state(self, wall: float, now: float) -> AdminState:
         """The drains, with wall-clock times (``wall`` is time.time() at the engine's ``now``)."""
-        servers = {name: ServerDrainRecord(wall - (now - d.since), d.done, d.reason)
-                   for name, d in self.server_drains.items()}
-        return AdminState(self.verdict.drained, servers)
+        return adminstate.record(self.verdict.drained, self.server_drains, wall, now)
 
     def restore_admin(self, state: AdminState, wall: float) -> None:
         """Take up the drains a previous engine left (before run(): nothing is announced yet)."""
-        now = self.clock()
-        for name, record in state.servers.items():
-            self.server_drains[name] = ServerDrain(now - max(0.0, wall - record.since), record.done, record.reason)
-            self._record("admin", name, "", "drained" if record.done else "draining", f"restored: {record.reason}")
+        self.server_drains.update(adminstate.restore(state, wall, self.clock()))
+        for name, drain in self.server_drains.items():
+            self._record("admin", name, "", "drained" if drain.done else "draining", f"restored: {drain.reason}")
         if state.pop_drained:
             self.drain("restored: operator drain")
         self.reevaluate()
