@@ -137,7 +137,8 @@ class ExaBgpSpeaker:
                 if prefix.prefix in keep:
                     continue
                 await self._send_all(withdraw_commands(self.config, prefix.prefix, prefix.next_hop))
-                self._announced.pop(prefix.prefix, None)
+                if self._announced.pop(prefix.prefix, None) is not None:
+                    log.info("bgp.withdraw prefix=%s", prefix.prefix)  # one we had adopted
 
     async def _send_all(self, commands: list[str]) -> bool:
         results = [await self._send(command) for command in commands]
