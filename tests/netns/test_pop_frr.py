@@ -124,6 +124,9 @@ def test_announce_withdraw_recover_single_pop(netns_factory: NsFactory, frr_fact
         s1.stop()
         status = pop.wait_status(lambda s: s["servers"][0]["state"] == "down", timeout=5)
         assert status["state"] == "degraded" and status["servers"][0]["decided_by"] == "tcp"
+        # the reason follows the pool (it said "2/2 healthy, servers up" here before); the change stays
+        assert status["reason"] == "1/2 healthy, degraded: not below low watermark 0.5", status["reason"]
+        assert status["last_change_reason"] == "2/2 healthy, servers up"
         assert watch.nexthops == frozenset({"10.0.1.2"})
         assert "500" in str(r1.bgp_routes(ANYCAST))  # degraded MED
 
