@@ -43,21 +43,35 @@ class Verdict:
     ever_announced: bool = False
     drained: bool = False  # operator drain in force
     changes: int = 0  # announce/withdraw decisions so far
+    decided_by: str = ""  # what made the last flip: "pool", "external" (tier 3), "operator"
 
 
-def decide(current: Verdict, pool: PoolView, policy: VerdictPolicy, now: float) -> Verdict:
-    """The next verdict. Call on every pool change and when `hold_down_until` passes."""
+def decide(current: Verdict, pool: PoolView, policy: VerdictPolicy, now: float, external: str = "") -> Verdict:
+    """The next verdict. Call on every pool change, when `hold_down_until` passes, and when
+    tier 3's gate changes (docs/decisions.md).
+
+    ``external``: while tier 3 blocks the PoP (pop.external: unreachable from outside for
+    `fall_for`), the gate's reason; "" otherwise. It withdraws an internally healthy PoP and
+    holds it withdrawn; it never announces one. When it lifts, the PoP comes back like any
+    withdrawn PoP: after the hold-down.
+    """
     share = f"{pool.healthy}/{pool.total} healthy"
     if current.drained:
         if current.announce:
-            return _flip(current, False, now, "drained by operator")
+            return _flip(current, False, now, "drained by operator", "operator")
         return current
     if current.announce:
         if pool.fraction < policy.low_watermark:
             return _flip(current, False, now, f"{share}, below low watermark {policy.low_watermark:g}")
+        if external:
+            return _flip(current, False, now, external, "external")
         reason = (f"{share}, servers up" if pool.healthy == pool.total
                   else f"{share}, degraded: not below low watermark {policy.low_watermark:g}")
         return current if current.reason == reason else replace(current, reason=reason)
+    if external:
+        if current.reason == external and current.hold_down_until is None:
+            return current
+        return replace(current, hold_down_until=None, reason=external)
     if pool.fraction < policy.high_watermark:
         if current.hold_down_until is not None:
             return replace(current, hold_down_until=None,
@@ -95,7 +109,7 @@ def adopt(current: Verdict, pool: PoolView, policy: VerdictPolicy, now: float) -
 def drain(current: Verdict, now: float) -> Verdict:
     """Operator drain: withdraw and stay withdrawn until `undrain`."""
     drained = replace(current, drained=True, hold_down_until=None)
-    return _flip(drained, False, now, "drained by operator") if current.announce else \
+    return _flip(drained, False, now, "drained by operator", "operator") if current.announce else \
         replace(drained, reason="drained by operator")
 
 
@@ -104,6 +118,6 @@ def undrain(current: Verdict) -> Verdict:
     return replace(current, drained=False, reason="drain ended")
 
 
-def _flip(current: Verdict, announce: bool, now: float, reason: str) -> Verdict:
+def _flip(current: Verdict, announce: bool, now: float, reason: str, by: str = "pool") -> Verdict:
     return replace(current, announce=announce, since=now, reason=reason, cause=reason, hold_down_until=None,
-                   ever_announced=current.ever_announced or announce, changes=current.changes + 1)
+                   ever_announced=current.ever_announced or announce, changes=current.changes + 1, decided_by=by)

@@ -91,3 +91,27 @@ def test_adopt_keeps_the_announcement_only_if_the_pool_passes(healthy: int, drai
     new = adopt(Verdict(drained=drained), PoolView(healthy, 4), POLICY, 10.0)
     assert (new.announce, new.ever_announced, new.changes) == (announce, True, 0)
     assert "at engine start" in new.reason
+
+
+BLOCK = "unreachable from outside: 3/3 agents"
+
+
+@pytest.mark.parametrize(("current", "healthy", "external", "announce", "reason", "hold_down_until"), [
+    # an internally healthy PoP cut off from outside is withdrawn by tier 3 ...
+    (ANNOUNCED, 4, BLOCK, False, BLOCK, None),
+    # ... and held withdrawn while the block lasts, whatever the pool says
+    (WITHDRAWN, 4, BLOCK, False, BLOCK, None),
+    (Verdict(ever_announced=True, hold_down_until=12.0), 4, BLOCK, False, BLOCK, None),  # cancels a hold-down
+    # tier 3 never announces: a withdrawn PoP without the block follows the pool and its hold-down
+    (WITHDRAWN, 4, "", False, "4/4 healthy, hold-down 5s before re-announcing", 15.0),
+    (WITHDRAWN, 1, "", False, "1/4 healthy, below high watermark 0.75", None),
+    # the pool still withdraws on its own, the block or not
+    (ANNOUNCED, 1, BLOCK, False, "1/4 healthy, below low watermark 0.5", None),
+])
+def test_tier_3_may_withdraw_alone_but_never_announce(current: Verdict, healthy: int, external: str, *,
+                                                      announce: bool, reason: str,
+                                                      hold_down_until: float | None) -> None:
+    new = decide(current, PoolView(healthy, 4), POLICY, 10.0, external)
+    assert (new.announce, new.reason, new.hold_down_until) == (announce, reason, hold_down_until)
+    if current.announce and not announce:
+        assert new.decided_by == ("external" if reason == BLOCK else "pool")
