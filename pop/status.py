@@ -48,6 +48,7 @@ def to_json(snap: Snapshot) -> dict[str, Any]:
         "state": _pop_state(snap),
         "reason": snap.verdict.reason,
         "last_change_reason": snap.verdict.cause or None,
+        "last_change_by": snap.verdict.decided_by or None,
         "since_seconds": ago(snap.verdict.since) if snap.verdict.changes else None,
         "hold_down_remaining": (round(max(0.0, snap.verdict.hold_down_until - snap.at), 3)
                                 if snap.verdict.hold_down_until is not None else None),
