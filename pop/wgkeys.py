@@ -76,7 +76,8 @@ def check_key_file_mode(path: str, mode: int) -> None:
         )
 
 
-def _read_key_file(path: str | os.PathLike[str], what: str) -> bytes:
+def read_secret_file(path: str | os.PathLike[str], what: str, limit: int = _MAX_KEY_FILE) -> bytes:
+    """Up to `limit` bytes of a file only its owner may access (also the probe agents' HMAC key)."""
     name = os.fspath(path)
     try:
         # check the mode of the file we actually read (fstat), not of whatever the path names
@@ -85,9 +86,14 @@ def _read_key_file(path: str | os.PathLike[str], what: str) -> bytes:
         raise ValueError(f"{name}: cannot open {what} file: {exc.strerror}") from None
     try:
         check_key_file_mode(name, os.fstat(fd).st_mode)
-        data = os.read(fd, _MAX_KEY_FILE)
+        return os.read(fd, limit)
     finally:
         os.close(fd)
+
+
+def _read_key_file(path: str | os.PathLike[str], what: str) -> bytes:
+    name = os.fspath(path)
+    data = read_secret_file(name, what)
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
