@@ -85,7 +85,7 @@ class Reader:
             self.error(path, f"must be an integer, not {_kind(value)}")
             return None
         if not low <= value <= high:
-            self.error(path, f"{value} is out of range {low}..{high}")
+            self.error(path, f"{shown(value)} is out of range {low}..{high}")
             return None
         return value
 
@@ -93,12 +93,13 @@ class Reader:
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.error(path, f"must be a number, not {_kind(value)}")
             return None
-        number = float(value)
-        if math.isnan(number) or (low_open and number <= low) or number < low or number > high:
+        # compared before float(): an integer beyond a float's range (10**400) would overflow
+        if (isinstance(value, float) and math.isnan(value)) or (low_open and value <= low) or value < low \
+                or value > high:
             bound = f"greater than {low}" if low_open else f"at least {low}"
-            self.error(path, f"{value} is out of range ({bound} and at most {high})")
+            self.error(path, f"{shown(value)} is out of range ({bound} and at most {high})")
             return None
-        return number
+        return float(value)
 
     def boolean(self, value: Any, path: str) -> bool | None:
         if not isinstance(value, bool):
@@ -171,6 +172,15 @@ def zone_problem(text: str, zone: str) -> str:
     # ipaddress accepts any text after '%' as a zone; it would be spliced into ExaBGP's
     # configuration, its API lines and the kernel's tables verbatim
     return f"{text!r} has an IPv6 zone ({'%' + zone!r}), which is not allowed here"
+
+
+def shown(value: Any) -> str:
+    """A value for an error message: short, and never an integer too long to print."""
+    # str() of an integer over 4300 digits raises ValueError (CVE-2020-10735's limit)
+    if isinstance(value, int) and abs(value) >= 10**30:
+        return "a huge integer"
+    text = repr(value) if isinstance(value, str) else f"{value}"
+    return text if len(text) <= 70 else text[:67] + "..."
 
 
 def join(path: str, key: str | int) -> str:
