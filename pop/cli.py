@@ -1,4 +1,5 @@
-"""The `pop` command line: run, engine, check-config, drain, undrain, status, wg-probe.
+"""The `pop` command line: run, engine, check-config, drain, undrain, status, wg-probe,
+probe-agent, identity.
 
 `check-config` reads the key files the checks need too (a world-readable probe key is a
 configuration error); the loader itself stays free of side effects.
@@ -7,6 +8,7 @@ configuration error); the loader itself stays free of side effects.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -93,6 +95,62 @@ def cmd_undrain(args: argparse.Namespace) -> int:
     return _endpoint(args, path, "POST")
 
 
+def cmd_probe_agent(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pop.agent import auth, config
+    from pop.agent.daemon import Agent, run
+    from pop.wgkeys import read_private_key
+
+    try:
+        agent_config = config.load(args.config.read_bytes(), args.config.name)
+        key = auth.read_key(agent_config.key_file)
+        probe_key = read_private_key(agent_config.probe_key_file) if agent_config.probe_key_file else None
+    except config.ConfigError as exc:
+        print(*exc.problems, sep="\n")
+        return 2
+    except OSError as exc:
+        print(f"{args.config}: cannot read: {exc.strerror}")
+        return 2
+    except ValueError as exc:  # a key file that is missing, readable by others or malformed
+        print(exc)
+        return 2
+    if args.check:
+        print("ok")
+        return 0
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run(Agent(agent_config, key, probe_key)))
+    return 0
+
+
+def cmd_identity(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pop.identity import serve_identity
+
+    host, _, port = args.listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) <= 0xFFFF:
+        print(f"--listen: {args.listen!r} is not ADDRESS:PORT (e.g. 198.51.100.1:9191 or [2001:db8::1]:9191)")
+        return 2
+
+    async def serve() -> None:
+        server = await serve_identity(host, int(port), args.pop, args.server)
+        logging.getLogger("pop.identity").info("identity.start listen=%s pop=%s server=%s", args.listen, args.pop,
+                                               args.server)
+        async with server:
+            await server.serve_forever()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"--listen {args.listen}: {exc.strerror or exc}")
+        return 1
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="pop", description="anycast/BGP edge PoP controller for VPN providers")
     top.add_argument("--version", action="version", version=f"pop {__version__}")
@@ -116,6 +174,16 @@ def parser() -> argparse.ArgumentParser:
     undrain = with_config("undrain", "end a drain; a PoP re-announces after the hold-down")
     undrain.add_argument("--server", help="end the drain of one server")
     undrain.set_defaults(func=cmd_undrain)
+    agent = sub.add_parser("probe-agent", help="the external vantage daemon: probe every PoP, serve signed results")
+    agent.add_argument("-c", "--config", type=Path, default=Path("/etc/pop/agent.yaml"),
+                       help="the agent's YAML file (default /etc/pop/agent.yaml)")
+    agent.add_argument("--check", action="store_true", help="validate the YAML and the key files, print ok or why not")
+    agent.set_defaults(func=cmd_probe_agent)
+    identity = sub.add_parser("identity", help="answer every TCP connection with this PoP's (and server's) name")
+    identity.add_argument("--pop", required=True, help="the PoP's name")
+    identity.add_argument("--server", help="the server's name (omit on a PoP without servers behind it)")
+    identity.add_argument("--listen", required=True, help="ADDRESS:PORT, e.g. the anycast address and port 9191")
+    identity.set_defaults(func=cmd_identity)
     # listed for --help; main() hands `pop wg-probe ...` to pop.wgprobe before parsing
     sub.add_parser("wg-probe", help="send WireGuard handshakes to one server and print each like ping")
     return top
