@@ -62,8 +62,9 @@ def probe_counts(engine: Engine) -> dict[tuple[str, str], int]:
 
 def reload(lab: Lab, servers: Sequence[str], vips: Sequence[str], settled: Callable[[], bool]) -> int:
     """Reload as SIGHUP does; wait until IPVS is `settled`, then until every configured server
-    has been probed twice more and the applier has made a pass since. Returns how many
-    announce or withdraw commands for the first VIP went to ExaBGP meanwhile."""
+    has been probed twice more and the applier has made a pass since (a "nothing sent" from an
+    applier that never ran after the reload would prove nothing). Returns how many announce or
+    withdraw commands for the first VIP went to ExaBGP meanwhile."""
     since = len(lab.engine.exabgp.commands)
     before = lab.engine.call(probe_counts)
     passes = lab.engine.speaker.passes
