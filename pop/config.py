@@ -28,12 +28,15 @@ from typing import Any
 
 import yaml
 
+from pop import config_external
 from pop.config_model import (
     Attributes,
     Checks,
     Config,
     Dataplane,
     ExaBGP,
+    External,
+    ExternalAgent,
     L4Check,
     Neighbor,
     Pool,
@@ -47,7 +50,8 @@ from pop.config_model import (
 from pop.config_reader import U16, U32, ConfigError, Reader, join, zone_problem
 
 __all__ = [
-    "Attributes", "Checks", "Config", "ConfigError", "Dataplane", "ExaBGP", "L4Check", "Neighbor", "Pool",
+    "Attributes", "Checks", "Config", "ConfigError", "Dataplane", "ExaBGP", "External", "ExternalAgent", "L4Check",
+    "Neighbor", "Pool",
     "Prefix", "Server", "ServicePort", "StatusEndpoint", "WireGuardCheck", "WireGuardTarget", "load",
 ]
 
@@ -288,20 +292,12 @@ def _checks(r: Reader, value: Any, path: str) -> Checks:
         wg_path = join(path, "wireguard")
         wg = WireGuardCheck(
             enabled=r.optional(wg_data, "enabled", wg_path, r.boolean, False),
-            probe_key_file=r.optional(wg_data, "probe_key_file", wg_path, lambda v, p: _path(r, v, p),
+            probe_key_file=r.optional(wg_data, "probe_key_file", wg_path, r.absolute_path,
                                       wg.probe_key_file),
-            psk_file=r.optional(wg_data, "psk_file", wg_path, lambda v, p: _path(r, v, p), None),
+            psk_file=r.optional(wg_data, "psk_file", wg_path, r.absolute_path, None),
             **_timing(r, wg_data, wg_path, wg),
         )
     return Checks(l4=l4, wireguard=wg)
-
-
-def _path(r: Reader, value: Any, path: str) -> str | None:
-    text = r.string(value, path)
-    if text is not None and not text.startswith("/"):
-        r.error(path, f"{text!r} must be an absolute path")
-        return None
-    return text
 
 
 def _pool(r: Reader, value: Any, path: str) -> Pool:
@@ -427,7 +423,7 @@ def _table(r: Reader, value: Any, path: str) -> int | None:
     return table
 
 
-_TOP = {"pop", "neighbors", "prefixes", "servers", "checks", "pool", "status", "exabgp", "dataplane"}
+_TOP = {"pop", "neighbors", "prefixes", "servers", "checks", "pool", "status", "exabgp", "dataplane", "external"}
 
 
 def load(text: str | bytes, source: str = "pop.yaml") -> Config:
@@ -462,7 +458,7 @@ def _build(r: Reader, document: Any) -> Config:
         name = r.need(pop_data, "name", "pop", lambda v, p: _name(r, v, p))
         asn = r.need(pop_data, "asn", "pop", lambda v, p: r.integer(v, p, 1, U32))
         router_id = r.need(pop_data, "router_id", "pop", lambda v, p: r.address(v, p, 4))
-        runtime_dir = r.optional(pop_data, "runtime_dir", "pop", lambda v, p: _path(r, v, p), runtime_dir)
+        runtime_dir = r.optional(pop_data, "runtime_dir", "pop", r.absolute_path, runtime_dir)
     neighbors = r.need(top, "neighbors", "", lambda v, p: _neighbors(r, v, p)) or {}
     prefixes = r.need(top, "prefixes", "", lambda v, p: _prefixes(r, v, p)) or {}
     servers = r.need(top, "servers", "", lambda v, p: _servers(r, v, p)) or {}
@@ -471,12 +467,14 @@ def _build(r: Reader, document: Any) -> Config:
     status = _status(r, top.get("status"), "status")
     exabgp = _exabgp(r, top.get("exabgp"), "exabgp")
     dataplane = _dataplane(r, top.get("dataplane"), "dataplane")
+    external = config_external.parse(r, top.get("external"), "external")
     _cross_checks(r, neighbors, prefixes, servers, checks)
     if r.problems or name is None or asn is None or router_id is None:
         raise ConfigError(r.problems or [f"{r.source}: pop: is incomplete"])
     return Config(name=name, asn=asn, router_id=router_id, neighbors=tuple(neighbors.values()),
                   prefixes=tuple(prefixes.values()), servers=tuple(servers.values()), checks=checks, pool=pool,
-                  status=status, exabgp=exabgp, dataplane=dataplane, runtime_dir=runtime_dir, source=r.source)
+                  status=status, exabgp=exabgp, dataplane=dataplane, external=external, runtime_dir=runtime_dir,
+                  source=r.source)
 
 
 def _name(r: Reader, value: Any, path: str) -> str | None:

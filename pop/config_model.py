@@ -158,6 +158,36 @@ class Dataplane:
 
 
 @dataclass(frozen=True, slots=True)
+class ExternalAgent:
+    """A probe agent whose signed reports this PoP pulls (docs/probe-agent.md)."""
+
+    name: str
+    address: str
+    port: int = 9190
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}/v1/results"
+
+
+@dataclass(frozen=True, slots=True)
+class External:
+    """Tier 3: the view of this PoP from external probe agents, by quorum (docs/decisions.md)."""
+
+    enabled: bool = False
+    key_file: str = ""  # the agents' shared HMAC key (mode 0600)
+    agents: tuple[ExternalAgent, ...] = ()
+    quorum: int = 2  # competent agents needed for any view but "unknown"
+    unreachable_fraction: float = 0.5  # of the competent agents, to call the PoP unreachable
+    max_age: float = 5.0  # a report older than this (by its own timestamp) is not fresh
+    max_skew: float = 2.0  # a report dated this far ahead of our clock is refused
+    fall_for: float = 2.0  # "unreachable" must last this long before it withdraws
+    pull_interval: float = 1.0
+    timeout: float = 1.0  # per pull
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     name: str
     asn: int
@@ -170,5 +200,6 @@ class Config:
     status: StatusEndpoint = field(default_factory=StatusEndpoint)
     exabgp: ExaBGP = field(default_factory=ExaBGP)
     dataplane: Dataplane = field(default_factory=Dataplane)
+    external: External = field(default_factory=External)
     runtime_dir: str = "/run/pop"
     source: str = "pop.yaml"

@@ -132,6 +132,13 @@ class Reader:
             return None
         return str(parsed)
 
+    def absolute_path(self, value: Any, path: str) -> str | None:
+        text = self.string(value, path)
+        if text is not None and not text.startswith("/"):
+            self.error(path, f"{text!r} must be an absolute path")
+            return None
+        return text
+
     def exabgp_text(self, value: Any, path: str) -> str | None:
         """Free text that goes between double quotes in ExaBGP's configuration."""
         text = self.string(value, path)

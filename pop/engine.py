@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 
-from pop import adminstate, drains, load, pool, snapshot, verdict
+from pop import adminstate, drains, external, load, pool, snapshot, verdict
 from pop import desired as plan
 from pop.adminstate import AdminState
 from pop.applier import Applier, Dataplane, DataplaneFailure, Speaker
@@ -26,6 +26,7 @@ from pop.checks.base import Check, CheckResult
 from pop.config import Config
 from pop.desired import Announcement, DesiredState
 from pop.drains import ServerDrain
+from pop.external import Tier3
 from pop.health import Health
 from pop.hysteresis import Policy, ServerHealth, TierState
 from pop.probes import Probes
@@ -45,7 +46,8 @@ class Engine:
     def __init__(self, config: Config, speaker: Speaker, checks: Checks, *,
                  clock: Callable[[], float] = time.monotonic, dataplane: Dataplane | None = None,
                  dataplane_errors: tuple[type[Exception], ...] = (DataplaneFailure,),
-                 load_signal: LoadSignal | None = None,
+                 load_signal: LoadSignal | None = None, tier3: Tier3 | None = None,
+                 wall: Callable[[], float] = time.time,
                  on_announced: Callable[[tuple[Announcement, ...]], None] | None = None) -> None:
         self._clock = clock
         self.started = clock()
@@ -55,6 +57,8 @@ class Engine:
                                on_announced=on_announced)
         self.probes = Probes(self.observe, self._pace, clock=clock)
         self.load_signal = load_signal
+        self.tier3 = tier3  # the view from outside (pop.external), fed by pop.adapters.agents
+        self.wall = wall  # agents date their reports by the wall clock
         self.load_factors: dict[str, float] = {}
         self.server_drains: dict[str, ServerDrain] = {}
         self.on_admin_change: Callable[[], None] | None = None  # the service persists drains
@@ -117,7 +121,8 @@ class Engine:
         now = self.clock()
         self.pool = pool.view(self._servers, self.health, self.server_drains)
         old = self.verdict
-        self.verdict = verdict.decide(old, self.pool, self._verdict_policy, now)
+        self.verdict = verdict.decide(old, self.pool, self._verdict_policy, now,
+                                      self.tier3.blocking if self.tier3 is not None else "")
         if self.verdict.announce != old.announce:
             action = "announce" if self.verdict.announce else "withdraw"
             log.info("pop.%s pop=%s reason=%s", action, self.config.name, self.verdict.reason)
@@ -151,6 +156,16 @@ class Engine:
         self._record("verdict", self.config.name, "restarted", _word(self.verdict.announce), self.verdict.reason)
         self.reevaluate()
         return self.verdict.announce
+
+    def external_changed(self) -> None:
+        """Tier 3's gate opened or closed: decide again (docs/decisions.md)."""
+        assert self.tier3 is not None
+        gate = self.tier3.gate
+        log.log(logging.WARNING if gate.blocks else logging.INFO, "external.%s pop=%s reason=%s",
+                "blocks" if gate.blocks else "clear", self.config.name, gate.reason)
+        self._record("external", self.config.name, "clear" if gate.blocks else "blocks",
+                     "blocks" if gate.blocks else "clear", gate.reason)
+        self.reevaluate()
 
     def observe_load(self, factors: Mapping[str, float]) -> None:
         """Fold a load reading in; re-decide only when a data-plane weight actually changes."""
@@ -225,7 +240,7 @@ class Engine:
             self.on_admin_change()
 
     def _record(self, kind: str, subject: str, old: str, new: str, reason: str) -> None:
-        self.events.append(Event(self.clock(), time.time(), kind, subject, old, new, reason))
+        self.events.append(Event(self.clock(), self.wall(), kind, subject, old, new, reason))
 
     def _applier_event(self, kind: str, subject: str, reason: str) -> None:
         self._record(kind, subject, "", kind, reason)
@@ -305,7 +320,8 @@ class Engine:
         return snapshot.build(self.config, now=self.clock(), started=self.started, verdict=self.verdict,
                               pool_view=self.pool, board=self.board, drains=self.server_drains,
                               announced=self.speaker.announced(), events=tuple(self.events),
-                              applier=self.applier, extra=extra or {})
+                              applier=self.applier, extra=extra or {},
+                              external=None if self.tier3 is None else external.summary(self.tier3, self.wall()))
 
 
 def _word(announce: bool) -> str:

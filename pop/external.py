@@ -31,6 +31,7 @@ every new view and again when `gate.due` passes (the moment fall_for will have e
 from __future__ import annotations
 
 import enum
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NoReturn
 
+from pop.agent import auth
 from pop.config_reader import Reader, join, shown
 
 VERSION = 1
@@ -369,3 +371,101 @@ def step(gate: Gate, current: ExternalView, now: float, policy: Policy) -> Gate:
 def catchment(ledger: Ledger, now: float, policy: Policy) -> dict[str, Mapping[str, Landing]]:
     """Per fresh agent: who answers each anycast address it probes (for /status)."""
     return {agent: report.anycast for agent, report in sorted(ledger.reports.items()) if fresh(report, now, policy)}
+
+
+# --- the PoP's tier-3 state ----------------------------------------------------------------
+
+
+class Tier3:
+    """What one PoP knows from outside: the ledger, its view, the gate, and what was dropped.
+
+    `offer(agent, body, signature, now)` takes one pulled report as received (the exact body
+    bytes and the X-Pop-Signature header): verified with the shared key (pop.agent.auth),
+    parsed, checked to come from the agent it was pulled from (a shared key would let one
+    agent speak for another), then accepted or rejected; `failed(agent, why)` counts a pull
+    that got no report. `tick(now)` re-reads the view (freshness is a matter of time) and
+    steps the gate; it returns True when `gate.blocks` changed, so the verdict must be decided
+    again with `blocking` as its external reason. Nothing here raises for bad input.
+    """
+
+    def __init__(self, pop: str, policy: Policy, key: bytes) -> None:
+        self.pop = pop
+        self.policy = policy
+        self._key = key
+        self.ledger = Ledger()
+        self.view = ExternalView(ViewKind.UNKNOWN, (), (), (), "unknown from outside: no report yet")
+        self.gate = Gate()
+        self.dropped: dict[str, int] = {}  # by reason: forged, malformed, impostor, stale, replayed, ...
+        self.last_problem: dict[str, str] = {}  # per agent, the last reason its report was not taken
+
+    @property
+    def key(self) -> bytes:
+        return self._key
+
+    @property
+    def blocking(self) -> str:
+        """The gate's reason while it blocks the PoP, else ""."""
+        return self.gate.reason if self.gate.blocks else ""
+
+    def offer(self, agent: str, body: bytes, signature: str | None, now: float) -> str | None:
+        """Take one pulled report; None when accepted, else why it was dropped."""
+        if not auth.verify(self._key, body, signature):
+            return self._drop(agent, "forged", "signature does not verify with the shared key")
+        try:
+            report = parse_report(_json(body))
+        except ReportError as exc:
+            return self._drop(agent, "malformed", str(exc))
+        if report.agent != agent:
+            return self._drop(agent, "impostor", f"report says it is from {report.agent!r}")
+        self.ledger, rejection = accept(self.ledger, report, now, self.policy)
+        if rejection is not None:
+            return self._drop(agent, str(rejection.kind), rejection.detail)
+        self.last_problem.pop(agent, None)
+        return None
+
+    def reconfigure(self, pop: str, policy: Policy, key: bytes) -> None:
+        """A reload: new thresholds or key; the ledger and the gate are kept (no flap)."""
+        self.pop, self.policy, self._key = pop, policy, key
+
+    def failed(self, agent: str, why: str) -> None:
+        self._drop(agent, "unreachable", why)
+
+    def tick(self, now: float) -> bool:
+        blocked = self.gate.blocks
+        self.view = view(self.ledger, self.pop, now, self.policy)
+        self.gate = step(self.gate, self.view, now, self.policy)
+        return self.gate.blocks != blocked
+
+    def _drop(self, agent: str, kind: str, detail: str) -> str:
+        self.dropped[kind] = self.dropped.get(kind, 0) + 1
+        self.last_problem[agent] = f"{kind}: {detail}"
+        return f"{kind}: {detail}"
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise ReportError(f"(body): not JSON: {exc}") from None
+
+
+def summary(tier3: Tier3, now: float) -> dict[str, Any]:
+    """Tier 3 for /status and the NOC page: the view, every agent's standing, the catchment."""
+    standing: dict[str, str] = {a: "reachable" for a in tier3.view.reaching}
+    standing |= {a: "unreachable" for a in tier3.view.not_reaching}
+    standing |= {a: f"ignored: {why}" for a, why in tier3.view.ignored}
+    agents = {}
+    for name in sorted(set(standing) | set(tier3.last_problem)):
+        report = tier3.ledger.reports.get(name)
+        opinion = report.pops.get(tier3.pop) if report is not None else None
+        agents[name] = {"standing": standing.get(name, "no report"),
+                        "report_age_seconds": None if report is None else round(now - report.generated_at, 3),
+                        "rtt_ms": None if opinion is None else opinion.rtt_ms,
+                        "problem": tier3.last_problem.get(name)}
+    return {"view": str(tier3.view.kind), "reason": tier3.view.reason, "competent": tier3.view.n,
+            "unreachable": tier3.view.u, "quorum": tier3.policy.quorum, "blocking": tier3.gate.blocks,
+            "gate": tier3.gate.reason, "agents": agents, "dropped": dict(sorted(tier3.dropped.items())),
+            "catchment": {agent: {address: {"pop": landing.pop, "server": landing.server, "rtt_ms": landing.rtt_ms,
+                                            "error": landing.error}
+                                  for address, landing in landings.items()}
+                          for agent, landings in catchment(tier3.ledger, now, tier3.policy).items()}}

@@ -90,6 +90,13 @@ def load_file(path: Path, *, with_keys: bool = False) -> Config:
         from pop.checks import cascade
 
         cascade.build(config)
+        if config.external.enabled:
+            from pop.agent.auth import read_key
+
+            try:
+                read_key(config.external.key_file)
+            except ValueError as exc:
+                raise ConfigError([f"{path}: external.key_file: {exc}"]) from None
     return config
 
 

@@ -36,6 +36,8 @@ from pop.checks import cascade as check_builder
 from pop.config import Config, ConfigError
 from pop.desired import Announcement
 from pop.engine import Engine
+from pop.external import Policy as ExternalPolicy
+from pop.external import Tier3
 from pop.runner import HEARTBEAT_INTERVAL, engine_heartbeat, engine_pidfile, load_file, write_if_changed
 
 if TYPE_CHECKING:
@@ -75,6 +77,17 @@ def _reload(engine: Engine, config_path: Path) -> None:
         return
     if new.status != engine.config.status or new.name != engine.config.name:
         log.warning("reload.partial pop.name and status changes take effect at the next restart")
+    if new.external.enabled != engine.config.external.enabled:
+        log.warning("reload.partial turning the external tier on or off takes effect at the next restart")
+    elif engine.tier3 is not None:
+        try:
+            fresh = _tier3(new)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload.rejected %s", problem)
+            return
+        assert fresh is not None
+        engine.tier3.reconfigure(new.name, fresh.policy, fresh.key)
     if _kernel(new) != _kernel(engine.config):
         log.warning("reload.partial starting or stopping the kernel data plane (dataplane.mode none, no vip) "
                     "takes effect at the next restart")
@@ -91,7 +104,13 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
     reader, writer = await _open_channel(channel_fd)
     speaker = ExaBgpSpeaker(config, reader, writer)
     runtime = Path(config.runtime_dir) / config.name
-    engine = Engine(config, speaker, checks,
+    try:
+        tier3 = _tier3(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("engine.config %s", problem)
+        return 2
+    engine = Engine(config, speaker, checks, tier3=tier3,
                     on_announced=lambda routes: _save_handover(runtime / handover.FILE_NAME, routes))
     _restore_drains(engine, runtime / adminstate.FILE_NAME, config)
     engine.on_admin_change = lambda: _save_drains(engine, runtime / adminstate.FILE_NAME)
@@ -122,6 +141,8 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
             background.append(asyncio.create_task(_diagnose(dataplane, diagnostics, errors), name="diagnostics"))
             if config.dataplane.load_weights:
                 engine.load_signal = _connection_load(dataplane, engine)
+        if tier3 is not None:
+            background.append(asyncio.create_task(_pull_agents(config, tier3, engine), name="agents"))
         log.info("engine.started pop=%s servers=%d prefixes=%d", config.name, len(config.servers),
                  len(config.prefixes))
         running = asyncio.create_task(engine.run(), name="engine")
@@ -173,6 +194,32 @@ async def _diagnose(dataplane: KernelDataplane, into: dict[str, object],
         except errors as exc:
             into.update({"error": str(exc)})
         await asyncio.sleep(2.0)
+
+
+def _tier3(config: Config) -> Tier3 | None:
+    """Tier 3's state, with the agents' shared key read now (a bad key file is a config error)."""
+    if not config.external.enabled:
+        return None
+    from pop.agent.auth import read_key
+
+    try:
+        key = read_key(config.external.key_file)
+    except ValueError as exc:
+        raise ConfigError([f"{config.source}: external.key_file: {exc}"]) from None
+    x = config.external
+    return Tier3(config.name, ExternalPolicy(x.quorum, x.unreachable_fraction, x.max_age, x.max_skew, x.fall_for), key)
+
+
+async def _pull_agents(config: Config, tier3: Tier3, engine: Engine) -> None:
+    """Tier 3's puller; monitoring that breaks is logged and restarted, never the engine's end."""
+    from pop.adapters.agents import pull_forever
+
+    while True:
+        try:
+            await pull_forever(lambda: engine.config.external, tier3, engine.external_changed)
+        except Exception:
+            log.exception("external.puller_failed; restarting in 1 s")
+            await asyncio.sleep(1.0)
 
 
 def _connection_load(dataplane: KernelDataplane, engine: Engine) -> Callable[[], Awaitable[dict[str, float]]]:

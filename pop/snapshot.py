@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from pop import pool
 from pop.applier import Applier, ApplyStatus
@@ -53,11 +54,12 @@ class Snapshot:
     events: tuple[Event, ...]
     apply: ApplyStatus = field(default_factory=ApplyStatus)
     extra: Mapping[str, object] = field(default_factory=dict)
+    external: Mapping[str, Any] | None = None  # tier 3 (pop.external.summary), when enabled
 
 
 def build(config: Config, *, now: float, started: float, verdict: Verdict, pool_view: PoolView, board: Health,
           drains: Mapping[str, ServerDrain], announced: tuple[Announcement, ...], events: tuple[Event, ...],
-          applier: Applier, extra: Mapping[str, object]) -> Snapshot:
+          applier: Applier, extra: Mapping[str, object], external: Mapping[str, Any] | None = None) -> Snapshot:
     """The engine's picture, assembled from its parts (read-only)."""
     servers = tuple(
         ServerSnapshot(s.name, s.address, s.weight, board.servers[s.name], dict(board.tiers[s.name]),
@@ -66,4 +68,4 @@ def build(config: Config, *, now: float, started: float, verdict: Verdict, pool_
     return Snapshot(pop=config.name, at=now, started=started, verdict=verdict, pool=pool_view,
                     degraded=pool.degraded(board.servers, board.tiers) and verdict.announce, servers=servers,
                     desired=applier.desired.announcements, announced=announced, events=events,
-                    apply=applier.status(), extra=dict(extra))
+                    apply=applier.status(), extra=dict(extra), external=external)

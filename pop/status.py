@@ -86,6 +86,7 @@ def to_json(snap: Snapshot) -> dict[str, Any]:
             }
             for s in snap.servers
         ],
+        "external": snap.external,
         "apply": _apply(snap),
         "dataplane": {**_dataplane(snap), "diagnostics": snap.extra.get("dataplane")},
         "bgp": {
@@ -163,6 +164,15 @@ class _Collector(Collector):
             (CounterMetricFamily, "pop_dataplane_repairs", "read-backs that found and repaired drift",
              float(snap.apply.repairs)),
         )
+        if snap.external is not None:
+            per_pop += (
+                (GaugeMetricFamily, "pop_external_blocking", "1 while tier 3 holds the PoP withdrawn",
+                 float(bool(snap.external["blocking"]))),
+                (GaugeMetricFamily, "pop_external_competent_agents", "fresh agents that reach another PoP",
+                 float(snap.external["competent"])),
+                (GaugeMetricFamily, "pop_external_unreachable_agents", "competent agents that cannot reach this PoP",
+                 float(snap.external["unreachable"])),
+            )
         for family, name, text, value in per_pop:
             metric = family(name, text, labels=["pop"])
             metric.add_metric([snap.pop], value)
@@ -185,6 +195,12 @@ class _Collector(Collector):
                 if tier.last is not None and tier.last.latency is not None:
                     latency.add_metric([snap.pop, server.name, tier_name], tier.last.latency)
         yield from (up, state, probes, latency)
+        if snap.external is not None:
+            dropped = CounterMetricFamily("pop_external_dropped", "agent reports not taken, by reason",
+                                          labels=["pop", "reason"])
+            for reason, count in snap.external["dropped"].items():
+                dropped.add_metric([snap.pop, reason], float(count))
+            yield dropped
         for key, item in snap.extra.items():
             if isinstance(item, int | float) and not isinstance(item, bool):
                 extra = GaugeMetricFamily(f"pop_{key}", key.replace("_", " "), labels=["pop"])
@@ -272,6 +288,7 @@ h1 .b{{font-size:70%}}</style></head><body>
 <p>Last change: {e(data['last_change_reason'] or '-')}
 {'' if data['since_seconds'] is None else f"({data['since_seconds']:.0f}s ago)"}</p>
 {_apply_line(data['apply'])}
+{_external_line(data['external'])}
 <p>Pool: {data['pool']['healthy']}/{data['pool']['total']} healthy · up {data['uptime_seconds']:.0f}s</p>
 <h2>Announced</h2><ul>{routes or '<li>nothing</li>'}</ul>
 <h2>BGP sessions</h2><ul>{peers or '<li>unknown</li>'}</ul>
@@ -289,3 +306,16 @@ def _apply_line(apply: dict[str, Any]) -> str:
     errors = "; ".join(e(str(apply[k])) for k in ("bgp_error", "dataplane_error") if apply[k])
     retry = "" if apply["retry_in_seconds"] is None else f" (retry in {apply['retry_in_seconds']:.1f}s)"
     return f'<p style="color:#cf222e"><b>Not applied:</b> {errors}{retry}</p>'
+
+
+def _external_line(external: dict[str, Any] | None) -> str:
+    """Tier 3 at a glance: the view, the quorum, and who lands where on the anycast address."""
+    if external is None:
+        return ""
+    e = html.escape
+    color = "#cf222e" if external["blocking"] else "#1f2328"
+    landings = "; ".join(f"{e(agent)} → {e(str(where.get('pop')))}" for agent, seen in external["catchment"].items()
+                         for where in seen.values())
+    return (f'<p style="color:{color}"><b>From outside:</b> {e(external["reason"])}'
+            f'{" — withdrawn by tier 3" if external["blocking"] else ""}</p>'
+            f"<p>Catchment: {landings or 'no fresh report'}</p>")

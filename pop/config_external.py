@@ -1,0 +1,63 @@
+"""The `external:` section of pop.yaml: tier 3, the probe agents a PoP pulls (pure).
+
+Part of the one loader (pop.config.load); kept apart because it is a section of its own with
+its own cross-checks: agent names are unique, a quorum no larger than the agents, and a key
+file when the tier is enabled.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pop.config_model import External, ExternalAgent
+from pop.config_reader import Reader, join
+
+U16 = 65535
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_KEYS = {"enabled", "key_file", "agents", "quorum", "unreachable_fraction", "max_age", "max_skew", "fall_for",
+         "pull_interval", "timeout"}
+
+
+def parse(r: Reader, value: Any, path: str) -> External:
+    data = r.mapping(value, path, _KEYS)
+    default = External()
+    if data is None:
+        return default
+    agents: list[ExternalAgent] = []
+    for index, item in enumerate(r.sequence(data.get("agents"), join(path, "agents")) or []):
+        item_path = join(join(path, "agents"), index)
+        entry = r.mapping(item, item_path, {"name", "address", "port"})
+        if entry is None:
+            continue
+        name = r.need(entry, "name", item_path, lambda v, p: r.string(
+            v, p, pattern=_NAME, what="a name (letters, digits, '_', '.', '-'; at most 63)"))
+        address = r.need(entry, "address", item_path, r.address)
+        port = r.optional(entry, "port", item_path, lambda v, p: r.integer(v, p, 1, U16), 9190)
+        if name is not None and address is not None:
+            if any(a.name == name for a in agents):
+                r.error(join(item_path, "name"), f"{name!r} is already the name of another agent")
+            agents.append(ExternalAgent(name, address, port))
+
+    def number(key: str, low: float, high: float) -> float:
+        return r.optional(data, key, path, lambda v, p: r.number(v, p, low, high, low_open=True),
+                          float(getattr(default, key)))
+
+    result = External(
+        enabled=r.optional(data, "enabled", path, r.boolean, default.enabled),
+        key_file=r.optional(data, "key_file", path, r.absolute_path, default.key_file),
+        agents=tuple(agents),
+        quorum=r.optional(data, "quorum", path, lambda v, p: r.integer(v, p, 1, 1000), default.quorum),
+        unreachable_fraction=number("unreachable_fraction", 0, 1),
+        max_age=number("max_age", 0, 3600),
+        max_skew=r.optional(data, "max_skew", path, lambda v, p: r.number(v, p, 0, 3600), default.max_skew),
+        fall_for=r.optional(data, "fall_for", path, lambda v, p: r.number(v, p, 0, 3600), default.fall_for),
+        pull_interval=number("pull_interval", 0, 3600),
+        timeout=number("timeout", 0, 60),
+    )
+    if result.enabled:
+        if not result.key_file:
+            r.error(join(path, "key_file"), "is required when the external tier is enabled")
+        if len(result.agents) < result.quorum:
+            r.error(join(path, "agents"), f"{len(result.agents)} agents cannot make a quorum of {result.quorum}")
+    return result
