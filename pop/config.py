@@ -469,6 +469,7 @@ def _build(r: Reader, document: Any) -> Config:
     dataplane = _dataplane(r, top.get("dataplane"), "dataplane")
     external = config_external.parse(r, top.get("external"), "external")
     _cross_checks(r, neighbors, prefixes, servers, checks)
+    config_external.check_beacons(r, external, (p.prefix for p in prefixes.values()), neighbors.items())
     if r.problems or name is None or asn is None or router_id is None:
         raise ConfigError(r.problems or [f"{r.source}: pop: is incomplete"])
     return Config(name=name, asn=asn, router_id=router_id, neighbors=tuple(neighbors.values()),

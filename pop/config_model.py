@@ -176,6 +176,8 @@ class External:
     """Tier 3: the view of this PoP from external probe agents, by quorum (docs/decisions.md)."""
 
     enabled: bool = False
+    # announced always, never health-gated, by ExaBGP itself: how agents reach a withdrawn PoP
+    beacons: tuple[str, ...] = ()
     key_file: str = ""  # the agents' shared HMAC key (mode 0600)
     agents: tuple[ExternalAgent, ...] = ()
     quorum: int = 2  # competent agents needed for any view but "unknown"

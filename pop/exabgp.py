@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shlex
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ def render_config(config: Config, engine_argv: list[str]) -> str:
             passive="true" if n.passive else "false",
             family="ipv4" if n.version == 4 else "ipv6",
             process=PROCESS,
+            static=_beacons(config, n),
         ))
     return _template("exabgp.conf.tmpl").substitute(
         source=_comment(config.source),
@@ -63,6 +65,16 @@ def render_config(config: Config, engine_argv: list[str]) -> str:
         engine_command=_run_command(engine_argv),
         neighbors="".join(blocks),
     )
+
+
+def _beacons(config: Config, neighbor: Neighbor) -> str:
+    """The beacons of the neighbor's family as ExaBGP's own static routes: announced whenever
+    the session is up, whatever the engine says or whether it runs (docs/decisions.md)."""
+    routes = [b for b in config.external.beacons if ipaddress.ip_network(b).version == neighbor.version]
+    if not routes:
+        return ""
+    lines = "".join(f"        route {b} next-hop self;\n" for b in routes)
+    return f"\n    static {{\n{lines}    }}\n"
 
 
 def _comment(text: str) -> str:

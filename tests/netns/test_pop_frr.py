@@ -234,6 +234,28 @@ def test_a_hung_engine_is_killed_by_the_watchdog_and_the_route_withdrawn(one_pop
             os.kill(hung, signal.SIGCONT)
 
 
+def test_a_beacon_stays_announced_while_the_pop_is_withdrawn_and_while_its_engine_is_dead(
+        one_pop: Callable[..., OnePop]) -> None:
+    """Tier 3's agents must reach a withdrawn PoP to see it come back: its beacon prefix is
+    ExaBGP's own static route, never health-gated, whatever the engine says or whether it runs."""
+    beacon = "203.0.113.1/32"
+    lab = one_pop(external={"beacons": [beacon]})
+    pop, services, watch = lab.pop, lab.services, lab.watch
+    with RouteWatcher(lab.router.ns, beacon) as at_beacon:
+        at_beacon.wait_for(has("10.0.1.2"), timeout=10)
+        for service in services:
+            service.stop()
+        watch.wait_for(gone, timeout=10, since=time.monotonic())  # the anycast prefix is withdrawn ...
+        hung = pop.engine_pid()
+        os.kill(hung, signal.SIGSTOP)  # ... and the engine stops answering anything
+        try:
+            time.sleep(1.0)
+            assert at_beacon.nexthops == frozenset({"10.0.1.2"})
+            assert [e for e in at_beacon.events if not e.nexthops] == [], at_beacon.events  # never left
+        finally:
+            os.kill(hung, signal.SIGCONT)
+
+
 def test_drain_withdraws_and_undrain_returns_after_hold_down(one_pop: Callable[..., OnePop]) -> None:
     lab = one_pop(pool={"hold_down": 1.0})
     pop, watch = lab.pop, lab.watch

@@ -145,6 +145,20 @@ def test_not_a_config_at_all(text: str, expected: str) -> None:
     ({"neighbors": [{"address": "10.0.0.1", "peer_as": 1}, {"address": "2001:db8::1", "peer_as": 1}],
       "prefixes": ["2001:db8:1::1%x y/128"]},
      "pop.yaml: prefixes[0].prefix: '2001:db8:1::1%x y/128' has an IPv6 zone ('%x y'), which is not allowed here"),
+    # tier 3
+    ({"neighbors": [{"address": "10.0.0.1", "peer_as": 1, "local_address": "10.0.0.2"}],
+      "external": {"beacons": ["198.51.100.0/24"]}},
+     "pop.yaml: external.beacons[0]: 198.51.100.0/24 overlaps the anycast prefix 198.51.100.1/32: "
+     "a beacon is never withdrawn"),
+    ({"external": {"beacons": ["203.0.113.1/32"]}},
+     "pop.yaml: neighbors[0].local_address: is required with external.beacons (ExaBGP's static routes need it "
+     "for next-hop self)"),
+    ({"neighbors": [{"address": "10.0.0.1", "peer_as": 1, "local_address": "10.0.0.2"}],
+      "external": {"beacons": ["2001:db8::1/128"]}},
+     "pop.yaml: external.beacons[0]: 2001:db8::1/128 is IPv6 but no neighbor is; it would never be announced"),
+    ({"external": {"enabled": True, "key_file": "/k",
+                   "agents": [{"name": "a", "address": "10.9.0.1"}, {"name": "a", "address": "10.9.0.2"}]}},
+     "pop.yaml: external.agents[1].name: 'a' is already the name of another agent"),
 ])
 def test_one_problem(sections: dict[str, object], expected: str) -> None:
     assert problems(with_(**sections)) == [expected]

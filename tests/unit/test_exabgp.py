@@ -32,10 +32,11 @@ CONFIG = load("""
 pop: {name: ams1, asn: 65101, router_id: 192.0.2.11}
 neighbors:
   - {address: 10.0.1.1, peer_as: 65000, local_address: 10.0.1.2, description: upstream-a}
-  - {address: 10.0.9.1, peer_as: 65101, hold_time: 30}
-  - {address: "2001:db8:1::1", peer_as: 65000}
+  - {address: 10.0.9.1, peer_as: 65101, hold_time: 30, local_address: 10.0.9.2}
+  - {address: "2001:db8:1::1", peer_as: 65000, local_address: "2001:db8:1::2"}
 prefixes: [198.51.100.1/32, "2001:db8:100::1/128"]
 servers: [{name: vpn1, address: 10.0.2.10}]
+external: {beacons: [203.0.113.11/32, "2001:db8:ff::11/128"]}
 """, "pop.yaml")
 ENGINE = ["/usr/bin/python3", "-m", "pop", "engine", "-c", "/etc/pop/pop.yaml"]
 
