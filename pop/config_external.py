@@ -18,7 +18,7 @@ from pop.config_reader import Reader, join, zone_problem
 U16 = 65535
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _KEYS = {"enabled", "beacons", "key_file", "agents", "quorum", "unreachable_fraction", "max_age", "max_skew",
-         "fall_for", "pull_interval", "timeout"}
+         "fall_for", "pull_interval", "timeout", "identity_port"}
 
 
 def parse(r: Reader, value: Any, path: str) -> External:
@@ -62,6 +62,8 @@ def parse(r: Reader, value: Any, path: str) -> External:
         fall_for=r.optional(data, "fall_for", path, lambda v, p: r.number(v, p, 0, 3600), default.fall_for),
         pull_interval=number("pull_interval", 0, 3600),
         timeout=number("timeout", 0, 60),
+        identity_port=r.optional(data, "identity_port", path, lambda v, p: r.integer(v, p, 0, U16),
+                                 default.identity_port),
     )
     if result.enabled:
         if not result.key_file:

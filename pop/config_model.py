@@ -187,6 +187,7 @@ class External:
     fall_for: float = 2.0  # "unreachable" must last this long before it withdraws
     pull_interval: float = 1.0
     timeout: float = 1.0  # per pull
+    identity_port: int = 0  # mode none: answer `pop identity` on the anycast addresses here; 0 = off
 
 
 @dataclass(frozen=True, slots=True)

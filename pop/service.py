@@ -126,6 +126,7 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
     background = [asyncio.create_task(_heartbeat(config), name="heartbeat")]
     diagnostics: dict[str, object] = {}  # the kernel's view of the data plane, for /status
     dataplane: KernelDataplane | None = None
+    identities: list[asyncio.Server] = []
     code = 0
     reading = asyncio.create_task(speaker.read_forever(), name="exabgp reader")
     # the status endpoint (aiohttp, prometheus_client: a third of the start-up's imports) comes
@@ -143,6 +144,7 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
                 engine.load_signal = _connection_load(dataplane, engine)
         if tier3 is not None:
             background.append(asyncio.create_task(_pull_agents(config, tier3, engine), name="agents"))
+        identities += await _identity(config)
         log.info("engine.started pop=%s servers=%d prefixes=%d", config.name, len(config.servers),
                  len(config.prefixes))
         running = asyncio.create_task(engine.run(), name="engine")
@@ -174,6 +176,8 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
             task.cancel()
         if dataplane is not None:
             await dataplane.close()
+        for server in identities:
+            server.close()
         if not status.done():
             status.cancel()
         elif not status.cancelled() and status.exception() is None and (runner := status.result()) is not None:
@@ -220,6 +224,25 @@ async def _pull_agents(config: Config, tier3: Tier3, engine: Engine) -> None:
         except Exception:
             log.exception("external.puller_failed; restarting in 1 s")
             await asyncio.sleep(1.0)
+
+
+async def _identity(config: Config) -> list[asyncio.Server]:
+    """A PoP that answers on the anycast addresses itself (mode none) says who it is there, for
+    the agents' catchment map (pop.identity); with a data plane the servers answer instead."""
+    port = config.external.identity_port
+    if not port or config.dataplane.mode != "none":
+        return []
+    from pop.desired import host_addresses
+    from pop.identity import serve_identity
+
+    servers = []
+    for address in host_addresses(config.prefixes):
+        host = address.split("/")[0]
+        try:
+            servers.append(await serve_identity(host, port, config.name))
+        except OSError as exc:  # the address is not on this host (yet): the catchment lacks us
+            log.warning("identity.unavailable address=%s port=%d error=%s", host, port, exc.strerror or exc)
+    return servers
 
 
 def _connection_load(dataplane: KernelDataplane, engine: Engine) -> Callable[[], Awaitable[dict[str, float]]]:

@@ -33,8 +33,9 @@ PORT = 443
 NsFactory = Callable[[str], Netns]
 
 
-def build_pop(index: int, make_ns: NsFactory, router_ns: Netns, tmp_path: Path, servers: int = 2,
-              **overrides: Any) -> tuple[PopNode, list[TcpService]]:
+def build_pop(index: int, make_ns: NsFactory, router_ns: Netns, tmp_path: Path, servers: int = 2, *,
+              prepare: Callable[[Netns], None] | None = None, **overrides: Any) -> tuple[PopNode, list[TcpService]]:
+    """PoP `index` with its servers; `prepare(ns)` runs in the PoP's namespace before `pop run`."""
     ns = make_ns(f"p{index}")
     veth(router_ns, f"r1p{index}", f"10.0.{index}.1/30", ns, "up0", f"10.0.{index}.2/30")
     services = []
@@ -56,6 +57,8 @@ def build_pop(index: int, make_ns: NsFactory, router_ns: Netns, tmp_path: Path, 
         **overrides,
     }
     node = PopNode(ns, config, tmp_path / f"pop{index}")
+    if prepare is not None:
+        prepare(ns)
     node.start()
     return node, services
 

@@ -13,8 +13,8 @@ pulls all three every second (quorum 2). The assertions are made at r1's kernel 
 - agents that lie (one replays a report it signed earlier, two sign with the wrong key):
   nothing changes (dropped as duplicate/stale and forged, counted);
 - every agent killed: nothing changes (unknown never withdraws).
-The catchment map (who answers each agent on the anycast address, `pop identity` on each
-PoP) follows a withdrawal.
+The catchment map (who answers each agent on the anycast address: each PoP's engine serves
+`pop.identity` there, `external.identity_port`) follows a withdrawal.
 """
 
 from __future__ import annotations
@@ -61,16 +61,19 @@ def fleet(netns_factory: NsFactory, frr_factory: Callable[..., FrrRouter], tmp_p
     pops: dict[str, PopNode] = {}
     for i in (1, 2):
         external = {"enabled": True, "beacons": [f"203.0.113.{i}/32"], "key_file": str(key), "agents": agents_cfg,
-                    "quorum": 2, "fall_for": 2}
-        node, _ = build_pop(i, netns_factory, r1_ns, tmp_path, external=external, pool={"hold_down": HOLD_DOWN})
-        node.ns.run("ip", "addr", "add", f"203.0.113.{i}/32", "dev", "lo")
+                    "quorum": 2, "fall_for": 2, "identity_port": 9191}
+
+        def on_lo(ns: Netns, beacon: str = f"203.0.113.{i}/32") -> None:
+            # the PoP answers on the anycast address itself (mode none), and its engine says who
+            # it is there (external.identity_port) for the agents' catchment map
+            ns.run("ip", "addr", "add", beacon, "dev", "lo")
+            ns.run("ip", "addr", "add", ANYCAST, "dev", "lo")
+
+        node, _ = build_pop(i, netns_factory, r1_ns, tmp_path, prepare=on_lo, external=external,
+                            pool={"hold_down": HOLD_DOWN})
         node.ns.run("ip", "route", "add", "10.9.0.0/16", "via", f"10.0.{i}.1")
         beacon = TcpService(node.ns, f"203.0.113.{i}", PORT, log=tmp_path / f"beacon{i}.log")
         beacon.start()
-        # the PoP answers on the anycast address itself (mode none) and says who it is there
-        node.ns.run("ip", "addr", "add", ANYCAST, "dev", "lo")
-        node.ns.popen(sys.executable, "-m", "pop", "identity", "--pop", f"pop{i}", "--listen",
-                      f"{ANYCAST.split('/')[0]}:9191", log=tmp_path / f"identity{i}.log")
         pops[f"pop{i}"] = node
         dumps.append(node)  # their logs are printed if the test fails
     procs: dict[str, Any] = {}
