@@ -30,6 +30,7 @@ every new view and again when `gate.due` passes (the moment fall_for will have e
 
 from __future__ import annotations
 
+import collections
 import enum
 import json
 import math
@@ -396,6 +397,9 @@ class Tier3:
         self.view = ExternalView(ViewKind.UNKNOWN, (), (), (), "unknown from outside: no report yet")
         self.gate = Gate()
         self.dropped: dict[str, int] = {}  # by reason: forged, malformed, impostor, stale, replayed, ...
+        # the catchment's recent changes, oldest first: (when, agent, address, from PoP, to PoP)
+        self.moves: collections.deque[tuple[float, str, str, str | None, str | None]] = collections.deque(maxlen=50)
+        self._landed: dict[tuple[str, str], str | None] = {}
         self.last_problem: dict[str, str] = {}  # per agent, the last reason its report was not taken
 
     @property
@@ -421,6 +425,11 @@ class Tier3:
         if rejection is not None:
             return self._drop(agent, str(rejection.kind), rejection.detail)
         self.last_problem.pop(agent, None)
+        for address, landing in report.anycast.items():
+            before = self._landed.get((agent, address), landing.pop)
+            if landing.pop != before:
+                self.moves.append((report.generated_at, agent, address, before, landing.pop))
+            self._landed[(agent, address)] = landing.pop
         return None
 
     def reconfigure(self, pop: str, policy: Policy, key: bytes) -> None:
@@ -465,6 +474,8 @@ def summary(tier3: Tier3, now: float) -> dict[str, Any]:
     return {"view": str(tier3.view.kind), "reason": tier3.view.reason, "competent": tier3.view.n,
             "unreachable": tier3.view.u, "quorum": tier3.policy.quorum, "blocking": tier3.gate.blocks,
             "gate": tier3.gate.reason, "agents": agents, "dropped": dict(sorted(tier3.dropped.items())),
+            "catchment_changes": [{"ago_seconds": round(now - at, 3), "agent": agent, "address": address,
+                                   "from": old, "to": new} for at, agent, address, old, new in reversed(tier3.moves)],
             "catchment": {agent: {address: {"pop": landing.pop, "server": landing.server, "rtt_ms": landing.rtt_ms,
                                             "error": landing.error}
                                   for address, landing in landings.items()}

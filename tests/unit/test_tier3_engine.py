@@ -14,6 +14,7 @@ from pop.agent import auth
 from pop.config import load
 from pop.engine import Engine
 from pop.external import Policy, Tier3
+from pop.external import summary as external_summary
 from tests.unit.test_engine import CONFIG_TEXT, OK, POLICY, FakeSpeaker, ManualClock, Scripted, feed
 from tests.unit.test_external import NOW, body
 
@@ -114,3 +115,15 @@ def test_status_shows_the_view_from_outside_and_the_catchment() -> None:
     assert snap.external is not None
     assert (snap.external["view"], snap.external["competent"], snap.external["blocking"]) == ("reachable", 3, False)
     assert snap.external["catchment"]["probe2"]["198.51.100.1"]["pop"] == "pop1"
+
+
+def test_the_catchment_keeps_its_recent_changes() -> None:
+    engine, _, _ = engine_with_tier3()
+    assert engine.tier3 is not None
+    for second, lands in enumerate(("pop1", "pop1", "t2", "t2")):
+        data = body("probe1", sequence=second + 1, at=NOW + second, pops={"t1": True, "t2": True})
+        data["anycast"]["198.51.100.1"]["pop"] = lands
+        raw = json.dumps(data).encode()
+        assert engine.tier3.offer("probe1", raw, auth.sign(KEY, raw), NOW + second) is None
+    changes = external_summary(engine.tier3, NOW + 4)["catchment_changes"]
+    assert changes == [{"ago_seconds": 2.0, "agent": "probe1", "address": "198.51.100.1", "from": "pop1", "to": "t2"}]
