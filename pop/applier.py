@@ -102,6 +102,7 @@ class Applier:
         self.verify_interval = config.dataplane.verify_interval
         self._on_event = on_event  # (kind, subject, reason) for the engine's event list
         self._on_announced = on_announced  # the service persists what ExaBGP holds
+        self._told: tuple[Announcement, ...] | None = None  # what _on_announced last heard
         self._desired = EMPTY
         self._wake = asyncio.Event()
         self._dirty = False
@@ -252,8 +253,10 @@ class Applier:
             log.info("bgp.recovered")
             self._event("recovered", "bgp", "ExaBGP accepted the commands it refused before")
             self._status = replace(self._status, bgp_error="")
-        if self._on_announced is not None:
-            self._on_announced(self.speaker.announced())
+        held = self.speaker.announced()
+        if self._on_announced is not None and held != self._told:  # a file write, only on a change
+            self._on_announced(held)
+            self._told = held
         return True
 
     def _failed(self, what: str, error: str) -> None:

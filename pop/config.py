@@ -26,8 +26,6 @@ import ipaddress
 import re
 from typing import Any
 
-import yaml
-
 from pop import config_external
 from pop.config_model import (
     Attributes,
@@ -47,7 +45,7 @@ from pop.config_model import (
     WireGuardCheck,
     WireGuardTarget,
 )
-from pop.config_reader import U16, U32, ConfigError, Reader, join, zone_problem
+from pop.config_reader import U16, U32, ConfigError, Reader, join, parse_yaml, zone_problem
 
 __all__ = [
     "Attributes", "Checks", "Config", "ConfigError", "Dataplane", "ExaBGP", "External", "ExternalAgent", "L4Check",
@@ -56,7 +54,6 @@ __all__ = [
 ]
 
 # [0-9], not \d: \d also matches other scripts' digits, which int() accepts and ExaBGP does not
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _COMMUNITY = re.compile(r"([0-9]+):([0-9]+)")
 _LARGE_COMMUNITY = re.compile(r"([0-9]+):([0-9]+):([0-9]+)")
 _WELL_KNOWN = {
@@ -429,16 +426,7 @@ _TOP = {"pop", "neighbors", "prefixes", "servers", "checks", "pool", "status", "
 def load(text: str | bytes, source: str = "pop.yaml") -> Config:
     """Parse one PoP's YAML configuration. Raises ConfigError listing every problem."""
     r = Reader(source)
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1} column {mark.column + 1}" if mark is not None else "(top level)"
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError([f"{source}: {where}: not valid YAML: {problem}"]) from None
-    except (ValueError, TypeError, RecursionError) as exc:
-        # PyYAML raises these for a few pathological inputs (e.g. huge or odd scalars)
-        raise ConfigError([f"{source}: (top level): not valid YAML: {exc}"]) from None
+    document = parse_yaml(text, source)
     try:
         return _build(r, document)
     except RecursionError:
@@ -479,7 +467,7 @@ def _build(r: Reader, document: Any) -> Config:
 
 
 def _name(r: Reader, value: Any, path: str) -> str | None:
-    return r.string(value, path, pattern=_NAME, what="a name (letters, digits, '_', '.', '-'; at most 63)")
+    return r.name(value, path)
 
 
 def _cross_checks(r: Reader, neighbors: dict[int, Neighbor], prefixes: dict[int, Prefix], servers: dict[int, Server],

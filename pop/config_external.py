@@ -8,7 +8,6 @@ file when the tier is enabled.
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,7 +15,6 @@ from pop.config_model import External, ExternalAgent, Neighbor
 from pop.config_reader import Reader, join, zone_problem
 
 U16 = 65535
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _KEYS = {"enabled", "beacons", "key_file", "agents", "quorum", "unreachable_fraction", "max_age", "max_skew",
          "fall_for", "pull_interval", "timeout", "identity_port"}
 
@@ -32,8 +30,7 @@ def parse(r: Reader, value: Any, path: str) -> External:
         entry = r.mapping(item, item_path, {"name", "address", "port"})
         if entry is None:
             continue
-        name = r.need(entry, "name", item_path, lambda v, p: r.string(
-            v, p, pattern=_NAME, what="a name (letters, digits, '_', '.', '-'; at most 63)"))
+        name = r.need(entry, "name", item_path, r.name)
         address = r.need(entry, "address", item_path, r.address)
         port = r.optional(entry, "port", item_path, lambda v, p: r.integer(v, p, 1, U16), 9190)
         if name is not None and address is not None:

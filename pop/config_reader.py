@@ -17,6 +17,9 @@ T = TypeVar("T")
 
 U16 = 0xFFFF
 U32 = 0xFFFFFFFF
+# the names of PoPs, servers and agents: they reach ExaBGP, /status, metrics labels and reports
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+NAME_WHAT = "a name (letters, digits, '_', '.', '-'; at most 63)"
 
 # C0, DEL, C1 and the Unicode line separators: any of them can end a line for some reader
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -132,6 +135,9 @@ class Reader:
             return None
         return str(parsed)
 
+    def name(self, value: Any, path: str) -> str | None:
+        return self.string(value, path, pattern=NAME, what=NAME_WHAT)
+
     def absolute_path(self, value: Any, path: str) -> str | None:
         text = self.string(value, path)
         if text is not None and not text.startswith("/"):
@@ -224,3 +230,19 @@ def _distance(a: str, b: str) -> int:
             if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
                 rows[i][j] = min(rows[i][j], rows[i - 2][j - 2] + 1)
     return rows[-1][-1]
+
+
+def parse_yaml(text: str | bytes, source: str) -> Any:
+    """The YAML document, or ConfigError naming where it is not valid YAML."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}" if mark is not None else "(top level)"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{source}: {where}: not valid YAML: {problem}"]) from None
+    except (ValueError, TypeError, RecursionError) as exc:
+        # PyYAML raises these for a few pathological inputs (e.g. huge or odd scalars)
+        raise ConfigError([f"{source}: (top level): not valid YAML: {exc}"]) from None

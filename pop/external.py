@@ -41,7 +41,7 @@ from types import MappingProxyType
 from typing import Any, NoReturn
 
 from pop.agent import auth
-from pop.config_reader import Reader, join, shown
+from pop.config_reader import NAME, NAME_WHAT, Reader, join, shown
 
 VERSION = 1
 MAX_POPS = 1000
@@ -52,8 +52,6 @@ MAX_TIME = 1e10  # seconds since the epoch (year 2286): any later date is a brok
 MAX_RTT_MS = 600_000.0
 MAX_SEQUENCE = 2**63 - 1
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # as pop.config's names
-_NAME_WHAT = "a name (letters, digits, '_', '.', '-'; at most 63)"
 _BOOT_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
 
 
@@ -193,7 +191,7 @@ class _Reader(Reader):
         raise ReportError(f"{path or '(top level)'}: {message}")
 
     def name(self, value: Any, path: str) -> str:
-        return self.string(value, path, pattern=_NAME, what=_NAME_WHAT) or ""
+        return self.string(value, path, pattern=NAME, what=NAME_WHAT) or ""
 
     def time(self, value: Any, path: str) -> float:
         return self.number(value, path, 0.0, MAX_TIME, low_open=True) or 0.0
@@ -215,8 +213,8 @@ class _Reader(Reader):
         if len(value) > most:
             self.error(path, f"has {len(value)} entries, at most {most}")
         for key in value:
-            if not isinstance(key, str) or not _NAME.fullmatch(key):
-                self.error(path, f"key {shown(key)} is not {_NAME_WHAT}")
+            if not isinstance(key, str) or not NAME.fullmatch(key):
+                self.error(path, f"key {shown(key)} is not {NAME_WHAT}")
         return value
 
 
@@ -401,10 +399,6 @@ class Tier3:
         self.moves: collections.deque[tuple[float, str, str, str | None, str | None]] = collections.deque(maxlen=50)
         self._landed: dict[tuple[str, str], str | None] = {}
         self.last_problem: dict[str, str] = {}  # per agent, the last reason its report was not taken
-
-    @property
-    def key(self) -> bytes:
-        return self._key
 
     @property
     def blocking(self) -> str:

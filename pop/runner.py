@@ -91,13 +91,18 @@ def load_file(path: Path, *, with_keys: bool = False) -> Config:
 
         cascade.build(config)
         if config.external.enabled:
-            from pop.agent.auth import read_key
-
-            try:
-                read_key(config.external.key_file)
-            except ValueError as exc:
-                raise ConfigError([f"{path}: external.key_file: {exc}"]) from None
+            read_agents_key(config)
     return config
+
+
+def read_agents_key(config: Config) -> bytes:
+    """The probe agents' shared key (tier 3); a bad key file is a configuration problem."""
+    from pop.agent.auth import read_key
+
+    try:
+        return read_key(config.external.key_file)
+    except ValueError as exc:
+        raise ConfigError([f"{config.source}: external.key_file: {exc}"]) from None
 
 
 def run(config_path: Path) -> int:

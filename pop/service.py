@@ -38,7 +38,14 @@ from pop.desired import Announcement
 from pop.engine import Engine
 from pop.external import Policy as ExternalPolicy
 from pop.external import Tier3
-from pop.runner import HEARTBEAT_INTERVAL, engine_heartbeat, engine_pidfile, load_file, write_if_changed
+from pop.runner import (
+    HEARTBEAT_INTERVAL,
+    engine_heartbeat,
+    engine_pidfile,
+    load_file,
+    read_agents_key,
+    write_if_changed,
+)
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -81,13 +88,12 @@ def _reload(engine: Engine, config_path: Path) -> None:
         log.warning("reload.partial turning the external tier on or off takes effect at the next restart")
     elif engine.tier3 is not None:
         try:
-            fresh = _tier3(new)
+            key = read_agents_key(new)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload.rejected %s", problem)
             return
-        assert fresh is not None
-        engine.tier3.reconfigure(new.name, fresh.policy, fresh.key)
+        engine.tier3.reconfigure(new.name, _external_policy(new), key)
     if _kernel(new) != _kernel(engine.config):
         log.warning("reload.partial starting or stopping the kernel data plane (dataplane.mode none, no vip) "
                     "takes effect at the next restart")
@@ -204,14 +210,12 @@ def _tier3(config: Config) -> Tier3 | None:
     """Tier 3's state, with the agents' shared key read now (a bad key file is a config error)."""
     if not config.external.enabled:
         return None
-    from pop.agent.auth import read_key
+    return Tier3(config.name, _external_policy(config), read_agents_key(config))
 
-    try:
-        key = read_key(config.external.key_file)
-    except ValueError as exc:
-        raise ConfigError([f"{config.source}: external.key_file: {exc}"]) from None
+
+def _external_policy(config: Config) -> ExternalPolicy:
     x = config.external
-    return Tier3(config.name, ExternalPolicy(x.quorum, x.unreachable_fraction, x.max_age, x.max_skew, x.fall_for), key)
+    return ExternalPolicy(x.quorum, x.unreachable_fraction, x.max_age, x.max_skew, x.fall_for)
 
 
 async def _pull_agents(config: Config, tier3: Tier3, engine: Engine) -> None:

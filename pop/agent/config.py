@@ -8,18 +8,14 @@ explains each key and its default.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from pop import wgkeys
-from pop.config_reader import U16, ConfigError, Reader, join
+from pop.config_reader import U16, ConfigError, Reader, join, parse_yaml
 
 __all__ = ["AgentConfig", "ConfigError", "PopTarget", "WireGuardProbe", "load"]
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _TOP = {"name", "listen", "port", "key_file", "probe_key_file", "interval", "timeout", "rise", "fall",
         "identity_port", "anycast", "pops"}
 
@@ -61,14 +57,7 @@ _DEFAULTS = AgentConfig(name="", key_file="", pops=())
 
 def load(text: str | bytes, source: str = "agent.yaml") -> AgentConfig:
     """Parse an agent's YAML configuration. Raises ConfigError listing every problem."""
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1} column {mark.column + 1}" if mark is not None else "(top level)"
-        raise ConfigError([f"{source}: {where}: not valid YAML: {getattr(exc, 'problem', None) or exc}"]) from None
-    except (ValueError, TypeError, RecursionError) as exc:  # PyYAML's few pathological inputs
-        raise ConfigError([f"{source}: (top level): not valid YAML: {exc}"]) from None
+    document = parse_yaml(text, source)
     r = Reader(source)
     if document is None:
         raise ConfigError([f"{source}: (top level): the file is empty"])
@@ -76,7 +65,7 @@ def load(text: str | bytes, source: str = "agent.yaml") -> AgentConfig:
     if top is None:
         raise ConfigError(r.problems)
     d = _DEFAULTS
-    name = r.need(top, "name", "", lambda v, p: r.string(v, p, pattern=_NAME, what="a name (letters, digits, _.-)"))
+    name = r.need(top, "name", "", r.name)
     key_file = r.need(top, "key_file", "", r.string)
     probe_key_file = r.optional(top, "probe_key_file", "", r.string, None)
     interval = r.optional(top, "interval", "", lambda v, p: r.number(v, p, 0.0, 3600.0, low_open=True), d.interval)
@@ -130,7 +119,7 @@ def _pops(r: Reader, value: Any, path: str) -> list[PopTarget]:
         if data is None:
             continue
         name = r.need(data, "name", item_path,
-                      lambda v, p: r.string(v, p, pattern=_NAME, what="a name (letters, digits, _.-)"))
+                      r.name)
         address = r.need(data, "address", item_path, r.address)
         tcp_port = r.need(data, "tcp_port", item_path, lambda v, p: r.integer(v, p, 1, U16))
         wireguard = r.optional(data, "wireguard", item_path, lambda v, p: _wireguard(r, v, p), None)

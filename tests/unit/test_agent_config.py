@@ -61,7 +61,7 @@ def problems(text: str) -> list[str]:
     ("name: a\nkey_file: k", "agent.yaml: pops: is required"),
     ("name: a\nkey_file: k\npops: []", "agent.yaml: pops: at least one PoP is required"),
     ("name: a b\nkey_file: k\npops: [{name: p, address: 192.0.2.1, tcp_port: 1}]",
-     "agent.yaml: name: 'a b' is not a name (letters, digits, _.-)"),
+     "agent.yaml: name: 'a b' is not a name (letters, digits, '_', '.', '-'; at most 63)"),
     ("name: a\nkey_file: k\npops: [{name: p, address: 192.0.2.1, tcp_port: 1}, {name: q, address: nowhere, tcp_port: 1}]",
      "agent.yaml: pops[1].address: 'nowhere' is not an IP address"),
     ("name: a\nkey_file: k\npops: [{name: p, address: 192.0.2.1, tcp_port: 0}]",
