@@ -14,7 +14,7 @@ from typing import Any
 from pop import wgkeys
 from pop.config_reader import U16, ConfigError, Reader, join, parse_yaml
 
-__all__ = ["AgentConfig", "ConfigError", "PopTarget", "WireGuardProbe", "load"]
+__all__ = ["AgentConfig", "ConfigError", "PopTarget", "Target", "WireGuardProbe", "load"]
 
 _TOP = {"name", "listen", "port", "key_file", "probe_key_file", "interval", "timeout", "rise", "fall",
         "identity_port", "anycast", "pops"}
@@ -29,11 +29,25 @@ class WireGuardProbe:
 
 
 @dataclass(frozen=True, slots=True)
-class PopTarget:
-    name: str
-    address: str  # the PoP's beacon: a unicast address that is never health-gated
+class Target:
+    """One address of a PoP that the agent probes: reached through the PoP's beacon prefix."""
+
+    address: str
     tcp_port: int
     wireguard: WireGuardProbe | None = None
+    name: str = ""  # "" in the one-target form, whose checks are plainly `tcp` and `wireguard`
+
+    def check_name(self, check: str) -> str:
+        """The check's name in the report: `tcp`, or `vpn11.tcp` for a named target."""
+        return f"{self.name}.{check}" if self.name else check
+
+
+@dataclass(frozen=True, slots=True)
+class PopTarget:
+    """A PoP and the addresses probed in it; it is reachable while any one of them fully is."""
+
+    name: str
+    targets: tuple[Target, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +87,10 @@ def load(text: str | bytes, source: str = "agent.yaml") -> AgentConfig:
     pops = r.need(top, "pops", "", lambda v, p: _pops(r, v, p)) or []
     if probe_key_file is None:
         for index, pop in enumerate(pops):
-            if pop.wireguard is not None:
-                r.error(f"pops[{index}].wireguard", "needs probe_key_file (the agent's WireGuard private key)")
+            for position, target in enumerate(pop.targets):
+                if target.wireguard is not None:
+                    where = f"pops[{index}]" + (f".targets[{position}]" if target.name else "")
+                    r.error(f"{where}.wireguard", "needs probe_key_file (the agent's WireGuard private key)")
     config = AgentConfig(
         name=name or "",
         key_file=key_file or "",
@@ -107,6 +123,9 @@ def _anycast(r: Reader, value: Any, path: str) -> tuple[str, ...]:
     return tuple(addresses)
 
 
+MAX_TARGETS = 8  # two checks each: within the MAX_CHECKS a PoP accepts in a report (pop.external)
+
+
 def _pops(r: Reader, value: Any, path: str) -> list[PopTarget]:
     pops: list[PopTarget] = []
     names: dict[str, int] = {}
@@ -115,22 +134,53 @@ def _pops(r: Reader, value: Any, path: str) -> list[PopTarget]:
         r.error(path, "at least one PoP is required")
     for index, item in enumerate(items or []):
         item_path = join(path, index)
-        data = r.mapping(item, item_path, {"name", "address", "tcp_port", "wireguard"})
+        data = r.mapping(item, item_path, {"name", "address", "tcp_port", "wireguard", "targets"})
         if data is None:
             continue
-        name = r.need(data, "name", item_path,
-                      r.name)
-        address = r.need(data, "address", item_path, r.address)
-        tcp_port = r.need(data, "tcp_port", item_path, lambda v, p: r.integer(v, p, 1, U16))
-        wireguard = r.optional(data, "wireguard", item_path, lambda v, p: _wireguard(r, v, p), None)
+        name = r.need(data, "name", item_path, r.name)
+        if "targets" in data:
+            if extra := sorted({"address", "tcp_port", "wireguard"} & set(data)):
+                r.error(item_path, f"either targets or {', '.join(extra)}, not both")
+            targets = _targets(r, data["targets"], join(item_path, "targets"))
+        else:
+            target = _target(r, data, item_path, named=False)
+            targets = [target] if target is not None else []
         if name is not None and name in names:
             r.error(join(item_path, "name"), f"PoP name {name!r} is used twice (also {path}[{names[name]}])")
             continue
-        if name is None or address is None or tcp_port is None:
+        if name is None or not targets:
             continue
         names[name] = index
-        pops.append(PopTarget(name, address, tcp_port, wireguard))
+        pops.append(PopTarget(name, tuple(targets)))
     return pops
+
+
+def _targets(r: Reader, value: Any, path: str) -> list[Target]:
+    items = r.sequence(value, path) or []
+    if not 1 <= len(items) <= MAX_TARGETS:
+        r.error(path, f"has {len(items)} targets; between 1 and {MAX_TARGETS}")
+    targets: list[Target] = []
+    for index, item in enumerate(items[:MAX_TARGETS]):
+        item_path = join(path, index)
+        data = r.mapping(item, item_path, {"name", "address", "tcp_port", "wireguard"})
+        target = _target(r, data, item_path, named=True) if data is not None else None
+        if target is None:
+            continue
+        if any(t.name == target.name for t in targets):
+            r.error(join(item_path, "name"), f"target name {target.name!r} is used twice")
+            continue
+        targets.append(target)
+    return targets
+
+
+def _target(r: Reader, data: dict[str, Any], path: str, *, named: bool) -> Target | None:
+    name = r.need(data, "name", path, r.name) if named else ""
+    address = r.need(data, "address", path, r.address)
+    tcp_port = r.need(data, "tcp_port", path, lambda v, p: r.integer(v, p, 1, U16))
+    wireguard = r.optional(data, "wireguard", path, lambda v, p: _wireguard(r, v, p), None)
+    if name is None or address is None or tcp_port is None:
+        return None
+    return Target(address, tcp_port, wireguard, name)
 
 
 def _wireguard(r: Reader, value: Any, path: str) -> WireGuardProbe | None:

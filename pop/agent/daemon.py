@@ -55,12 +55,16 @@ class Agent:
         self.policy = Policy(config.rise, config.fall, config.fall, config.interval, config.interval)
         self.checks: dict[str, list[tuple[Check, Policy]]] = {}
         for pop in config.pops:
-            checks: list[tuple[Check, Policy]] = [(TcpCheck(pop.address, pop.tcp_port, config.timeout), self.policy)]
-            if pop.wireguard is not None:
-                if probe_key is None:
-                    raise ValueError(f"pops {pop.name}: a WireGuard probe needs the probe key")
-                checks.append((WireGuardCheck(pop.address, pop.wireguard.port, pop.wireguard.public_key, probe_key,
-                                              timeout=config.timeout), self.policy))
+            checks: list[tuple[Check, Policy]] = []
+            for target in pop.targets:
+                checks.append((_Named(TcpCheck(target.address, target.tcp_port, config.timeout),
+                                      target.check_name("tcp")), self.policy))
+                if target.wireguard is not None:
+                    if probe_key is None:
+                        raise ValueError(f"pops {pop.name}: a WireGuard probe needs the probe key")
+                    check = WireGuardCheck(target.address, target.wireguard.port, target.wireguard.public_key,
+                                           probe_key, timeout=config.timeout)
+                    checks.append((_Named(check, target.check_name("wireguard")), self.policy))
             self.checks[pop.name] = checks
         now = clock()
         self.views = {name: view.start((check.name for check, _ in checks), now)
@@ -132,6 +136,18 @@ class Agent:
                     anycast.cancel()
         finally:
             await runner.cleanup()
+
+
+class _Named:
+    """A check under its name in the report (`tcp`, or `vpn11.tcp` for a named target)."""
+
+    def __init__(self, check: Check, name: str) -> None:
+        self.check = check
+        self.name = name
+        self.tier = check.tier
+
+    async def probe(self) -> CheckResult:
+        return await self.check.probe()
 
 
 async def run(agent: Agent) -> None:

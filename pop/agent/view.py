@@ -1,11 +1,14 @@
 """Each PoP's reachability as this agent sees it, and the report that says so. Pure.
 
-Every check of a PoP (tcp to its beacon, the WireGuard handshake through it) keeps one
-hysteresis TierState (pop.hysteresis.step with the agent's rise/fall); the PoP is *reachable*
-while every check is UP or merely FALLING (pop.hysteresis.combine, the rule a server's tiers
-follow inside a PoP). So one lost probe does not flip the opinion, and a PoP that was never
-seen rise is unreachable. `streak` counts the results folded since the opinion last changed,
-`since` is when it changed (agent wall clock; the first opinion dates from the agent's start).
+Every check of a PoP (tcp to an address behind its beacon, the WireGuard handshake there)
+keeps one hysteresis TierState (pop.hysteresis.step with the agent's rise/fall). Checks are
+grouped by target: `tcp` and `wireguard` form the one target of the short form, `vpn11.tcp`
+and `vpn11.wireguard` the target `vpn11`. The PoP is *reachable* while, for at least one
+target, every check is UP or merely FALLING (pop.hysteresis.combine, the rule a server's tiers
+follow inside a PoP): one dead server behind the beacon is not an unreachable PoP. One lost
+probe does not flip the opinion, and a PoP that was never seen rise is unreachable. `streak`
+counts the results folded since the opinion last changed, `since` is when it changed (agent
+wall clock; the first opinion dates from the agent's start).
 
 `report()` builds the JSON object of docs/probe-agent.md (exactly the fields pop.external
 parses, which refuses unknown ones); `encode()` gives the bytes that are signed and served.
@@ -53,10 +56,18 @@ def start(checks: Iterable[str], now: float) -> PopView:
 def fold(view: PopView, check: str, result: CheckResult, policy: Policy, now: float) -> PopView:
     """One check result folded into the PoP's view."""
     tiers = {**view.tiers, check: step(view.tiers.get(check, TierState(since=now)), result, policy, now)}
-    reachable = combine(tiers).in_pool
+    reachable = any(combine(group).in_pool for group in _targets(tiers).values())
     if reachable == view.reachable:
         return replace(view, tiers=tiers, streak=view.streak + 1)
     return PopView(tiers, since=now, reachable=reachable, streak=1)
+
+
+def _targets(tiers: Mapping[str, TierState]) -> dict[str, dict[str, TierState]]:
+    """The checks grouped by target: the part of the name before the last dot."""
+    groups: dict[str, dict[str, TierState]] = {}
+    for name, tier in tiers.items():
+        groups.setdefault(name.rpartition(".")[0], {})[name] = tier
+    return groups
 
 
 def healthy(views: Mapping[str, PopView]) -> bool:
@@ -84,9 +95,10 @@ def encode(document: Mapping[str, Any]) -> bytes:
 
 def _pop(view: PopView) -> dict[str, Any]:
     checks = {name: _check(tier.last) for name, tier in view.tiers.items()}
-    tcp = checks.get("tcp")
+    # the PoP's round trip: the best TCP connect among its targets that answered
+    rtts = [c["rtt_ms"] for name, c in checks.items() if name.rpartition(".")[2] == "tcp" and c["rtt_ms"] is not None]
     return {"reachable": view.reachable, "streak": view.streak,
-            "rtt_ms": tcp["rtt_ms"] if tcp is not None else None, "since": view.since, "checks": checks}
+            "rtt_ms": min(rtts) if rtts else None, "since": view.since, "checks": checks}
 
 
 def _check(last: CheckResult | None) -> dict[str, Any]:

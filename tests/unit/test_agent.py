@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from pop import wgkeys
 from pop.agent import auth
-from pop.agent.config import AgentConfig, PopTarget, WireGuardProbe
+from pop.agent.config import AgentConfig, PopTarget, Target, WireGuardProbe
 from pop.agent.daemon import Agent
 from pop.identity import serve_identity
 from tests.unit.test_wireguard import one, pair, serve
@@ -80,8 +80,8 @@ def test_running_agent_serves_signed_results_after_rise_and_fall() -> None:
         identity = await serve_identity("127.0.0.1", 0, "pop1", "vpn11")
         config = AgentConfig(
             name="probe1", key_file="(given directly)", listen="127.0.0.1", port=0,
-            pops=(PopTarget("pop1", "127.0.0.1", alive_port, WireGuardProbe(wg.responder.public, wg_port)),
-                  PopTarget("pop2", "127.0.0.1", free_port())),
+            pops=(PopTarget("pop1", (Target("127.0.0.1", alive_port, WireGuardProbe(wg.responder.public, wg_port)),)),
+                  PopTarget("pop2", (Target("127.0.0.1", free_port()),))),
             interval=0.05, timeout=0.3, rise=2, fall=3,
             identity_port=identity.sockets[0].getsockname()[1], anycast=("127.0.0.1",))
         agent = Agent(config, KEY, wg.probe)
@@ -125,7 +125,7 @@ def test_running_agent_serves_signed_results_after_rise_and_fall() -> None:
 def test_a_pop_that_never_rose_is_unreachable_and_the_agent_unhealthy() -> None:
     async def main() -> None:
         config = AgentConfig(name="probe1", key_file="-", listen="127.0.0.1", port=0,
-                             pops=(PopTarget("pop1", "127.0.0.1", free_port()),), interval=0.05, timeout=0.2)
+                             pops=(PopTarget("pop1", (Target("127.0.0.1", free_port()),)),), interval=0.05, timeout=0.2)
         agent = Agent(config, KEY)
         async with agent.serving(), aiohttp.ClientSession() as http:
             url = f"http://127.0.0.1:{agent.port}"

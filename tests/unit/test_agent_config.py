@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from pop import wgkeys
-from pop.agent.config import AgentConfig, ConfigError, PopTarget, WireGuardProbe, load
+from pop.agent.config import AgentConfig, ConfigError, PopTarget, Target, WireGuardProbe, load
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "agent.yaml"
 PUBLIC = X25519PrivateKey.generate().public_key().public_bytes_raw()
@@ -22,7 +22,7 @@ pops:
 
 def test_minimal_config_takes_the_documented_defaults() -> None:
     assert load(MINIMAL) == AgentConfig(
-        name="probe1", key_file="/etc/pop/agent.key", pops=(PopTarget("pop1", "192.0.2.1", 443),),
+        name="probe1", key_file="/etc/pop/agent.key", pops=(PopTarget("pop1", (Target("192.0.2.1", 443),)),),
         listen="0.0.0.0", port=9190, probe_key_file=None, interval=0.5, timeout=0.5, rise=2, fall=3,
         identity_port=9191, anycast=())
 
@@ -36,8 +36,24 @@ anycast: [198.51.100.1, "2001:db8:100::1"]
 pops:
   - {{name: pop1, address: "2001:db8::1", tcp_port: 443, wireguard: {{public_key: "{wgkeys.encode_key(PUBLIC)}"}}}}
 """)
-    assert config.pops[0].wireguard == WireGuardProbe(PUBLIC, 51820)
+    assert config.pops[0].targets[0].wireguard == WireGuardProbe(PUBLIC, 51820)
     assert config.anycast == ("198.51.100.1", "2001:db8:100::1")
+
+
+def test_a_pop_with_several_targets() -> None:
+    config = load(f"""
+name: probe1
+key_file: k
+probe_key_file: p
+pops:
+  - name: pop1
+    targets:
+      - {{name: vpn11, address: 10.1.1.2, tcp_port: 443, wireguard: {{public_key: "{wgkeys.encode_key(PUBLIC)}"}}}}
+      - {{name: vpn12, address: 10.1.2.2, tcp_port: 443}}
+""")
+    assert config.pops[0].targets == (Target("10.1.1.2", 443, WireGuardProbe(PUBLIC, 51820), "vpn11"),
+                                      Target("10.1.2.2", 443, None, "vpn12"))
+    assert [t.check_name("tcp") for t in config.pops[0].targets] == ["vpn11.tcp", "vpn12.tcp"]
 
 
 def test_the_documented_example_loads() -> None:
@@ -73,6 +89,16 @@ def problems(text: str) -> list[str]:
      "agent.yaml: pops[0].wireguard.public_key: not a base64 Curve25519 key (32 bytes)"),
     (f"name: a\nkey_file: k\npops: [{{name: p, address: 192.0.2.1, tcp_port: 1, wireguard: {{public_key: '{wgkeys.encode_key(PUBLIC)}'}}}}]",
      "agent.yaml: pops[0].wireguard: needs probe_key_file (the agent's WireGuard private key)"),
+    ("name: a\nkey_file: k\npops: [{name: p, address: 192.0.2.1, targets: [{name: t, address: 192.0.2.2, tcp_port: 1}]}]",
+     "agent.yaml: pops[0]: either targets or address, not both"),
+    ("name: a\nkey_file: k\npops: [{name: p, targets: []}]", "agent.yaml: pops[0].targets: has 0 targets; between 1 and 8"),
+    ("name: a\nkey_file: k\npops: [{name: p, targets: [{address: 192.0.2.2, tcp_port: 1}]}]",
+     "agent.yaml: pops[0].targets[0].name: is required"),
+    ("name: a\nkey_file: k\npops: [{name: p, targets: [{name: t, address: 192.0.2.2, tcp_port: 1}, "
+     "{name: t, address: 192.0.2.3, tcp_port: 1}]}]", "agent.yaml: pops[0].targets[1].name: target name 't' is used twice"),
+    (f"name: a\nkey_file: k\npops: [{{name: p, targets: [{{name: t, address: 192.0.2.2, tcp_port: 1, "
+     f"wireguard: {{public_key: '{wgkeys.encode_key(PUBLIC)}'}}}}]}}]",
+     "agent.yaml: pops[0].targets[0].wireguard: needs probe_key_file (the agent's WireGuard private key)"),
     (MINIMAL + "interval: 0", "agent.yaml: interval: 0 is out of range (greater than 0.0 and at most 3600.0)"),
     (MINIMAL + "timeout: fast", "agent.yaml: timeout: must be a number, not a string"),
     (MINIMAL + "rise: 0", "agent.yaml: rise: 0 is out of range 1..100"),

@@ -51,6 +51,18 @@ def test_every_check_must_be_up_or_falling() -> None:
     assert [v.reachable for v in seen] == [False, False, False, True, True, True, False]
 
 
+def test_one_target_fully_up_is_enough_and_the_rtt_is_the_best_of_them() -> None:
+    fast, slow = CheckResult.success(0.001), CheckResult.success(0.004)
+    seen = run(view.start(["vpn11.tcp", "vpn11.wireguard", "vpn12.tcp"], 99.0),
+               [("vpn11.tcp", slow), ("vpn11.tcp", slow), ("vpn12.tcp", fast), ("vpn12.tcp", fast),
+                # vpn12 dies; vpn11 is reachable by tcp but its wireguard never rises
+                ("vpn12.tcp", TIMEOUT), ("vpn12.tcp", TIMEOUT), ("vpn12.tcp", TIMEOUT),
+                ("vpn11.wireguard", OK), ("vpn11.wireguard", OK)])
+    assert [v.reachable for v in seen] == [False, False, False, True, True, True, False, False, True]
+    report = view.report("a", "b", 1, 109.0, views={"pop1": seen[3]}, landings={})
+    assert report["pops"]["pop1"]["rtt_ms"] == 1.0
+
+
 def test_report_has_exactly_the_documented_fields() -> None:
     views = {"pop1": run(view.start(["tcp"], 99.0), [("tcp", OK), ("tcp", OK)])[-1], "pop2": view.start(["tcp"], 99.0)}
     landings = {"198.51.100.1": view.Landing(at=102.5, pop="pop1", server="vpn11", rtt=0.0009),
