@@ -17,10 +17,12 @@ import asyncio
 import contextlib
 import errno
 import json
+import socket
 import time
 from dataclasses import dataclass
 
 _MAX_ANSWER = 1024
+_IP_FREEBIND = 15  # linux/in.h; not exported by the socket module (also valid on IPv6 sockets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +55,21 @@ async def serve_identity(host: str, port: int, pop: str, server: str | None = No
                 async with asyncio.timeout(2.0):
                     await writer.wait_closed()
 
-    # reuse_address: a restarted responder binds at once despite the last one's TIME_WAITs
-    return await asyncio.start_server(answer, host, port, reuse_address=True)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # SO_REUSEADDR: a restarted responder binds at once despite the last one's TIME_WAITs;
+        # IP_FREEBIND: the anycast address may be added to lo after the responder starts (a
+        # container's addresses come after its command), and it must answer once it is there
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_IP, _IP_FREEBIND, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return await asyncio.start_server(answer, sock=sock)
 
 
 # a timeout parameter, not asyncio.timeout around the call: running out of time is a result

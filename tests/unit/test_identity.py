@@ -37,6 +37,16 @@ def test_a_pop_without_servers_says_server_null() -> None:
     arun(main)
 
 
+def test_the_responder_starts_before_its_address_exists() -> None:
+    # a container gets its anycast address on lo after its command started: the responder binds
+    # it anyway (IP_FREEBIND) and answers once the address is there. 192.0.2.77 is on no host.
+    async def main() -> None:
+        async with await serve_identity("192.0.2.77", 0, "pop1", "vpn11") as server:
+            assert server.sockets[0].getsockname()[0] == "192.0.2.77"
+
+    arun(main)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
