@@ -52,8 +52,10 @@ def decide(current: Verdict, pool: PoolView, policy: VerdictPolicy, now: float, 
 
     ``external``: while tier 3 blocks the PoP (pop.external: unreachable from outside for
     `fall_for`), the gate's reason; "" otherwise. It withdraws an internally healthy PoP and
-    holds it withdrawn; it never announces one. When it lifts, the PoP comes back like any
-    withdrawn PoP: after the hold-down.
+    holds it withdrawn; it never announces one. When it lifts, a PoP tier 3 withdrew comes
+    back like any withdrawn PoP: after the hold-down. A PoP the pool withdrew is held while
+    the block lasts, but its hold-down runs meanwhile: tier 3 agreeing that dead servers are
+    unreachable must not add a second hold-down to their recovery.
     """
     share = f"{pool.healthy}/{pool.total} healthy"
     if current.drained:
@@ -68,7 +70,8 @@ def decide(current: Verdict, pool: PoolView, policy: VerdictPolicy, now: float, 
         reason = (f"{share}, servers up" if pool.healthy == pool.total
                   else f"{share}, degraded: not below low watermark {policy.low_watermark:g}")
         return current if current.reason == reason else replace(current, reason=reason)
-    if external:
+    if external and current.decided_by == "external":
+        # tier 3's own withdrawal: held while the block lasts, the hold-down only after it lifts
         if current.reason == external and current.hold_down_until is None:
             return current
         return replace(current, hold_down_until=None, reason=external)
@@ -81,15 +84,24 @@ def decide(current: Verdict, pool: PoolView, policy: VerdictPolicy, now: float, 
             return current if current.reason == reason else replace(current, reason=reason)
         return current
     if not current.ever_announced:
-        return _flip(current, True, now, f"{share}, servers up")
+        return _come_back(current, now, f"{share}, servers up", external)
     if current.hold_down_until is None:
         if policy.hold_down <= 0:
-            return _flip(current, True, now, f"{share}, at or above high watermark {policy.high_watermark:g}")
+            return _come_back(current, now, f"{share}, at or above high watermark {policy.high_watermark:g}", external)
         return replace(current, hold_down_until=now + policy.hold_down,
                        reason=f"{share}, hold-down {policy.hold_down:g}s before re-announcing")
     if now >= current.hold_down_until:
-        return _flip(current, True, now, f"{share}, stayed healthy through hold-down {policy.hold_down:g}s")
+        return _come_back(current, now, f"{share}, stayed healthy through hold-down {policy.hold_down:g}s", external)
     return current
+
+
+def _come_back(current: Verdict, now: float, reason: str, external: str) -> Verdict:
+    """Announce, unless tier 3 blocks: a PoP the pool withdrew waits for the block to lift,
+    but tier 3 agreeing with the pool adds no second hold-down (docs/decisions.md)."""
+    if external:
+        held = f"{external}; the pool would announce"
+        return current if current.reason == held else replace(current, reason=held)
+    return _flip(current, True, now, reason)
 
 
 def adopt(current: Verdict, pool: PoolView, policy: VerdictPolicy, now: float) -> Verdict:

@@ -1,5 +1,7 @@
 """The PoP verdict: watermarks, hold-down, drain — as tables."""
 
+from dataclasses import replace
+
 import pytest
 
 from pop.verdict import PoolView, Verdict, VerdictPolicy, adopt, decide, drain, undrain
@@ -94,16 +96,23 @@ def test_adopt_keeps_the_announcement_only_if_the_pool_passes(healthy: int, drai
 
 
 BLOCK = "unreachable from outside: 3/3 agents"
+BY_TIER3 = replace(WITHDRAWN, decided_by="external")
 
 
 @pytest.mark.parametrize(("current", "healthy", "external", "announce", "reason", "hold_down_until"), [
     # an internally healthy PoP cut off from outside is withdrawn by tier 3 ...
     (ANNOUNCED, 4, BLOCK, False, BLOCK, None),
     # ... and held withdrawn while the block lasts, whatever the pool says
-    (WITHDRAWN, 4, BLOCK, False, BLOCK, None),
-    (Verdict(ever_announced=True, hold_down_until=12.0), 4, BLOCK, False, BLOCK, None),  # cancels a hold-down
+    (BY_TIER3, 4, BLOCK, False, BLOCK, None),
+    (replace(BY_TIER3, hold_down_until=12.0), 4, BLOCK, False, BLOCK, None),  # cancels a hold-down
+    # a PoP the pool withdrew: held while the block lasts, but its own hold-down runs meanwhile
+    (WITHDRAWN, 4, BLOCK, False, "4/4 healthy, hold-down 5s before re-announcing", 15.0),
+    (replace(WITHDRAWN, hold_down_until=10.0), 4, BLOCK, False, BLOCK + "; the pool would announce", 10.0),
+    (replace(WITHDRAWN, hold_down_until=10.0), 4, "", True, "4/4 healthy, stayed healthy through hold-down 5s", None),
+    (Verdict(), 4, BLOCK, False, BLOCK + "; the pool would announce", None),  # never announced: held too
     # tier 3 never announces: a withdrawn PoP without the block follows the pool and its hold-down
     (WITHDRAWN, 4, "", False, "4/4 healthy, hold-down 5s before re-announcing", 15.0),
+    (BY_TIER3, 4, "", False, "4/4 healthy, hold-down 5s before re-announcing", 15.0),
     (WITHDRAWN, 1, "", False, "1/4 healthy, below high watermark 0.75", None),
     # the pool still withdraws on its own, the block or not
     (ANNOUNCED, 1, BLOCK, False, "1/4 healthy, below low watermark 0.5", None),
