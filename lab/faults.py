@@ -28,10 +28,26 @@ Contract:
                                          (undo waits for the new engine's /status)
   pop-stop            pop node           SIGTERM to ``pop run``: a graceful stop (started again)
   router-down         router node        FRR's bgpd and zebra stopped (started again)
+  cut-off             pop node           the PoP's upstream routers drop every forwarded
+                                         packet to or from its anycast prefixes and beacons:
+                                         users and agents cannot reach it, while its BGP
+                                         sessions, its servers and its own checks stay green
+                                         (nftables forward rules removed)
+  agent-kill          probe node         SIGKILL to the probe agent (started again)
+  agent-blind         probe node         the agent's upstream drops what the agent sends to
+                                         any PoP's anycast prefixes and beacons: it reaches
+                                         no PoP, while the PoPs still pull its reports
+                                         (rules removed)
+  agent-replay        probe node         the agent replaced by lab.liar replaying a report
+  agent-stale                            it signed earlier / a correctly signed report dated
+  agent-forged                           a minute ago / a fresh report signed with a wrong
+                                         key, each saying every PoP is unreachable
+                                         (the real agent started again)
   ==================  =================  ===================================================
 
   A *link target* is a link end ``node:ifname`` (that link), a vpn node (its links: its side
-  of the check path) or a pop node (every link toward its servers: the PoP's check path).
+  of the check path), a pop node (every link toward its servers: the PoP's check path) or a
+  probe node (its uplinks: the agent's own network broken).
   There is no netem in this kernel: nftables drops each direction where it arrives (prerouting
   of the receiving end, so that senders see silence, never an error), each fault in its own
   table ``inet poplab_f<id>`` per namespace, so that an undo removes exactly it.
@@ -62,7 +78,8 @@ if TYPE_CHECKING:
 
 PARAMS = {"loss": {"percent"}, "flap": {"period", "down"}}  # every other kind takes none
 KINDS = ("server-down", "wireguard-down", "loss", "blackhole", "flap", "exabgp-kill", "engine-kill",
-         "pop-stop", "router-down")
+         "pop-stop", "router-down", "cut-off", "agent-kill", "agent-blind", "agent-replay", "agent-stale",
+         "agent-forged")
 
 
 class FaultError(ValueError):
@@ -80,6 +97,16 @@ class FaultableServer(Protocol):
     def stop(self, *, wireguard_only: bool = False) -> None: ...
 
 
+class FaultableAgent(Protocol):
+    """A probe agent as faults kill, replace and start it (``lab.agentnode.AgentNode``)."""
+
+    def start(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def lie(self, mode: str) -> None: ...
+
+
 class FaultableLab(Protocol):
     """What ``Faults`` needs from the lab it injects faults into (``lab.runner.Lab``)."""
 
@@ -94,8 +121,15 @@ class FaultableLab(Protocol):
 
     def ns(self, node: str) -> Netns: ...
 
+    @property
+    def agents(self) -> Mapping[str, FaultableAgent]: ...
+
     def servers_of(self, target: str) -> Sequence[FaultableServer]:
         """A VPN server by name, or every server of a PoP; KeyError for any other name."""
+        ...
+
+    def service_prefixes(self, pop: str) -> list[str]:
+        """A PoP's anycast prefixes and beacons."""
         ...
 
 
@@ -146,6 +180,8 @@ class Faults:
             "loss": self._loss, "blackhole": self._loss, "flap": self._flap,
             "exabgp-kill": self._exabgp_kill, "engine-kill": self._engine_kill,
             "pop-stop": self._pop_stop, "router-down": self._router_down,
+            "cut-off": self._cut_off, "agent-kill": self._agent_kill, "agent-blind": self._agent_blind,
+            "agent-replay": self._agent_lie, "agent-stale": self._agent_lie, "agent-forged": self._agent_lie,
         }
         if kind not in handlers:
             raise FaultError(f"unknown fault kind {kind!r}; one of {', '.join(KINDS)}")
@@ -281,14 +317,93 @@ class Faults:
             if not any(str(end) == target for link in topology.links for end in (link.a, link.b)):
                 raise FaultError(f"{target}: no link has this end")
             return [(node, ifname)]
-        if target not in topology.nodes or topology.nodes[target].role not in ("pop", "vpn"):
-            raise FaultError(f"{target}: name a link end (node:ifname), a vpn node or a pop node")
+        if target not in topology.nodes or topology.nodes[target].role not in ("pop", "vpn", "probe"):
+            raise FaultError(f"{target}: name a link end (node:ifname), a vpn, pop or probe node")
         ends = []
         for link in topology.links:
             for mine, other in ((link.a, link.b), (link.b, link.a)):
-                if mine.node == target and topology.nodes[other.node].role in ("vpn", "pop"):
+                # a probe's links lead to routers; a pop's or vpn's to each other (the check path)
+                wanted = ("router",) if topology.nodes[target].role == "probe" else ("vpn", "pop")
+                if mine.node == target and topology.nodes[other.node].role in wanted:
                     ends.append((mine.node, mine.ifname))
         return ends
+
+    def upstreams(self, node: str) -> list[tuple[str, str]]:
+        """(router, the router's ifname toward ``node``) for every router ``node`` is linked to."""
+        topology = self.lab.topology
+        return [(other.node, other.ifname) for link in topology.links
+                for mine, other in ((link.a, link.b), (link.b, link.a))
+                if mine.node == node and topology.nodes[other.node].role == "router"]
+
+    def _nft(self, fault: Fault, scripts: Mapping[str, str]) -> Callable[[], float]:
+        """Commit one table per namespace; the undo deletes exactly those tables."""
+        fault.began = time.monotonic()
+        for node, script in scripts.items():
+            self.lab.ns(node).run("nft", "-f", "-", input=script)
+
+        def undo() -> float:
+            for node in scripts:
+                self.lab.ns(node).run("nft", "delete", "table", "inet", f"poplab_f{fault.id}", check=False)
+            return time.monotonic()
+        return undo
+
+    @staticmethod
+    def _match(prefixes: Sequence[str], field: str) -> list[str]:
+        """nftables matches of ``field`` (saddr/daddr) against the prefixes, one per family."""
+        v4 = [p for p in prefixes if ":" not in p]
+        v6 = [p for p in prefixes if ":" in p]
+        return ([f"ip {field} {{ {', '.join(v4)} }}"] if v4 else []) + \
+               ([f"ip6 {field} {{ {', '.join(v6)} }}"] if v6 else [])
+
+    def _cut_off(self, fault: Fault) -> Callable[[], float]:
+        self._pop_node(fault.target)
+        prefixes = self.lab.service_prefixes(fault.target)
+        scripts: dict[str, str] = {}
+        for router, ifname in self.upstreams(fault.target):
+            rules = "".join(f'    oifname "{ifname}" {m} drop\n' for m in self._match(prefixes, "daddr"))
+            rules += "".join(f'    iifname "{ifname}" {m} drop\n' for m in self._match(prefixes, "saddr"))
+            scripts[router] = (f"table inet poplab_f{fault.id} {{\n"
+                               "  chain cut { type filter hook forward priority 0; policy accept;\n"
+                               f"{rules}  }}\n}}\n")
+        if not scripts:
+            raise FaultError(f"{fault.target}: no upstream router to cut it off at")
+        return self._nft(fault, scripts)
+
+    # --- probe agents -------------------------------------------------------------------
+
+    def _agent(self, target: str) -> FaultableAgent:
+        if target not in self.lab.agents:
+            raise FaultError(f"{target}: not a probe node that runs an agent")
+        return self.lab.agents[target]
+
+    def _agent_kill(self, fault: Fault) -> Callable[[], float]:
+        agent = self._agent(fault.target)
+        fault.began = time.monotonic()
+        agent.kill()
+
+        def undo() -> float:
+            agent.start()
+            return time.monotonic()
+        return undo
+
+    def _agent_lie(self, fault: Fault) -> Callable[[], float]:
+        agent = self._agent(fault.target)
+        agent.lie(fault.kind.removeprefix("agent-"))
+
+        def undo() -> float:
+            agent.start()
+            return time.monotonic()
+        return undo
+
+    def _agent_blind(self, fault: Fault) -> Callable[[], float]:
+        self._agent(fault.target)
+        prefixes = [p for pop in self.lab.pops for p in self.lab.service_prefixes(pop)]
+        scripts = {router: (f"table inet poplab_f{fault.id} {{\n"
+                            "  chain pre { type filter hook prerouting priority raw; policy accept;\n"
+                            + "".join(f'    iifname "{ifname}" {m} drop\n' for m in self._match(prefixes, "daddr"))
+                            + "  }\n}\n")
+                   for router, ifname in self.upstreams(fault.target)}
+        return self._nft(fault, scripts)
 
     def _peer_end(self, node: str, ifname: str) -> tuple[str, str]:
         for link in self.lab.topology.links:
@@ -315,15 +430,7 @@ class Faults:
             scripts[node] = (f"table inet {table} {{\n"
                              f"  chain pre {{ type filter hook prerouting priority raw; policy accept;\n"
                              f"{rules}  }}\n}}\n")
-        fault.began = time.monotonic()
-        for node, script in scripts.items():
-            self.lab.ns(node).run("nft", "-f", "-", input=script)
-
-        def undo() -> float:
-            for node in scripts:
-                self.lab.ns(node).run("nft", "delete", "table", "inet", table, check=False)
-            return time.monotonic()
-        return undo
+        return self._nft(fault, scripts)
 
     # --- daemons ------------------------------------------------------------------------
 

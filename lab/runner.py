@@ -75,6 +75,7 @@ import yaml
 
 from lab import datapath, state
 from lab import status as lab_status
+from lab.agentnode import AgentNode
 from lab.datapath import WHOAMI_PORT
 from lab.faults import Faults
 from lab.frr import FrrRouter
@@ -142,6 +143,7 @@ class Lab:
         self.routers: dict[str, FrrRouter] = {}
         self.pops: dict[str, PopNode] = {}
         self.vpns: dict[str, VpnServer] = {}
+        self.agents: dict[str, AgentNode] = {}
         self.whoami: dict[str, list[subprocess.Popen[bytes]]] = {}
         self.faults = Faults(self)
         self.owner_pid = os.getpid()
@@ -174,6 +176,14 @@ class Lab:
 
     def vpn(self, name: str) -> VpnServer:
         return self.vpns[name]
+
+    def agent(self, name: str) -> AgentNode:
+        return self.agents[name]
+
+    def service_prefixes(self, pop: str) -> list[str]:
+        """What users and agents reach a PoP by: its anycast prefixes and its beacons."""
+        config = self.spec.pops[pop].config
+        return [p.prefix for p in config.prefixes] + list(config.external.beacons)
 
     @property
     def anycast(self) -> str:
@@ -258,14 +268,27 @@ class Lab:
             keydir.mkdir(mode=0o700, exist_ok=True)
             probe_private, probe_public = keypair()
             write_key(keydir / "probe.key", probe_private)
+            # the agents' shared HMAC key, and each agent's own WireGuard probe key, which every
+            # server lists as a peer (one key per agent: a server's replay protection rejects a
+            # handshake older than the last one it saw from the same key)
+            agents_key = keydir / "agents.key"
+            agents_key.write_text(secrets.token_hex(32) + "\n")
+            agents_key.chmod(0o600)
+            peers = [probe_public]
+            for name in self.spec.agents:
+                agent_private, agent_public = keypair()
+                write_key(keydir / f"{name}.key", agent_private)
+                peers.append(agent_public)
             # `pop run` takes longest (ExaBGP validates, then starts the engine), so it goes
             # first; its checks see the servers once they are up, as after any restart
             for name in self.spec.pops:
                 self._start_pop(name)
             with ThreadPoolExecutor(max_workers=8) as pool:
                 jobs = [pool.submit(self._start_router, node) for node in self.topology.by_role("router")]
-                jobs += [pool.submit(self._start_vpn, name, probe_public) for name in self.spec.vpns]
+                jobs += [pool.submit(self._start_vpn, name, peers) for name in self.spec.vpns]
                 for job in jobs:
+                    job.result()
+                for job in [pool.submit(self._start_agent, name) for name in self.spec.agents]:
                     job.result()
             self.phases["daemons"] = time.monotonic() - started
             self.wait_converged(timeout=max(1.0, timeout - (time.monotonic() - started)))
@@ -319,7 +342,7 @@ class Lab:
         self.routers[node.name] = router
         router.start()
 
-    def _start_vpn(self, name: str, probe_public: bytes) -> None:
+    def _start_vpn(self, name: str, peers: list[bytes]) -> None:
         spec = self.spec.vpns[name]
         ns = self.ns(name)
         workdir = self.statedir / name
@@ -333,7 +356,8 @@ class Lab:
                 # the node's own key, so that the public key in its PoP's pop.yaml matches
                 wireguard.private = wgkeys.decode_key(key_file.read_text())
                 wireguard.public = wgkeys.public_key_of(wireguard.private)
-            wireguard.add_peer(probe_public)
+            for public in peers:
+                wireguard.add_peer(public)
         server = VpnServer(name, ns, tcp, wireguard)
         self.vpns[name] = server
         self._start_witness(name)
@@ -346,7 +370,18 @@ class Lab:
         wg = document.get("checks", {}).get("wireguard")
         if isinstance(wg, dict) and wg.get("enabled"):
             wg["probe_key_file"] = str(self.statedir / "keys" / "probe.key")
+        external = document.get("external")
+        if isinstance(external, dict) and external.get("enabled"):
+            external["key_file"] = str(self.statedir / "keys" / "agents.key")
         return document
+
+    def _start_agent(self, name: str) -> None:
+        document = copy.deepcopy(dict(self.spec.agents[name].document))
+        document["key_file"] = str(self.statedir / "keys" / "agents.key")
+        document["probe_key_file"] = str(self.statedir / "keys" / f"{name}.key")
+        node = AgentNode(self.ns(name), document, self.statedir / name)
+        self.agents[name] = node
+        node.start()
 
     def _start_pop(self, name: str) -> None:
         ns = self.ns(name)
@@ -357,11 +392,20 @@ class Lab:
         node.start()
 
     def _start_witness(self, name: str) -> None:
-        """The who-am-I service on each anycast address ``name`` holds on lo (the data path's end)."""
+        """The who-am-I service on each anycast address ``name`` holds on lo (the data path's end);
+        on a server of a PoP with tier 3, also `pop identity` there, for the agents' catchment map
+        (a PoP in mode none answers that itself: ``external.identity_port``)."""
         log = self.statedir / name / "whoami.log"
         log.parent.mkdir(parents=True, exist_ok=True)
+        addresses = anycast_on_lo(self.topology.nodes[name], self.spec.anycast)
         self.whoami[name] = [self.ns(name).popen(sys.executable, str(WHOAMI), address, str(WHOAMI_PORT), name, log=log)
-                             for address in anycast_on_lo(self.topology.nodes[name], self.spec.anycast)]
+                             for address in addresses]
+        vpn = self.spec.vpns.get(name)
+        port = self.spec.pops[vpn.pop].config.external.identity_port if vpn is not None else 0
+        pop = Path(sys.executable).parent / "pop"
+        self.whoami[name] += [self.ns(name).popen(str(pop), "identity", "--pop", vpn.pop, "--server", name,
+                                                  "--listen", f"{address}:{port}", log=log)
+                              for address in addresses if vpn is not None and port]
 
     def restart_pop(self, name: str, changes: Mapping[str, Any] | None = None) -> float:
         """Restart ``pop run`` in a PoP with its pop.yaml merged with ``changes``.
@@ -431,7 +475,8 @@ class Lab:
         """Stop every daemon and remove every trace of the lab. Idempotent."""
         self.faults.stop_all()
         with ThreadPoolExecutor(max_workers=8) as pool:
-            # PoPs first, in parallel: each withdraws and closes its sessions on SIGTERM
+            list(pool.map(lambda agent: agent.stop(), list(self.agents.values())))
+            # PoPs next, in parallel: each withdraws and closes its sessions on SIGTERM
             list(pool.map(lambda node: node.stop(timeout=5), list(self.pops.values())))
             list(pool.map(lambda router: router.stop(), list(self.routers.values())))
             list(pool.map(lambda vpn: vpn.stop(), list(self.vpns.values())))
@@ -439,6 +484,7 @@ class Lab:
         self.pops.clear()
         self.routers.clear()
         self.vpns.clear()
+        self.agents.clear()
         self.whoami.clear()
         self.namespaces.clear()
         state.remove_leftovers(self.prefix, self.wg_ifnames.values(), self.statedir)

@@ -35,6 +35,7 @@ import yaml
 from lab.frr import BgpConfig, BgpNeighbor
 from lab.netns import IFNAMSIZ
 from pop import config as pop_config
+from pop.agent import config as agent_config
 
 Role = Literal["router", "pop", "vpn", "client", "probe"]
 ROLES: tuple[Role, ...] = ("router", "pop", "vpn", "client", "probe")
@@ -42,6 +43,7 @@ ROLE_LABEL = "pop.lab.role"
 FRR_CONF = "/etc/frr/frr.conf"
 FRR_DAEMONS = "/etc/frr/daemons"
 POP_YAML = "/etc/pop/pop.yaml"
+AGENT_YAML = "/etc/pop/agent.yaml"
 
 _NODE_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")  # short: it becomes part of namespace names
 _IFNAME = re.compile(r"^(eth[0-9]{1,3}|lo)$")
@@ -127,12 +129,23 @@ class VpnSpec:
 
 
 @dataclass(frozen=True)
+class AgentSpec:
+    """A probe node that runs `pop probe-agent` (it binds an agent.yaml)."""
+
+    name: str  # the node's name
+    document: Mapping[str, Any]  # the YAML as written; the runner adds the run's key files
+    config: agent_config.AgentConfig
+    path: Path
+
+
+@dataclass(frozen=True)
 class LabSpec:
     topology: Topology
     routers: Mapping[str, BgpConfig]
     pops: Mapping[str, PopSpec]
     vpns: Mapping[str, VpnSpec]
     anycast: tuple[str, ...] = field(default=())  # every PoP prefix, in first-seen order
+    agents: Mapping[str, AgentSpec] = field(default_factory=dict)
 
 
 # --- containerlab.yml ----------------------------------------------------------------------
@@ -332,6 +345,7 @@ def load(path: Path) -> LabSpec:
     problems: list[str] = []
     routers: dict[str, BgpConfig] = {}
     pops: dict[str, PopSpec] = {}
+    agents: dict[str, AgentSpec] = {}
     for node in topology.nodes.values():
         wanted = {"router": [FRR_CONF, FRR_DAEMONS], "pop": [POP_YAML]}.get(node.role, [])
         for target in wanted:
@@ -349,19 +363,56 @@ def load(path: Path) -> LabSpec:
             if node.role == "pop" and (yml := node.bind_source(POP_YAML)) and yml.is_file():
                 text = yml.read_text()
                 pops[node.name] = PopSpec(node.name, yaml.safe_load(text), pop_config.load(text, str(yml)), yml)
-        except (TopologyError, pop_config.ConfigError) as exc:
+            if node.role == "probe" and (yml := node.bind_source(AGENT_YAML)) and yml.is_file():
+                text = yml.read_text()
+                agents[node.name] = AgentSpec(node.name, yaml.safe_load(text), agent_config.load(text, str(yml)), yml)
+        except (TopologyError, pop_config.ConfigError, agent_config.ConfigError) as exc:
             problems.extend(exc.problems)
     if problems:
         raise TopologyError(problems)
     vpns = _vpns(topology, pops, problems)
     _check_sessions(topology, routers, pops, problems)
     _check_anycast_holders(topology, pops, problems)
+    _check_agents(topology, pops, vpns, agents, problems)
     if problems:
         raise TopologyError(problems)
     anycast: list[str] = []
     for spec in pops.values():
         anycast += [p.prefix for p in spec.config.prefixes if p.prefix not in anycast]
-    return LabSpec(topology, routers, pops, vpns, tuple(anycast))
+    return LabSpec(topology, routers, pops, vpns, tuple(anycast), agents)
+
+
+def _check_agents(topology: Topology, pops: Mapping[str, PopSpec], vpns: Mapping[str, VpnSpec],
+                  agents: Mapping[str, AgentSpec], problems: list[str]) -> None:
+    """Agents and PoPs name each other consistently, and every target sits behind its PoP's beacon."""
+    by_address = {(spec.config.listen, spec.config.port): spec for spec in agents.values()}
+    for spec in agents.values():
+        node = topology.nodes[spec.name]
+        if spec.config.listen not in ("0.0.0.0", "::") and not node.owns(spec.config.listen):
+            problems.append(f"{spec.path}: listen: {spec.config.listen} is not on node {spec.name}")
+        for pop in spec.config.pops:
+            if pop.name not in pops:
+                problems.append(f"{spec.path}: pops: {pop.name} is not a pop node of {topology.source}")
+                continue
+            beacons = [ipaddress.ip_network(b) for b in pops[pop.name].config.external.beacons]
+            for target in pop.targets:
+                owner = topology.owner_of(target.address) or ""
+                if owner not in vpns or vpns[owner].pop != pop.name:
+                    problems.append(f"{spec.path}: pops: {pop.name}: {target.address} is not a server of {pop.name}")
+                elif not any(ipaddress.ip_address(target.address) in net for net in beacons):
+                    problems.append(f"{spec.path}: pops: {pop.name}: {target.address} is outside {pop.name}'s "
+                                    "external.beacons: a withdrawn PoP could not be seen coming back")
+    for name, pop_spec in pops.items():
+        for agent in pop_spec.config.external.agents:
+            found = by_address.get((agent.address, agent.port))
+            if found is None:
+                problems.append(f"{pop_spec.path}: external.agents: {agent.name} at {agent.address}:{agent.port} "
+                                "is no probe node's agent")
+            elif found.config.name != agent.name:
+                problems.append(f"{pop_spec.path}: external.agents: {agent.address} runs agent "
+                                f"{found.config.name!r}, not {agent.name!r}")
+            elif name not in {p.name for p in found.config.pops}:
+                problems.append(f"{found.path}: pops: does not probe {name}, which pulls it")
 
 
 def _vpns(topology: Topology, pops: Mapping[str, PopSpec], problems: list[str]) -> dict[str, VpnSpec]:

@@ -7,6 +7,7 @@ case "${POP_LAB_ROLE:-}" in
 pop)
     # pop refuses a probe key that others can read; a bind mount keeps the repository's mode
     install -D -m 0600 /etc/pop-lab/probe.key /etc/pop/probe.key
+    install -D -m 0600 /etc/pop-lab/agents.key /etc/pop/agents.key
     # answers only where the node holds the VIP on lo (mode none); a PoP in mode ecmp routes
     # the VIP to its servers, which answer instead
     python3 /opt/pop/lab/nodes/whoami.py "$VIP" 8080 "$(hostname)" &
@@ -16,12 +17,28 @@ vpn)
     wireguard-go wg0
     wg set wg0 listen-port 51820 private-key /etc/pop-lab/wg.key \
         peer "$(cat /etc/pop-lab/probe.pub)" allowed-ips 10.255.255.1/32
+    # the probe agents handshake with every server, each with its own key (a /32 nobody uses)
+    n=1
+    for pub in /etc/pop-lab/peers/*.pub; do
+        wg set wg0 peer "$(cat "$pub")" allowed-ips "10.255.$n.1/32"
+        n=$((n + 1))
+    done
     ip link set wg0 up
-    # the servers of a PoP in mode ecmp hold the VIP on lo and answer on it
+    # the servers of a PoP in mode ecmp hold the VIP on lo and answer on it, and say who
+    # they are there for the agents' catchment map
     python3 /opt/pop/lab/nodes/whoami.py "$VIP" 8080 "$(hostname)" &
+    if [ -n "${POP_LAB_POP:-}" ]; then
+        pop identity --pop "$POP_LAB_POP" --server "$(hostname)" --listen "$VIP:9191" &
+    fi
     exec python3 /opt/pop/lab/nodes/whoami.py 0.0.0.0 443 "$(hostname)"
     ;;
-client | probe)
+probe)
+    # a probe agent: pop refuses keys that others can read; a bind mount keeps the repository's mode
+    install -D -m 0600 /etc/pop-lab/agents.key /etc/pop/agents.key
+    install -D -m 0600 /etc/pop-lab/probe.key /etc/pop/probe.key
+    exec pop probe-agent -c /etc/pop/agent.yaml
+    ;;
+client)
     exec sleep infinity
     ;;
 *)

@@ -1,14 +1,15 @@
 """The lab of containerlab.yml in namespaces, with every fault kind, against the real daemons.
 
-One lab (2 FRR routers, 3 PoPs running `pop run`, 6 VPN servers with wireguard-go, a client
-and a probe node) is shared by the module; after each test every fault is undone and the lab
+One lab (3 FRR routers, 3 PoPs running `pop run`, 6 VPN servers with wireguard-go, a client
+and 3 probe agents) is shared by the module; after each test every fault is undone and the lab
 must converge again before the next test starts. Assertions are made where traffic is really
 steered (the routers' kernel tables, through rtnetlink) and on the data path (which PoP
 answers the client's TCP connection to the anycast address).
 
-    client1 - r1 (AS65000) ----- r2 (AS65010) - probe1
-              |     \\          /      |
-            pop1      pop3 ----       pop2        (each with two VPN servers)
+    client1, probe2 - r1 (AS65000) ----- r2 (AS65010) - probe1
+                      |      \\        /     |
+                    pop1       pop3 --      pop2       (each PoP with two VPN servers)
+    r1 and r2 - r3 (AS65020) - probe3                  (a transit without PoPs)
 
 The first two tests drive the CLI (`python -m lab up/status/fault/down`) on their own lab and
 prove that `down` leaves nothing behind, after a clean run and after the supervisor was killed.
@@ -189,9 +190,11 @@ def test_client_reaches_a_pop_through_its_upstream(fresh: Lab) -> None:
     status = lab.status()
     assert {p.pop: p.state for p in status.pops} == {"pop1": "announced", "pop2": "announced", "pop3": "announced"}
     assert {r.router: {n for _, n in r.nexthops} for r in status.routes} == {"r1": {"pop1", "pop3"},
-                                                                              "r2": {"pop2", "pop3"}}
-    assert {node: pop for node, pop, _ in status.answers} == {"client1": lab.ask("client1"),
-                                                              "probe1": lab.ask("probe1")}
+                                                                              "r2": {"pop2", "pop3"},
+                                                                              "r3": {"r1", "r2"}}
+    # the routers hash by address only: every node's flows land where its last one did
+    assert {node: pop for node, pop, _ in status.answers} == {
+        node: lab.ask(node) for node in ("client1", "probe1", "probe2", "probe3")}
     for _, pop, who in status.answers:  # pop1 (ecmp) is answered by its servers, the others themselves
         assert who in ({"vpn11", "vpn12"} if pop == "pop1" else {pop}), status.answers
 

@@ -83,7 +83,7 @@ def test_every_link_end_names_a_node_and_an_interface_once(spec: LabSpec, doc: d
 def test_every_bind_source_exists_and_node_files_load(spec: LabSpec) -> None:
     for node in spec.topology.nodes.values():
         for bind in node.binds:
-            assert bind.source.is_file(), (node.name, bind)
+            assert bind.source.is_file() or bind.source.is_dir(), (node.name, bind)
             assert bind.target.startswith("/") and bind.mode in ("", "ro", "rw")
     for name, pop in spec.pops.items():
         assert pop_config.load(pop.path.read_text(), str(pop.path)).name == name
@@ -124,6 +124,25 @@ def test_wireguard_keys_match_the_pop_configs(spec: LabSpec) -> None:
             private = wgkeys.decode_key((nodes / server.name / "wg.key").read_text())
             assert server.wireguard is not None
             assert wgkeys.encode_key(wgkeys.public_key_of(private)) == server.wireguard.public_key
+
+
+def test_three_agents_behind_three_upstreams_with_keys_every_server_knows(spec: LabSpec) -> None:
+    nodes = REPO / "lab" / "nodes"
+    links = {frozenset((link.a.node, link.b.node)) for link in spec.topology.links}
+    upstream = {agent: next(r for r in spec.routers if frozenset((agent, r)) in links) for agent in spec.agents}
+    assert len(spec.agents) == 3 and len(set(upstream.values())) == 3, upstream
+    peers = {(nodes / "peers" / f"{agent}.pub").read_text().strip() for agent in spec.agents}
+    for agent in spec.agents:
+        private = wgkeys.decode_key((nodes / agent / "probe.key").read_text())
+        assert wgkeys.encode_key(wgkeys.public_key_of(private)) in peers
+        # every server of every PoP, each with the server's own key
+        targets = {t.address: t for pop in spec.agents[agent].config.pops for t in pop.targets}
+        assert set(targets) == {vpn.address for vpn in spec.vpns.values()}
+        for vpn in spec.vpns.values():
+            public = wgkeys.decode_key((nodes / vpn.name / "wg.pub").read_text())
+            assert targets[vpn.address].wireguard is not None and targets[vpn.address].wireguard.public_key == public
+    for pop in spec.pops.values():
+        assert pop.config.external.enabled and {a.name for a in pop.config.external.agents} == set(spec.agents)
 
 
 def test_frr_conf_is_exactly_what_lab_frr_renders(spec: LabSpec) -> None:
@@ -214,6 +233,14 @@ def test_pop_config_that_does_not_fit_the_topology(tmp_path: Path) -> None:
      r"router r2: neighbor 10.0.2.2 \(pop2\) is AS 65102, not 65199"),
     ("r1/frr.conf", " neighbor 10.0.1.2 remote-as 65101\n", "",
      r"r1/frr.conf: neighbor 10.0.1.2: no remote-as line"),
+    ("probe2/agent.yaml", "address: 10.2.2.2", "address: 10.2.2.9",
+     r"probe2/agent.yaml: pops: pop2: 10.2.2.9 is not a server of pop2"),
+    ("pop2/pop.yaml", "beacons: [10.2.0.0/16]", "beacons: [10.2.1.0/24]",
+     r"probe1/agent.yaml: pops: pop2: 10.2.2.2 is outside pop2's external.beacons"),
+    ("pop3/pop.yaml", "{name: probe3, address: 10.9.4.2}", "{name: probe9, address: 10.9.4.2}",
+     r"pop3/pop.yaml: external.agents: 10.9.4.2 runs agent 'probe3', not 'probe9'"),
+    ("probe1/agent.yaml", "listen: 10.9.2.2", "listen: 10.9.3.2",
+     r"probe1/agent.yaml: listen: 10.9.3.2 is not on node probe1"),
 ])
 def test_a_node_file_that_does_not_fit(tmp_path: Path, path: str, old: str, new: str, message: str) -> None:
     topology_file = _copy_lab(tmp_path)
@@ -252,10 +279,12 @@ def test_wireguard_interface_names_are_unique_and_fit(spec: LabSpec) -> None:
 
 def test_no_default_route_anywhere(spec: LabSpec) -> None:
     """Under containerlab eth0's default route leads out of the lab: lab routes stay specific."""
-    anycast_range, clients = "198.51.100.0/24", "10.9.0.0/16"
+    anycast_range, clients, lab = "198.51.100.0/24", "10.9.0.0/16", "10.0.0.0/12"
     for node in spec.topology.nodes.values():
         routes = [argv for argv in node.exec if argv[1] == "route"]
         for argv in routes:
-            assert argv[3] in (anycast_range, clients), (node.name, argv)
-        wanted = {"client": anycast_range, "probe": anycast_range, "pop": clients, "vpn": clients}.get(node.role)
-        assert [argv[3] for argv in routes] == ([wanted] if wanted else []), node.name
+            assert argv[3] in (anycast_range, clients, lab), (node.name, argv)
+        # a probe agent also reaches the PoPs' beacons and links (the lab's 10.0.0.0/12)
+        wanted = {"client": [anycast_range], "probe": [anycast_range, lab], "pop": [clients],
+                  "vpn": [clients]}.get(node.role, [])
+        assert [argv[3] for argv in routes] == wanted, node.name
