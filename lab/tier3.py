@@ -5,8 +5,8 @@ Shared by the lab test (tests/netns/test_lab_tier3.py, one run of each) and the 
 it (faults undone, every PoP announced and seen from outside) and returns what it measured.
 
 - ``cut_off(lab, pop)``: the PoP's upstreams drop its service traffic (fault ``cut-off``)
-  while it stays healthy inside. Measured: fault -> the PoP's next hop gone from its
-  upstream router; withdrawal -> the catchment map (as the PoPs' /status show it) puts the
+  while it stays healthy inside. Measured: fault -> the PoP's next hop gone from an
+  upstream router (all of them cut it off); withdrawal -> the catchment map (as the PoPs' /status show it) puts the
   agent next to the client where the client's own connection lands; undo -> next hop back.
 - ``monitoring_fails(lab, scenario)``: one of SCENARIOS (the agents dead, lying, one agent's
   network broken, every agent seeing every PoP down) held for ``HOLD`` seconds; returns the
@@ -77,11 +77,15 @@ def beside(lab: Lab, client: str) -> str:
     return next(agent for agent in lab.agents if {r for r, _ in lab.faults.upstreams(agent)} & routers)
 
 
-def cut_off(lab: Lab, pop: str = "pop1", client: str = "client1") -> CutOff:
+def cut_off(lab: Lab, pop: str | None = None, client: str = "client1") -> CutOff:
+    """``pop`` None: the PoP the agent beside the client lands on, so that the catchment map
+    must show at least that agent move (routers hash flows by address, with a seed per boot)."""
+    agent = beside(lab, client)
+    if pop is None:
+        pop = landings(lab).get(agent) or next(iter(lab.pops))
     router, _ = lab.faults.upstreams(pop)[0]
     hop = lab.pop_address(router, pop)
     hold_down = lab.spec.pops[pop].config.pool.hold_down
-    agent = beside(lab, client)
     with lab.watch(router) as watch:
         watch.wait_for(lambda hops: hop in hops, timeout=20)
         moved = sorted(name for name, on in landings(lab).items() if on == pop)

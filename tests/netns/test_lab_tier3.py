@@ -9,10 +9,10 @@ r2, r3), three PoPs with beacons, FRR, ExaBGP, wireguard-go, and the faults of l
                              |
                            probe3
 
-- pop1 cut off from outside (r1 drops its anycast and beacon traffic; its BGP session, servers
-  and checks stay green) is withdrawn by the agents' quorum within 10 s, the catchment map
-  shows the agent next to the client landing where the client lands, and pop1 comes back
-  within its hold-down + 10 s of the cut being undone;
+- the PoP the agent beside client1 lands on, cut off from outside (its upstreams drop its
+  anycast and beacon traffic; its BGP sessions, servers and checks stay green), is withdrawn by
+  the agents' quorum within 10 s, the catchment map shows that agent moved and landing where
+  the client lands, and the PoP comes back within its hold-down + 10 s of the cut being undone;
 - every agent dead, every agent lying (a replay, a stale report, a forged one), one agent's
   own network broken, every agent seeing every PoP down: no announcement changes at any router.
 The scenarios are lab.tier3's; bench/tier3.py runs them many times and prints the figures.
@@ -55,14 +55,16 @@ def test_the_lab_has_three_agents_behind_three_upstreams(lab: Lab) -> None:
 
 
 def test_a_pop_cut_off_from_outside_is_withdrawn_and_comes_back(lab: Lab) -> None:
-    result = tier3.cut_off(lab, "pop1", "client1")
-    print(f"\nMEASURED pop1 cut off from outside -> out of r1's route: {result.withdrawn:.2f} s; "
-          f"catchment: {result.moved or 'no agent'} moved off pop1, the agent beside client1 with it "
-          f"({result.landing}) {result.catchment:.2f} s later; "
+    # the PoP cut off is the one the agent beside client1 lands on: the catchment map must move
+    result = tier3.cut_off(lab, None, "client1")
+    print(f"\nMEASURED {result.pop} cut off from outside -> out of its upstream's route: {result.withdrawn:.2f} s; "
+          f"catchment: {result.moved} moved off {result.pop}, the agent beside client1 lands with it on "
+          f"{result.landing} {result.catchment:.2f} s later; "
           f"back {result.back:.2f} s after the cut was undone (hold-down {result.hold_down:g} s)")
+    assert result.moved
     assert result.by == "external" and result.servers == ["up", "up"]  # green inside, withdrawn by tier 3
     assert result.withdrawn <= 10.0
-    assert result.catchment <= 10.0 and result.landing not in (None, "pop1")
+    assert result.catchment <= 10.0 and result.landing not in (None, result.pop)
     assert result.hold_down <= result.back <= result.hold_down + 10.0
 
 
