@@ -38,6 +38,19 @@ while True:
     c.close()
 """
 
+_REQUEST = """
+import json, sys, urllib.error, urllib.request
+given = json.load(sys.stdin)
+r = urllib.request.Request(sys.argv[1], method=sys.argv[2], headers=given["headers"],
+                           data=given["body"].encode("latin-1") or None)
+try:
+    with urllib.request.urlopen(r, timeout=10) as answer:
+        code, text = answer.status, answer.read().decode()
+except urllib.error.HTTPError as exc:
+    code, text = exc.code, exc.read().decode()
+sys.stdout.write(json.dumps([code, text]))
+"""
+
 
 class TcpService:
     def __init__(self, ns: Netns, address: str, port: int, log: Path | None = None) -> None:
@@ -108,11 +121,19 @@ class PopNode:
         data: dict[str, Any] = json.loads(result.stdout)
         return data
 
+    def request(self, path: str, *, method: str = "GET", headers: dict[str, str] | None = None,
+                body: bytes = b"") -> tuple[int, dict[str, Any]]:
+        """An HTTP request from inside the PoP's namespace: the status code and the JSON answer,
+        also for an error answer (headers and body go through stdin, not the command line)."""
+        result = self.ns.run(sys.executable, "-c", _REQUEST, f"http://127.0.0.1:{self.status_port}{path}", method,
+                             input=json.dumps({"headers": headers or {}, "body": body.decode("latin-1")}))
+        code, text = json.loads(result.stdout)
+        return int(code), json.loads(text)
+
     def post(self, path: str) -> dict[str, Any]:
-        script = ("import sys, urllib.request; r = urllib.request.Request(sys.argv[1], method='POST'); "
-                  "sys.stdout.write(urllib.request.urlopen(r, timeout=2).read().decode())")
-        result = self.ns.run(sys.executable, "-c", script, f"http://127.0.0.1:{self.status_port}{path}")
-        data: dict[str, Any] = json.loads(result.stdout)
+        code, data = self.request(path, method="POST")
+        if code != 200:
+            raise RuntimeError(f"{self.name}: POST {path}: HTTP {code}: {data}")
         return data
 
     def wait_status(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0) -> dict[str, Any]:

@@ -271,6 +271,27 @@ def test_drain_withdraws_and_undrain_returns_after_hold_down(one_pop: Callable[.
     watch.wait_for(has("10.0.1.2"), timeout=5, since=time.monotonic())
 
 
+def test_control_without_the_right_token_is_refused_and_the_pop_stays_announced(
+        one_pop: Callable[..., OnePop]) -> None:
+    """Anyone on the host could POST /drain and withdraw a healthy PoP (issue 10)."""
+    lab = one_pop()
+    pop, watch = lab.pop, lab.watch
+    pop.wait_status(lambda s: s["state"] == "announced", timeout=10)
+    since = time.monotonic()
+    attempts = [(path, headers) for path in ("/drain", "/servers/vpn1/drain")
+                for headers in ({}, {"Authorization": "Bearer wrong-token-but-long-enough"})]
+    for path, headers in attempts:
+        code, answer = pop.request(path, method="POST", headers=headers)
+        assert code == 401, (path, headers, code, answer)
+    time.sleep(1.0)  # room for a withdraw to reach the router, had one been sent
+    assert [e for e in watch.events if e.timestamp >= since] == [], watch.events
+    assert watch.nexthops == frozenset({"10.0.1.2"}) and "65101:1" in str(lab.router.bgp_routes(ANYCAST))
+    status = pop.status()
+    assert status["state"] == "announced" and status["servers"][0]["drain"] is None
+    assert [(a["action"], a["target"], a["status"]) for a in status["audit"]][:4] == [
+        ("drain-server", "vpn1", 401), ("drain-server", "vpn1", 401), ("drain", "pop1", 401), ("drain", "pop1", 401)]
+
+
 def test_a_drain_survives_the_engine_dying(one_pop: Callable[..., OnePop]) -> None:
     """A respawned engine that forgot the drain would announce the PoP mid-maintenance."""
     lab = one_pop(pool={"hold_down": 1.0})
