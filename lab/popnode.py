@@ -4,7 +4,8 @@
   VPN server's L4 port. `stop()` kills it (connections are then refused), `start()` again.
 - `PopNode(ns, config_text, workdir)`: writes the YAML, runs `pop run -c` in the namespace as a
   foreground child (ExaBGP, which runs the engine), reads /status from inside the namespace,
-  and can kill the engine or ExaBGP to inject those faults.
+  and can kill the engine or ExaBGP to inject those faults. A config without `control` gets a
+  fresh 0600 token file in the workdir (HTTP control needs one); `post()` sends its token.
 
 Everything the node starts is a child of the harness (or of ExaBGP, which is our child), so
 stopping the node reaps every process; Netns.close() sweeps anything left in the namespace.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -52,6 +54,17 @@ sys.stdout.write(json.dumps([code, text]))
 """
 
 
+def write_token(path: Path) -> str:
+    """A fresh control token in a new 0600 file (pop refuses a token file others can read)."""
+    token = secrets.token_hex(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(token + "\n")
+    return token
+
+
 class TcpService:
     def __init__(self, ns: Netns, address: str, port: int, log: Path | None = None) -> None:
         self.ns = ns
@@ -86,6 +99,9 @@ class PopNode:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         config.setdefault("pop", {}).setdefault("runtime_dir", str(workdir / "run"))
+        if "control" not in config:
+            write_token(workdir / "control.token")
+            config["control"] = {"token_file": str(workdir / "control.token")}
         self.config = config
         self.config_path = workdir / "pop.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -130,8 +146,13 @@ class PopNode:
         code, text = json.loads(result.stdout)
         return int(code), json.loads(text)
 
-    def post(self, path: str) -> dict[str, Any]:
-        code, data = self.request(path, method="POST")
+    def post(self, path: str, **body: str) -> dict[str, Any]:
+        """An operator action with the PoP's control token (if it has one) and ``body`` as JSON."""
+        headers = {"Content-Type": "application/json"}
+        token_file = (self.config.get("control") or {}).get("token_file")
+        if token_file:
+            headers["Authorization"] = "Bearer " + Path(token_file).read_text().split()[0]
+        code, data = self.request(path, method="POST", headers=headers, body=json.dumps(body).encode())
         if code != 200:
             raise RuntimeError(f"{self.name}: POST {path}: HTTP {code}: {data}")
         return data

@@ -79,7 +79,7 @@ from lab.datapath import WHOAMI_PORT
 from lab.faults import Faults
 from lab.frr import FrrRouter
 from lab.netns import IFNAMSIZ, Netns, veth
-from lab.popnode import PopNode, TcpService
+from lab.popnode import PopNode, TcpService, write_token
 from lab.routewatch import RouteWatcher, read_nexthops
 from lab.status import LabStatus
 from lab.topology import LabSpec, Node, anycast_on_lo, load
@@ -346,6 +346,10 @@ class Lab:
         wg = document.get("checks", {}).get("wireguard")
         if isinstance(wg, dict) and wg.get("enabled"):
             wg["probe_key_file"] = str(self.statedir / "keys" / "probe.key")
+        token = self.statedir / "keys" / "control.token"  # HTTP control's bearer token, one for the lab
+        if not token.exists():
+            write_token(token)
+        document["control"] = {"token_file": str(token)}
         return document
 
     def _start_pop(self, name: str) -> None:
