@@ -91,11 +91,14 @@ def parse_body(raw: bytes) -> ActionRequest:
     if not raw.strip():
         return ActionRequest()
     try:
-        data: Any = json.loads(raw)
+        # decoded here: json.loads would take a byte order mark for UTF-16 or UTF-32
+        data: Any = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BodyError("body: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise BodyError(f"body: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except (ValueError, RecursionError):  # not UTF-8, or nested beyond the parser's depth
-        raise BodyError("body: not valid JSON (UTF-8 text, an object like {\"reason\": \"...\"})") from None
+    except RecursionError:
+        raise BodyError("body: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise BodyError(f"body: must be a JSON object like {{\"reason\": \"...\", \"who\": \"...\"}}, "
                         f"not {_kind(data)}")
