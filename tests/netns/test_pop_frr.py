@@ -292,6 +292,35 @@ def test_control_without_the_right_token_is_refused_and_the_pop_stays_announced(
         ("drain-server", "vpn1", 401), ("drain-server", "vpn1", 401), ("drain", "pop1", 401), ("drain", "pop1", 401)]
 
 
+def test_a_token_file_others_can_read_is_refused_on_reload_and_a_new_token_takes_over_on_reload(
+        one_pop: Callable[..., OnePop]) -> None:
+    lab = one_pop(pool={"hold_down": 0.5})
+    pop = lab.pop
+    assert pop.proc is not None
+    key = Path(pop.config["control"]["token_file"])
+    old = key.read_text().strip()
+
+    def ask(token: str) -> int:
+        return pop.request("/undrain", method="POST", headers={"Authorization": f"Bearer {token}"})[0]
+
+    key.chmod(0o644)
+    pop.proc.send_signal(signal.SIGHUP)
+    wait_log(pop, "control.token_file")
+    assert "reload.rejected" in pop.log_tail(80) and ask(old) == 200  # the running engine kept its token
+    key.chmod(0o600)
+    key.write_text("the-new-token-0123456789\n")
+    pop.proc.send_signal(signal.SIGHUP)
+    wait_log(pop, "engine.reloaded")
+    assert ask(old) == 401 and ask("the-new-token-0123456789") == 200
+
+
+def wait_log(pop: PopNode, text: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in pop.log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{text!r} not in the log:\n{pop.log_tail()}"
+        time.sleep(0.05)
+
+
 def test_a_drain_survives_the_engine_dying(one_pop: Callable[..., OnePop]) -> None:
     """A respawned engine that forgot the drain would announce the PoP mid-maintenance."""
     lab = one_pop(pool={"hold_down": 1.0})

@@ -12,7 +12,6 @@ from pop.control_api import Control
 from pop.status import make_app
 from tests.unit.test_engine import OK, engine_with, feed
 
-
 TOKEN = "t" * 32
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
