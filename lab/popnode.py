@@ -4,7 +4,8 @@
   VPN server's L4 port. `stop()` kills it (connections are then refused), `start()` again.
 - `PopNode(ns, config_text, workdir)`: writes the YAML, runs `pop run -c` in the namespace as a
   foreground child (ExaBGP, which runs the engine), reads /status from inside the namespace,
-  and can kill the engine or ExaBGP to inject those faults.
+  and can kill the engine or ExaBGP to inject those faults. A config without `control` gets a
+  fresh 0600 token file in the workdir (HTTP control needs one); `post()` sends its token.
 
 Everything the node starts is a child of the harness (or of ExaBGP, which is our child), so
 stopping the node reaps every process; Netns.close() sweeps anything left in the namespace.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -37,6 +39,30 @@ while True:
     c, _ = s.accept()
     c.close()
 """
+
+_REQUEST = """
+import json, sys, urllib.error, urllib.request
+given = json.load(sys.stdin)
+r = urllib.request.Request(sys.argv[1], method=sys.argv[2], headers=given["headers"],
+                           data=given["body"].encode("latin-1") or None)
+try:
+    with urllib.request.urlopen(r, timeout=10) as answer:
+        code, text = answer.status, answer.read().decode()
+except urllib.error.HTTPError as exc:
+    code, text = exc.code, exc.read().decode()
+sys.stdout.write(json.dumps([code, text]))
+"""
+
+
+def write_token(path: Path) -> str:
+    """A fresh control token in a new 0600 file (pop refuses a token file others can read)."""
+    token = secrets.token_hex(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(token + "\n")
+    return token
 
 
 class TcpService:
@@ -73,6 +99,9 @@ class PopNode:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         config.setdefault("pop", {}).setdefault("runtime_dir", str(workdir / "run"))
+        if "control" not in config:
+            write_token(workdir / "control.token")
+            config["control"] = {"token_file": str(workdir / "control.token")}
         self.config = config
         self.config_path = workdir / "pop.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -108,11 +137,24 @@ class PopNode:
         data: dict[str, Any] = json.loads(result.stdout)
         return data
 
-    def post(self, path: str) -> dict[str, Any]:
-        script = ("import sys, urllib.request; r = urllib.request.Request(sys.argv[1], method='POST'); "
-                  "sys.stdout.write(urllib.request.urlopen(r, timeout=2).read().decode())")
-        result = self.ns.run(sys.executable, "-c", script, f"http://127.0.0.1:{self.status_port}{path}")
-        data: dict[str, Any] = json.loads(result.stdout)
+    def request(self, path: str, *, method: str = "GET", headers: dict[str, str] | None = None,
+                body: bytes = b"") -> tuple[int, dict[str, Any]]:
+        """An HTTP request from inside the PoP's namespace: the status code and the JSON answer,
+        also for an error answer (headers and body go through stdin, not the command line)."""
+        result = self.ns.run(sys.executable, "-c", _REQUEST, f"http://127.0.0.1:{self.status_port}{path}", method,
+                             input=json.dumps({"headers": headers or {}, "body": body.decode("latin-1")}))
+        code, text = json.loads(result.stdout)
+        return int(code), json.loads(text)
+
+    def post(self, path: str, **body: str) -> dict[str, Any]:
+        """An operator action with the PoP's control token (if it has one) and ``body`` as JSON."""
+        headers = {"Content-Type": "application/json"}
+        token_file = (self.config.get("control") or {}).get("token_file")
+        if token_file:
+            headers["Authorization"] = "Bearer " + Path(token_file).read_text().split()[0]
+        code, data = self.request(path, method="POST", headers=headers, body=json.dumps(body).encode())
+        if code != 200:
+            raise RuntimeError(f"{self.name}: POST {path}: HTTP {code}: {data}")
         return data
 
     def wait_status(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0) -> dict[str, Any]:

@@ -80,7 +80,7 @@ from lab.datapath import WHOAMI_PORT
 from lab.faults import Faults
 from lab.frr import FrrRouter
 from lab.netns import IFNAMSIZ, Netns, veth
-from lab.popnode import PopNode, TcpService
+from lab.popnode import PopNode, TcpService, write_token
 from lab.routewatch import RouteWatcher, read_nexthops
 from lab.status import LabStatus
 from lab.topology import LabSpec, Node, anycast_on_lo, load
@@ -373,6 +373,10 @@ class Lab:
         external = document.get("external")
         if isinstance(external, dict) and external.get("enabled"):
             external["key_file"] = str(self.statedir / "keys" / "agents.key")
+        token = self.statedir / "keys" / "control.token"  # HTTP control's bearer token, one for the lab
+        if not token.exists():
+            write_token(token)
+        document["control"] = {"token_file": str(token)}
         return document
 
     def _start_agent(self, name: str) -> None:

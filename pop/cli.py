@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -62,7 +63,10 @@ def cmd_engine(args: argparse.Namespace) -> int:
     return main(config, args.config.resolve())
 
 
-def _endpoint(args: argparse.Namespace, path: str, method: str = "GET") -> int:
+def _endpoint(args: argparse.Namespace, path: str, method: str = "GET", body: dict[str, str] | None = None) -> int:
+    """Ask the running engine; a POST carries the token from the config's control.token_file."""
+    from pop.runner import read_control_tokens
+
     config = _load(args.config)
     if config is None:
         return 2
@@ -70,29 +74,65 @@ def _endpoint(args: argparse.Namespace, path: str, method: str = "GET") -> int:
     if ":" in host:
         host = f"[{host}]"
     url = f"http://{host}:{config.status.port}{path}"
-    request = urllib.request.Request(url, method=method)
+    headers = {"Content-Type": "application/json"}
+    try:
+        tokens = read_control_tokens(config)
+    except ConfigError as exc:
+        if method != "GET":  # the GETs are open: someone who may not read the token may still look
+            print(*exc.problems, sep="\n", file=sys.stderr)
+            return 2
+        tokens = ()
+    if tokens:
+        headers["Authorization"] = "Bearer " + tokens[0].decode()
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, method=method, headers=headers, data=data)
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
-            body = json.loads(response.read())
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        print(f"{method} {url}: {_refusal(exc, config)}", file=sys.stderr)
+        return 1
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"{url}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(body, indent=2))
+    print(json.dumps(answer, indent=2))
     return 0
+
+
+def _refusal(exc: urllib.error.HTTPError, config: Config) -> str:
+    """What the engine refused and why, with what to do about the credentials."""
+    try:
+        error = str(json.loads(exc.read())["error"])
+    except (ValueError, KeyError, TypeError, OSError):
+        error = exc.reason
+    text = f"refused ({exc.code}): {error}"
+    if exc.code == 401 and not config.control.token_file:
+        text += f"; no token was sent: set control.token_file in {config.source} (the file the engine uses)"
+    elif exc.code == 401:
+        text += (f"; the token in {config.control.token_file} is not one the engine holds (a changed file "
+                 f"takes effect on reload: systemctl reload pop, or SIGHUP to `pop run`)")
+    return text
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     return _endpoint(args, "/status")
 
 
+def _action(args: argparse.Namespace, action: str) -> int:
+    path = f"/servers/{args.server}/{action}" if args.server else f"/{action}"
+    return _endpoint(args, path, "POST", {"reason": args.reason, "who": args.who})
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
-    path = f"/servers/{args.server}/drain" if args.server else "/drain"
-    return _endpoint(args, path, "POST")
+    return _action(args, "drain")
 
 
 def cmd_undrain(args: argparse.Namespace) -> int:
-    path = f"/servers/{args.server}/undrain" if args.server else "/undrain"
-    return _endpoint(args, path, "POST")
+    return _action(args, "undrain")
+
+
+def _operator() -> str:
+    return os.environ.get("SUDO_USER") or os.environ.get("USER") or "unknown"
 
 
 def cmd_probe_agent(args: argparse.Namespace) -> int:
@@ -174,6 +214,10 @@ def parser() -> argparse.ArgumentParser:
     undrain = with_config("undrain", "end a drain; a PoP re-announces after the hold-down")
     undrain.add_argument("--server", help="end the drain of one server")
     undrain.set_defaults(func=cmd_undrain)
+    for command in (drain, undrain):
+        command.add_argument("--reason", default="", help="why, for the audit log (at most 200 characters)")
+        command.add_argument("--who", default=_operator(),
+                             help="who, for the audit log (default $SUDO_USER or $USER: %(default)s)")
     agent = sub.add_parser("probe-agent", help="the external vantage daemon: probe every PoP, serve signed results")
     agent.add_argument("-c", "--config", type=Path, default=Path("/etc/pop/agent.yaml"),
                        help="the agent's YAML file (default /etc/pop/agent.yaml)")

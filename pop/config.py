@@ -31,6 +31,7 @@ from pop.config_model import (
     Attributes,
     Checks,
     Config,
+    Control,
     Dataplane,
     ExaBGP,
     External,
@@ -48,8 +49,8 @@ from pop.config_model import (
 from pop.config_reader import U16, U32, ConfigError, Reader, join, parse_yaml, zone_problem
 
 __all__ = [
-    "Attributes", "Checks", "Config", "ConfigError", "Dataplane", "ExaBGP", "External", "ExternalAgent", "L4Check",
-    "Neighbor", "Pool",
+    "Attributes", "Checks", "Config", "ConfigError", "Control", "Dataplane", "ExaBGP", "External", "ExternalAgent",
+    "L4Check", "Neighbor", "Pool",
     "Prefix", "Server", "ServicePort", "StatusEndpoint", "WireGuardCheck", "WireGuardTarget", "load",
 ]
 
@@ -324,6 +325,13 @@ def _status(r: Reader, value: Any, path: str) -> StatusEndpoint:
     )
 
 
+def _control(r: Reader, value: Any, path: str) -> Control:
+    data = r.mapping(value, path, {"token_file"})
+    if data is None:
+        return Control()
+    return Control(token_file=r.optional(data, "token_file", path, r.absolute_path, ""))
+
+
 def _exabgp(r: Reader, value: Any, path: str) -> ExaBGP:
     data = r.mapping(value, path, {"reassert_interval", "withdraw_settle", "ack_timeout", "watchdog"})
     if data is None:
@@ -420,7 +428,8 @@ def _table(r: Reader, value: Any, path: str) -> int | None:
     return table
 
 
-_TOP = {"pop", "neighbors", "prefixes", "servers", "checks", "pool", "status", "exabgp", "dataplane", "external"}
+_TOP = {"pop", "neighbors", "prefixes", "servers", "checks", "pool", "status", "control", "exabgp", "dataplane",
+        "external"}
 
 
 def load(text: str | bytes, source: str = "pop.yaml") -> Config:
@@ -453,6 +462,7 @@ def _build(r: Reader, document: Any) -> Config:
     checks = _checks(r, top.get("checks"), "checks")
     pool = _pool(r, top.get("pool"), "pool")
     status = _status(r, top.get("status"), "status")
+    control = _control(r, top.get("control"), "control")
     exabgp = _exabgp(r, top.get("exabgp"), "exabgp")
     dataplane = _dataplane(r, top.get("dataplane"), "dataplane")
     external = config_external.parse(r, top.get("external"), "external")
@@ -462,8 +472,8 @@ def _build(r: Reader, document: Any) -> Config:
         raise ConfigError(r.problems or [f"{r.source}: pop: is incomplete"])
     return Config(name=name, asn=asn, router_id=router_id, neighbors=tuple(neighbors.values()),
                   prefixes=tuple(prefixes.values()), servers=tuple(servers.values()), checks=checks, pool=pool,
-                  status=status, exabgp=exabgp, dataplane=dataplane, external=external, runtime_dir=runtime_dir,
-                  source=r.source)
+                  status=status, control=control, exabgp=exabgp, dataplane=dataplane, external=external,
+                  runtime_dir=runtime_dir, source=r.source)
 
 
 def _name(r: Reader, value: Any, path: str) -> str | None:

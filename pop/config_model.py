@@ -120,6 +120,16 @@ class StatusEndpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class Control:
+    """Who may change the PoP's state over HTTP (pop/control.py): bearer tokens from a 0600 file.
+
+    Without a token file, every state-changing request is refused (403).
+    """
+
+    token_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ExaBGP:
     reassert_interval: float = 0.0  # re-send the current announcements this often; 0 = only on change
     withdraw_settle: float = 0.5  # on shutdown, time for the withdraw to leave before ExaBGP stops
@@ -201,6 +211,7 @@ class Config:
     checks: Checks = field(default_factory=Checks)
     pool: Pool = field(default_factory=Pool)
     status: StatusEndpoint = field(default_factory=StatusEndpoint)
+    control: Control = field(default_factory=Control)
     exabgp: ExaBGP = field(default_factory=ExaBGP)
     dataplane: Dataplane = field(default_factory=Dataplane)
     external: External = field(default_factory=External)

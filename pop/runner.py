@@ -92,6 +92,7 @@ def load_file(path: Path, *, with_keys: bool = False) -> Config:
         cascade.build(config)
         if config.external.enabled:
             read_agents_key(config)
+        read_control_tokens(config)
     return config
 
 
@@ -103,6 +104,20 @@ def read_agents_key(config: Config) -> bytes:
         return read_key(config.external.key_file)
     except ValueError as exc:
         raise ConfigError([f"{config.source}: external.key_file: {exc}"]) from None
+
+
+def read_control_tokens(config: Config) -> tuple[bytes, ...]:
+    """The bearer tokens for HTTP control (pop.control); none without `control.token_file`."""
+    from pop.control import parse_tokens
+    from pop.wgkeys import read_secret_file
+
+    path = config.control.token_file
+    if not path:
+        return ()
+    try:
+        return parse_tokens(read_secret_file(path, "control token"), path)
+    except ValueError as exc:
+        raise ConfigError([f"{config.source}: control.token_file: {exc}"]) from None
 
 
 def run(config_path: Path) -> int:

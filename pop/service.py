@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pop import adminstate, handover, load
+from pop import adminstate, audit, handover, load
 from pop.adapters.bgp import ChannelError, ExaBgpSpeaker
 from pop.checks import cascade as check_builder
 from pop.config import Config, ConfigError
@@ -44,6 +44,7 @@ from pop.runner import (
     engine_pidfile,
     load_file,
     read_agents_key,
+    read_control_tokens,
     write_if_changed,
 )
 
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from pop.adapters.dataplane import KernelDataplane
+    from pop.control_api import Control
 
 log = logging.getLogger("pop.service")
 
@@ -73,11 +75,12 @@ async def _open_channel(channel_fd: int) -> tuple[asyncio.StreamReader, asyncio.
     return reader, writer
 
 
-def _reload(engine: Engine, config_path: Path) -> None:
-    """SIGHUP: re-read the YAML; a broken file changes nothing."""
+def _reload(engine: Engine, config_path: Path, ctl: Control) -> None:
+    """SIGHUP: re-read the YAML; a broken file (or token file) changes nothing."""
     try:
         new = load_file(config_path)
         checks = check_builder.build(new)
+        tokens = read_control_tokens(new)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("reload.rejected %s", problem)
@@ -97,6 +100,7 @@ def _reload(engine: Engine, config_path: Path) -> None:
     if _kernel(new) != _kernel(engine.config):
         log.warning("reload.partial starting or stopping the kernel data plane (dataplane.mode none, no vip) "
                     "takes effect at the next restart")
+    ctl.tokens = tokens
     engine.reload(new, checks)
 
 
@@ -112,6 +116,7 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
     runtime = Path(config.runtime_dir) / config.name
     try:
         tier3 = _tier3(config)
+        ctl = _control(config, runtime)
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("engine.config %s", problem)
@@ -124,7 +129,7 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(engine, config_path))
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(engine, config_path, ctl))
     # a fresh heartbeat before the pid file: the watchdog must never pair this pid with the
     # stale heartbeat of an engine that died
     _beat(config)
@@ -137,7 +142,7 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
     reading = asyncio.create_task(speaker.read_forever(), name="exabgp reader")
     # the status endpoint (aiohttp, prometheus_client: a third of the start-up's imports) comes
     # after the applier's first pass: a respawned engine that must withdraw does so first
-    status = asyncio.create_task(_status_endpoint(config, engine, speaker, diagnostics), name="status")
+    status = asyncio.create_task(_status_endpoint(config, engine, speaker, diagnostics, ctl), name="status")
     try:
         await speaker.refresh_sessions()  # ExaBGP reports changes only: learn the sessions as they are
         await _start(engine, speaker, config, runtime / handover.FILE_NAME)
@@ -204,6 +209,15 @@ async def _diagnose(dataplane: KernelDataplane, into: dict[str, object],
         except errors as exc:
             into.update({"error": str(exc)})
         await asyncio.sleep(2.0)
+
+
+def _control(config: Config, runtime: Path) -> Control:
+    """The tokens for HTTP control (a bad token file is a config error) and the audit trail."""
+    from pop.control_api import Control
+
+    trail = audit.AuditTrail(runtime / audit.FILE_NAME)
+    trail.load()
+    return Control(config.name, read_control_tokens(config), trail)
 
 
 def _tier3(config: Config) -> Tier3 | None:
@@ -319,7 +333,7 @@ def _save_handover(path: Path, routes: tuple[Announcement, ...]) -> None:
 
 
 async def _status_endpoint(config: Config, engine: Engine, speaker: ExaBgpSpeaker,
-                           diagnostics: dict[str, object]) -> web.AppRunner | None:
+                           diagnostics: dict[str, object], ctl: Control) -> web.AppRunner | None:
     if not config.status.enabled:
         return None
     await engine.applier.first_pass.wait()
@@ -332,7 +346,7 @@ async def _status_endpoint(config: Config, engine: Engine, speaker: ExaBgpSpeake
                 "exabgp_command_errors": speaker.errors, "exabgp_unparsed_messages": speaker.unparsed,
                 "dataplane": diagnostics or None}
 
-    runner = web.AppRunner(make_app(lambda: engine.snapshot(extra()), engine), access_log=None)
+    runner = web.AppRunner(make_app(lambda: engine.snapshot(extra()), engine, ctl), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, config.status.listen, config.status.port, reuse_address=True).start()

@@ -1,7 +1,8 @@
 """What operators see: /status (JSON), / (the NOC page), /metrics (Prometheus), and drain.
 
-Everything here reads an immutable `Snapshot`; nothing here changes a decision except the
-two explicit operator actions, POST /drain and POST /undrain.
+Everything here reads an immutable `Snapshot`; nothing here changes a decision. The GETs are
+open (read-only); the operator actions (POST /drain, /undrain, /servers/{name}/{drain|undrain})
+need a bearer token and are audited: pop/control_api.py.
 
 "Why is this PoP withdrawn?" is answered by `verdict.reason` plus the recent `events`, each
 of which names the server, the tier and the evidence that moved it.
@@ -13,26 +14,19 @@ import html
 import json
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from pop import control, control_api
+from pop.control_api import Control, Operator
 from pop.hysteresis import State
 from pop.snapshot import Snapshot
 
 SnapshotSource = Callable[[], Snapshot]
-
-
-class Operator(Protocol):
-    """The operator actions the endpoint exposes (the engine implements them)."""
-
-    def drain(self) -> None: ...
-    def undrain(self) -> None: ...
-    def drain_server(self, server: str) -> None: ...
-    def undrain_server(self, server: str) -> None: ...
 
 
 def to_json(snap: Snapshot) -> dict[str, Any]:
@@ -208,44 +202,29 @@ class _Collector(Collector):
                 yield extra
 
 
-def make_app(source: SnapshotSource, operator: Operator) -> web.Application:
+def make_app(source: SnapshotSource, operator: Operator, ctl: Control) -> web.Application:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(source))
+    registry.register(control_api.ControlCollector(ctl))
+
+    def data() -> dict[str, Any]:
+        return {**to_json(source()), "audit": ctl.trail.recent()}
 
     async def status(_request: web.Request) -> web.Response:
-        return web.json_response(to_json(source()), dumps=lambda v: json.dumps(v, indent=2))
+        return web.json_response(data(), dumps=lambda v: json.dumps(v, indent=2))
 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
 
     async def page(_request: web.Request) -> web.Response:
-        return web.Response(text=render_page(to_json(source())), content_type="text/html")
+        return web.Response(text=render_page(data()), content_type="text/html")
 
-    async def post_drain(_request: web.Request) -> web.Response:
-        operator.drain()
-        return web.json_response({"drained": True, "state": _pop_state(source())})
-
-    async def post_undrain(_request: web.Request) -> web.Response:
-        operator.undrain()
-        return web.json_response({"drained": False, "state": _pop_state(source())})
-
-    async def post_server(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        action = request.match_info["action"]
-        try:
-            (operator.drain_server if action == "drain" else operator.undrain_server)(name)
-        except KeyError:
-            return web.json_response({"error": f"no server named {name!r}"}, status=404)
-        server = next(s for s in to_json(source())["servers"] if s["name"] == name)
-        return web.json_response({"server": name, "drain": server["drain"]})
-
-    app = web.Application()
+    # a refused client's unread body is drained for LINGER seconds at most, not aiohttp's 10
+    app = web.Application(client_max_size=control.MAX_BODY, handler_args={"lingering_time": control_api.LINGER})
     app.router.add_get("/", page)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
-    app.router.add_post("/drain", post_drain)
-    app.router.add_post("/undrain", post_undrain)
-    app.router.add_post(r"/servers/{name}/{action:drain|undrain}", post_server)
+    control_api.add_routes(app, ctl, operator, lambda: to_json(source()))
     return app
 
 
@@ -296,6 +275,7 @@ h1 .b{{font-size:70%}}</style></head><body>
 {''.join(rows)}</table>
 <h2>Recent events (UTC)</h2><table><tr><th>time</th><th>kind</th><th>subject</th><th>change</th><th>reason</th></tr>
 {events}</table>
+{_audit_table(data.get("audit", []))}
 </body></html>"""
 
 
@@ -319,3 +299,15 @@ def _external_line(external: dict[str, Any] | None) -> str:
     return (f'<p style="color:{color}"><b>From outside:</b> {e(external["reason"])}'
             f'{" — withdrawn by tier 3" if external["blocking"] else ""}</p>'
             f"<p>Catchment: {landings or 'no fresh report'}</p>")
+
+
+def _audit_table(entries: list[dict[str, Any]]) -> str:
+    """The last operator actions, refused ones too: every field came from a client, so all escaped."""
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{e(a['time'])}</td><td>{e(a['action'])}</td><td>{e(a['target'])}</td><td>{e(a['who'])}</td>"
+        f"<td>{e(a['from'])}</td><td>{e(a['reason']) or '-'}</td>"
+        f'<td style="color:{"#1a7f37" if a["status"] == 200 else "#cf222e"}">{e(a["result"])} ({a["status"]})</td>'
+        f"</tr>" for a in entries)
+    return ("<h2>Operator actions (UTC)</h2><table><tr><th>time</th><th>action</th><th>target</th><th>who</th>"
+            f"<th>from</th><th>reason</th><th>result</th></tr>{rows or '<tr><td>none</td></tr>'}</table>")

@@ -271,6 +271,56 @@ def test_drain_withdraws_and_undrain_returns_after_hold_down(one_pop: Callable[.
     watch.wait_for(has("10.0.1.2"), timeout=5, since=time.monotonic())
 
 
+def test_control_without_the_right_token_is_refused_and_the_pop_stays_announced(
+        one_pop: Callable[..., OnePop]) -> None:
+    """Anyone on the host could POST /drain and withdraw a healthy PoP (issue 10)."""
+    lab = one_pop()
+    pop, watch = lab.pop, lab.watch
+    pop.wait_status(lambda s: s["state"] == "announced", timeout=10)
+    since = time.monotonic()
+    attempts = [(path, headers) for path in ("/drain", "/servers/vpn1/drain")
+                for headers in ({}, {"Authorization": "Bearer wrong-token-but-long-enough"})]
+    for path, headers in attempts:
+        code, answer = pop.request(path, method="POST", headers=headers)
+        assert code == 401, (path, headers, code, answer)
+    time.sleep(1.0)  # room for a withdraw to reach the router, had one been sent
+    assert [e for e in watch.events if e.timestamp >= since] == [], watch.events
+    assert watch.nexthops == frozenset({"10.0.1.2"}) and "65101:1" in str(lab.router.bgp_routes(ANYCAST))
+    status = pop.status()
+    assert status["state"] == "announced" and status["servers"][0]["drain"] is None
+    assert [(a["action"], a["target"], a["status"]) for a in status["audit"]][:4] == [
+        ("drain-server", "vpn1", 401), ("drain-server", "vpn1", 401), ("drain", "pop1", 401), ("drain", "pop1", 401)]
+
+
+def test_a_token_file_others_can_read_is_refused_on_reload_and_a_new_token_takes_over_on_reload(
+        one_pop: Callable[..., OnePop]) -> None:
+    lab = one_pop(pool={"hold_down": 0.5})
+    pop = lab.pop
+    assert pop.proc is not None
+    key = Path(pop.config["control"]["token_file"])
+    old = key.read_text().strip()
+
+    def ask(token: str) -> int:
+        return pop.request("/undrain", method="POST", headers={"Authorization": f"Bearer {token}"})[0]
+
+    key.chmod(0o644)
+    pop.proc.send_signal(signal.SIGHUP)
+    wait_log(pop, "control.token_file")
+    assert "reload.rejected" in pop.log_tail(80) and ask(old) == 200  # the running engine kept its token
+    key.chmod(0o600)
+    key.write_text("the-new-token-0123456789\n")
+    pop.proc.send_signal(signal.SIGHUP)
+    wait_log(pop, "engine.reloaded")
+    assert ask(old) == 401 and ask("the-new-token-0123456789") == 200
+
+
+def wait_log(pop: PopNode, text: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in pop.log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{text!r} not in the log:\n{pop.log_tail()}"
+        time.sleep(0.05)
+
+
 def test_a_drain_survives_the_engine_dying(one_pop: Callable[..., OnePop]) -> None:
     """A respawned engine that forgot the drain would announce the PoP mid-maintenance."""
     lab = one_pop(pool={"hold_down": 1.0})

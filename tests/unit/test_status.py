@@ -8,17 +8,21 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 
 from pop.checks.base import CheckResult
+from pop.control_api import Control
 from pop.status import make_app
 from tests.unit.test_engine import OK, engine_with, feed
 
+TOKEN = "t" * 32
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
-def serve(check: Any) -> None:
+
+def serve(check: Any, tokens: tuple[bytes, ...] = (TOKEN.encode(),)) -> None:
     async def main() -> None:
         engine, _, _ = engine_with()
         feed(engine, "a", OK, 2)
         feed(engine, "b", OK, 2)
         feed(engine, "b", CheckResult.failure("refused", definitive=True, detail="port 443 refused"))
-        app = make_app(lambda: engine.snapshot({"sessions": {"10.0.0.1": "up"}}), engine)
+        app = make_app(lambda: engine.snapshot({"sessions": {"10.0.0.1": "up"}}), engine, Control("t1", tokens))
         async with TestClient(TestServer(app)) as client:
             await check(client, engine)
 
@@ -56,11 +60,11 @@ def test_noc_page_and_metrics() -> None:
 
 def test_drain_and_undrain() -> None:
     async def check(client: TestClient, engine: Any) -> None:
-        drained = await (await client.post("/drain")).json()
+        drained = await (await client.post("/drain", headers=AUTH)).json()
         assert drained == {"drained": True, "state": "drained"}
         assert engine.desired == ()
         assert (await client.get("/drain")).status == 405  # a GET never changes anything
-        undrained = await (await client.post("/undrain")).json()
+        undrained = await (await client.post("/undrain", headers=AUTH)).json()
         assert undrained["drained"] is False and undrained["state"] == "withdrawn"  # 1/2 is below high 1.0
         assert not engine.verdict.drained
 
