@@ -81,8 +81,13 @@ def cut_off(lab: Lab, pop: str | None = None, client: str = "client1") -> CutOff
     """``pop`` None: the PoP the agent beside the client lands on, so that the catchment map
     must show at least that agent move (routers hash flows by address, with a seed per boot)."""
     agent = beside(lab, client)
-    if pop is None:
-        pop = landings(lab).get(agent) or next(iter(lab.pops))
+    deadline = time.monotonic() + 20
+    while pop is None:
+        pop = landings(lab).get(agent)  # None until the agent's latest answer is in a fresh report
+        if pop is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{agent} lands nowhere: {landings(lab)}")
+            time.sleep(0.1)
     router, _ = lab.faults.upstreams(pop)[0]
     hop = lab.pop_address(router, pop)
     hold_down = lab.spec.pops[pop].config.pool.hold_down

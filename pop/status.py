@@ -289,16 +289,29 @@ def _apply_line(apply: dict[str, Any]) -> str:
 
 
 def _external_line(external: dict[str, Any] | None) -> str:
-    """Tier 3 at a glance: the view, the quorum, and who lands where on the anycast address."""
+    """Tier 3 at a glance: the view, each agent (standing, RTT, last seen), who lands where on
+    the anycast address, and the catchment's recent moves."""
     if external is None:
         return ""
     e = html.escape
     color = "#cf222e" if external["blocking"] else "#1f2328"
+
+    def number(value: Any, unit: str) -> str:
+        return "-" if value is None else f"{value:g} {unit}"
+
+    agents = "".join(f"<tr><td>{e(name)}</td><td>{e(str(agent['standing']))}</td>"
+                     f"<td>{number(agent['rtt_ms'], 'ms')}</td><td>{number(agent['report_age_seconds'], 's ago')}</td>"
+                     f"<td>{e(str(agent['problem'] or ''))}</td></tr>" for name, agent in external["agents"].items())
     landings = "; ".join(f"{e(agent)} → {e(str(where.get('pop')))}" for agent, seen in external["catchment"].items()
                          for where in seen.values())
+    moves = "; ".join(f"{e(m['agent'])}: {e(str(m['from']))} → {e(str(m['to']))} ({m['ago_seconds']:.0f} s ago)"
+                      for m in external.get("catchment_changes", [])[:5])
     return (f'<p style="color:{color}"><b>From outside:</b> {e(external["reason"])}'
             f'{" — withdrawn by tier 3" if external["blocking"] else ""}</p>'
-            f"<p>Catchment: {landings or 'no fresh report'}</p>")
+            + (f"<table><tr><th>agent</th><th>sees this PoP</th><th>RTT</th><th>last report</th><th>problem</th></tr>"
+               f"{agents}</table>" if agents else "")
+            + f"<p>Catchment: {landings or 'no fresh report'}</p>"
+            + (f"<p>Catchment moves: {moves}</p>" if moves else ""))
 
 
 def _audit_table(entries: list[dict[str, Any]]) -> str:

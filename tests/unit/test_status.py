@@ -78,3 +78,21 @@ def test_html_is_escaped() -> None:
         assert "<script>" not in page and "&lt;script&gt;" in page
 
     serve(check)
+
+
+def test_noc_page_shows_the_external_view_its_agents_and_the_catchment_moves() -> None:
+    from pop.status import _external_line
+
+    external = {"reason": "unreachable from outside: 2/3 agents", "blocking": True,
+                "agents": {"probe1": {"standing": "unreachable", "rtt_ms": None, "report_age_seconds": 0.4,
+                                      "problem": None},
+                           "probe<2>": {"standing": "reachable", "rtt_ms": 0.8, "report_age_seconds": 0.2,
+                                        "problem": "forged"}},
+                "catchment": {"probe1": {"198.51.100.1": {"pop": "pop3"}}},
+                "catchment_changes": [{"agent": "probe1", "address": "198.51.100.1", "from": "pop1", "to": "pop3",
+                                       "ago_seconds": 3.2}]}
+    line = _external_line(external)
+    assert "withdrawn by tier 3" in line and "unreachable from outside: 2/3 agents" in line
+    assert "<td>probe1</td><td>unreachable</td><td>-</td><td>0.4 s ago</td>" in line
+    assert "<td>probe&lt;2&gt;</td><td>reachable</td><td>0.8 ms</td>" in line  # escaped
+    assert "Catchment: probe1 → pop3" in line and "probe1: pop1 → pop3 (3 s ago)" in line
