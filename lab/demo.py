@@ -42,8 +42,9 @@ def landed(lab: Lab, node: str, count: int = 20) -> str:
 def main() -> int:
     lab = Lab.from_file()
     try:
-        say(f"bringing up containerlab.yml in network namespaces ({lab.prefix}*): 2 FRR routers, 3 PoPs, "
-            "6 VPN servers, a client, a probe node")
+        say(f"bringing up containerlab.yml in network namespaces ({lab.prefix}*): {len(lab.spec.routers)} FRR "
+            f"routers, {len(lab.spec.pops)} PoPs, {len(lab.spec.vpns)} VPN servers, a client, "
+            f"{len(lab.spec.agents)} probe agents")
         converged = lab.up()
         say(f"converged in {converged:.1f}s: every router has a route to {lab.anycast}")
         for router in ("r1", "r2"):
