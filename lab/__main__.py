@@ -117,7 +117,7 @@ def supervise(topology_file: Path, statedir: Path, prefix: str) -> int:
     thread = threading.Thread(target=server.serve_forever, name="control", daemon=True)
     thread.start()
     lab.write_state(ready=True, control=str(statedir / CONTROL), bringup_seconds=round(seconds, 3),
-                    phases={k: round(v, 3) for k, v in lab.phases.items()})
+                    phases={k: round(v, 3) for k, v in lab.phases.items()}, noc_url=lab.noc_url)
     print(f"lab.up prefix={prefix} seconds={seconds:.2f}", file=sys.stderr, flush=True)
     try:
         while not stop.wait(1.0):
@@ -174,6 +174,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"lab {state['topology']} up in {state['bringup_seconds']:.1f} s "
                   f"(namespaces {prefix}*, supervisor pid {child.pid}, state {statedir})")
             print_status(request(statedir, {"op": "status"})["status"])
+            if state.get("noc_url"):
+                print(f"fleet page (pop noc): {state['noc_url']}  (open it in a browser on this host)")
             return 0
         if child.poll() is not None:
             print(f"lab up failed; supervisor log:\n{log.read_text(errors='replace')[-4000:]}", file=sys.stderr)

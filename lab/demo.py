@@ -17,10 +17,14 @@ Run as root from the repository root:  .venv/bin/python -m lab.demo
 from __future__ import annotations
 
 import collections
+import json
 import sys
 import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
 
-from lab.runner import Lab
+from lab.runner import NOC_PORT, Lab
 
 T0 = time.monotonic()
 
@@ -37,6 +41,17 @@ def landed(lab: Lab, node: str, count: int = 20) -> str:
         pop = lab.pop_of(who)
         parts.append(f"{who or 'nobody'} x{n}" + (f" ({pop}'s server)" if pop != who else ""))
     return f"{count} connections answered by " + ", ".join(parts)
+
+
+def fleet_shows(url: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
+    """The fleet page's JSON (pop noc, served on the host's loopback) once it shows ``predicate``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(url + "v1/fleet", timeout=2) as response:
+            view: dict[str, Any] = json.loads(response.read())
+        if predicate(view) or time.monotonic() > deadline:
+            return view
+        time.sleep(0.2)
 
 
 def main() -> int:
@@ -66,6 +81,10 @@ def main() -> int:
             second, when = lab.wait_answer("client1", lambda who: who not in (None, first))
             say(f"client1 -> anycast address: answered by {second} "
                 f"({(when - fault.at) * 1000:.0f} ms after the failure): {landed(lab, 'client1')}")
+            if lab.noc_url:
+                fleet = fleet_shows(lab.noc_url, lambda view: first in view["red"])
+                say(f"fleet page {lab.noc_url}: {fleet['announcing']}/{len(fleet['pops'])} PoPs announcing, "
+                    f"red: {', '.join(fleet['red'])}")
 
             back = lab.faults.undo(fault)
             say(f"RECOVERY: {first}'s servers are back")
@@ -75,6 +94,9 @@ def main() -> int:
                 "hold-down)")
             say(f"{first} /status: {lab.pop_status(first)['state']}")
         say("demo complete: announce, failover and recovery against real FRR routers")
+        say("to look around yourself: `.venv/bin/python -m lab up` keeps this lab running and prints where the "
+            f"fleet page is (http://127.0.0.1:{NOC_PORT}/ unless that port is taken) for a browser on this host; "
+            "`.venv/bin/python -m lab down` ends it")
         return 0
     except Exception as exc:  # the demo reports any failure with the daemons' logs, then tears down
         say(f"demo FAILED: {exc!r}")

@@ -129,12 +129,14 @@ class Netns:
         return run_host(self._argv(argv), check=check, timeout=timeout, input=input)
 
     def popen(self, *argv: str, log: Path | None = None, env: Mapping[str, str] | None = None,
-              user: str | None = None) -> subprocess.Popen[bytes]:
+              user: str | None = None, pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
         """Start a foreground child inside the namespace and track it for stop()/close().
 
         ``log`` receives stdout and stderr (appended); without it they are inherited.
         ``env`` adds to the inherited environment. ``user`` drops to that user (and its
-        groups) after entering the namespace, which needs root. The child leads its own
+        groups) after entering the namespace, which needs root. ``pass_fds`` stay open in the
+        child (a socket keeps the namespace it was made in: one bound on the host's loopback
+        serves, from a process inside the lab, a browser on the host). The child leads its own
         process group, so that a SIGKILL also reaches anything it spawned.
         """
         if self._closed:
@@ -150,7 +152,7 @@ class Netns:
             out = stack.enter_context(log.open("ab")) if log is not None else None
             proc = subprocess.Popen(self._argv(command), stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT if out is not None else None,
-                                    env=full_env, start_new_session=True)
+                                    env=full_env, start_new_session=True, pass_fds=tuple(pass_fds))
         self._children.append(proc)
         return proc
 

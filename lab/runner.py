@@ -91,6 +91,7 @@ from pop import wgkeys
 REPO = Path(__file__).resolve().parent.parent
 WHOAMI = Path(__file__).resolve().parent / "nodes" / "whoami.py"
 WG_KEY = "/etc/pop-lab/wg.key"
+NOC_PORT = 9300  # the fleet page on the host's loopback
 
 
 def new_prefix(kind: str = "plab") -> str:
@@ -144,6 +145,7 @@ class Lab:
         self.pops: dict[str, PopNode] = {}
         self.vpns: dict[str, VpnServer] = {}
         self.agents: dict[str, AgentNode] = {}
+        self.nocs: dict[str, tuple[socket.socket, subprocess.Popen[bytes]]] = {}
         self.whoami: dict[str, list[subprocess.Popen[bytes]]] = {}
         self.faults = Faults(self)
         self.owner_pid = os.getpid()
@@ -179,6 +181,13 @@ class Lab:
 
     def agent(self, name: str) -> AgentNode:
         return self.agents[name]
+
+    @property
+    def noc_url(self) -> str | None:
+        """Where the fleet page is served on the host's loopback (None: the lab has no noc node)."""
+        for sock, _ in self.nocs.values():
+            return f"http://127.0.0.1:{sock.getsockname()[1]}/"
+        return None
 
     def service_prefixes(self, pop: str) -> list[str]:
         """What users and agents reach a PoP by: its anycast prefixes and its beacons."""
@@ -290,6 +299,8 @@ class Lab:
                     job.result()
                 for job in [pool.submit(self._start_agent, name) for name in self.spec.agents]:
                     job.result()
+            for name in self.spec.nocs:
+                self._start_noc(name)
             self.phases["daemons"] = time.monotonic() - started
             self.wait_converged(timeout=max(1.0, timeout - (time.monotonic() - started)))
             self.phases["converged"] = time.monotonic() - started
@@ -387,6 +398,26 @@ class Lab:
         self.agents[name] = node
         node.start()
 
+    def _start_noc(self, name: str, port: int = NOC_PORT) -> None:
+        """`pop noc` in the noc node, serving on a socket bound on the host's loopback: a browser
+        on the host reaches the page, and no route joins the host and the lab (NOC_PORT, or any
+        free port when another lab holds it)."""
+        try:
+            sock = socket.create_server(("127.0.0.1", port))
+        except OSError:
+            sock = socket.create_server(("127.0.0.1", 0))
+        try:
+            workdir = self.statedir / name
+            workdir.mkdir(parents=True, exist_ok=True)
+            config = self.topology.nodes[name].bind_source("/etc/pop/noc.yaml")
+            pop = Path(sys.executable).parent / "pop"
+            proc = self.ns(name).popen(str(pop), "noc", "-c", str(config), "--listen-fd", str(sock.fileno()),
+                                       log=workdir / "noc.log", pass_fds=(sock.fileno(),))
+        except BaseException:
+            sock.close()
+            raise
+        self.nocs[name] = (sock, proc)
+
     def _start_pop(self, name: str) -> None:
         ns = self.ns(name)
         workdir = self.statedir / name
@@ -480,6 +511,9 @@ class Lab:
         self.faults.stop_all()
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda agent: agent.stop(), list(self.agents.values())))
+            for name, (sock, proc) in self.nocs.items():
+                self.ns(name).stop(proc)
+                sock.close()
             # PoPs next, in parallel: each withdraws and closes its sessions on SIGTERM
             list(pool.map(lambda node: node.stop(timeout=5), list(self.pops.values())))
             list(pool.map(lambda router: router.stop(), list(self.routers.values())))
@@ -489,6 +523,7 @@ class Lab:
         self.routers.clear()
         self.vpns.clear()
         self.agents.clear()
+        self.nocs.clear()
         self.whoami.clear()
         self.namespaces.clear()
         state.remove_leftovers(self.prefix, self.wg_ifnames.values(), self.statedir)

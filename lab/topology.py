@@ -16,8 +16,9 @@ Contract:
   for the values read from it, so the runner feeds FRR byte for byte the file containerlab
   mounts. Addresses and routes live in each node's ``exec`` list as ``ip`` commands, which
   containerlab runs in the container and the runner runs in the namespace.
-- Which part a node plays is its label ``pop.lab.role``: router, pop, vpn, client or probe.
-  A vpn node is the server of the same name in some PoP's ``servers``.
+- Which part a node plays is its label ``pop.lab.role``: router, pop, vpn, client, probe or
+  noc. A vpn node is the server of the same name in some PoP's ``servers``; a probe node that
+  binds an agent.yaml runs a probe agent; a noc node that binds a noc.yaml runs `pop noc`.
 """
 
 from __future__ import annotations
@@ -29,21 +30,24 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
+from urllib.parse import urlsplit
 
 import yaml
 
 from lab.frr import BgpConfig, BgpNeighbor
 from lab.netns import IFNAMSIZ
 from pop import config as pop_config
+from pop import noc
 from pop.agent import config as agent_config
 
-Role = Literal["router", "pop", "vpn", "client", "probe"]
-ROLES: tuple[Role, ...] = ("router", "pop", "vpn", "client", "probe")
+Role = Literal["router", "pop", "vpn", "client", "probe", "noc"]
+ROLES: tuple[Role, ...] = ("router", "pop", "vpn", "client", "probe", "noc")
 ROLE_LABEL = "pop.lab.role"
 FRR_CONF = "/etc/frr/frr.conf"
 FRR_DAEMONS = "/etc/frr/daemons"
 POP_YAML = "/etc/pop/pop.yaml"
 AGENT_YAML = "/etc/pop/agent.yaml"
+NOC_YAML = "/etc/pop/noc.yaml"
 
 _NODE_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")  # short: it becomes part of namespace names
 _IFNAME = re.compile(r"^(eth[0-9]{1,3}|lo)$")
@@ -146,6 +150,7 @@ class LabSpec:
     vpns: Mapping[str, VpnSpec]
     anycast: tuple[str, ...] = field(default=())  # every PoP prefix, in first-seen order
     agents: Mapping[str, AgentSpec] = field(default_factory=dict)
+    nocs: Mapping[str, noc.NocConfig] = field(default_factory=dict)  # noc nodes that run `pop noc`
 
 
 # --- containerlab.yml ----------------------------------------------------------------------
@@ -346,6 +351,7 @@ def load(path: Path) -> LabSpec:
     routers: dict[str, BgpConfig] = {}
     pops: dict[str, PopSpec] = {}
     agents: dict[str, AgentSpec] = {}
+    nocs: dict[str, noc.NocConfig] = {}
     for node in topology.nodes.values():
         wanted = {"router": [FRR_CONF, FRR_DAEMONS], "pop": [POP_YAML]}.get(node.role, [])
         for target in wanted:
@@ -366,6 +372,8 @@ def load(path: Path) -> LabSpec:
             if node.role == "probe" and (yml := node.bind_source(AGENT_YAML)) and yml.is_file():
                 text = yml.read_text()
                 agents[node.name] = AgentSpec(node.name, yaml.safe_load(text), agent_config.load(text, str(yml)), yml)
+            if node.role == "noc" and (yml := node.bind_source(NOC_YAML)) and yml.is_file():
+                nocs[node.name] = noc.load(yml.read_text(), str(yml))
         except (TopologyError, pop_config.ConfigError, agent_config.ConfigError) as exc:
             problems.extend(exc.problems)
     if problems:
@@ -374,12 +382,31 @@ def load(path: Path) -> LabSpec:
     _check_sessions(topology, routers, pops, problems)
     _check_anycast_holders(topology, pops, problems)
     _check_agents(topology, pops, vpns, agents, problems)
+    _check_nocs(topology, pops, nocs, problems)
     if problems:
         raise TopologyError(problems)
     anycast: list[str] = []
     for spec in pops.values():
         anycast += [p.prefix for p in spec.config.prefixes if p.prefix not in anycast]
-    return LabSpec(topology, routers, pops, vpns, tuple(anycast), agents)
+    return LabSpec(topology, routers, pops, vpns, tuple(anycast), agents, nocs)
+
+
+def _check_nocs(topology: Topology, pops: Mapping[str, PopSpec], nocs: Mapping[str, noc.NocConfig],
+                problems: list[str]) -> None:
+    """A fleet page lists every PoP, each at an address of that PoP where its status listens."""
+    for name, config in nocs.items():
+        where = f"{topology.source}: topology.nodes.{name} (noc.yaml)"
+        if missing := sorted(set(pops) - {t.name for t in config.pops}):
+            problems.append(f"{where}: pops: misses {', '.join(missing)}")
+        for target in config.pops:
+            url = urlsplit(target.url)
+            owner = topology.owner_of(url.hostname or "")
+            status = pops[target.name].config.status if target.name in pops else None
+            if status is None or owner != target.name:
+                problems.append(f"{where}: pops: {target.name}: {url.hostname} is not an address of {target.name}")
+            elif status.listen not in ("0.0.0.0", "::", url.hostname) or (url.port or 80) != status.port:
+                problems.append(f"{where}: pops: {target.name}: its status listens on {status.listen}:{status.port}, "
+                                f"not {url.hostname}:{url.port}")
 
 
 def _check_agents(topology: Topology, pops: Mapping[str, PopSpec], vpns: Mapping[str, VpnSpec],

@@ -191,6 +191,32 @@ def cmd_identity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_noc(args: argparse.Namespace) -> int:
+    import asyncio
+    import socket
+
+    from pop.config_reader import ConfigError
+    from pop.noc import Noc, load, run
+
+    try:
+        config = load(args.config.read_bytes(), args.config.name)
+    except ConfigError as exc:
+        print(*exc.problems, sep="\n")
+        return 2
+    except OSError as exc:
+        print(f"{args.config}: cannot read: {exc.strerror}")
+        return 2
+    if args.check:
+        print("ok")
+        return 0
+    # --listen-fd: a listening socket handed over by whoever started us (the lab passes one bound
+    # on the host's loopback to a `pop noc` that runs in the lab's network namespace)
+    sock = socket.socket(fileno=args.listen_fd) if args.listen_fd is not None else None
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run(Noc(config), sock))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="pop", description="anycast/BGP edge PoP controller for VPN providers")
     top.add_argument("--version", action="version", version=f"pop {__version__}")
@@ -228,6 +254,12 @@ def parser() -> argparse.ArgumentParser:
     identity.add_argument("--server", help="the server's name (omit on a PoP without servers behind it)")
     identity.add_argument("--listen", required=True, help="ADDRESS:PORT, e.g. the anycast address and port 9191")
     identity.set_defaults(func=cmd_identity)
+    noc = sub.add_parser("noc", help="the fleet page: one page over many PoPs' status")
+    noc.add_argument("-c", "--config", type=Path, default=Path("/etc/pop/noc.yaml"),
+                     help="the fleet's YAML file (default /etc/pop/noc.yaml)")
+    noc.add_argument("--check", action="store_true", help="validate the YAML, print ok or every problem")
+    noc.add_argument("--listen-fd", type=int, help="serve on this inherited listening socket instead of listen:port")
+    noc.set_defaults(func=cmd_noc)
     # listed for --help; main() hands `pop wg-probe ...` to pop.wgprobe before parsing
     sub.add_parser("wg-probe", help="send WireGuard handshakes to one server and print each like ping")
     return top

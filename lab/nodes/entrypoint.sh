@@ -38,11 +38,16 @@ probe)
     install -D -m 0600 /etc/pop-lab/probe.key /etc/pop/probe.key
     exec pop probe-agent -c /etc/pop/agent.yaml
     ;;
+noc)
+    # the fleet page over every PoP's status (containerlab publishes nothing: reach it from the
+    # host with `docker exec` or a port mapping you add)
+    exec pop noc -c /etc/pop/noc.yaml
+    ;;
 client)
     exec sleep infinity
     ;;
 *)
-    echo "pop-lab: set POP_LAB_ROLE to pop, vpn, client or probe" >&2
+    echo "pop-lab: set POP_LAB_ROLE to pop, vpn, client, probe or noc" >&2
     exit 2
     ;;
 esac

@@ -284,7 +284,7 @@ def test_no_default_route_anywhere(spec: LabSpec) -> None:
         routes = [argv for argv in node.exec if argv[1] == "route"]
         for argv in routes:
             assert argv[3] in (anycast_range, clients, lab), (node.name, argv)
-        # a probe agent also reaches the PoPs' beacons and links (the lab's 10.0.0.0/12)
-        wanted = {"client": [anycast_range], "probe": [anycast_range, lab], "pop": [clients],
+        # a probe agent also reaches the PoPs' beacons and links (the lab's 10.0.0.0/12), the noc their links
+        wanted = {"client": [anycast_range], "probe": [anycast_range, lab], "noc": [lab], "pop": [clients],
                   "vpn": [clients]}.get(node.role, [])
         assert [argv[3] for argv in routes] == wanted, node.name
