@@ -64,6 +64,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ from typing import Any
 
 import yaml
 
-from lab import datapath, state
+from lab import datapath, prometheus, state
 from lab import status as lab_status
 from lab.agentnode import AgentNode
 from lab.datapath import WHOAMI_PORT
@@ -81,6 +82,7 @@ from lab.faults import Faults
 from lab.frr import FrrRouter
 from lab.netns import IFNAMSIZ, Netns, veth
 from lab.popnode import PopNode, TcpService, write_token
+from lab.prometheus import PrometheusNode
 from lab.routewatch import RouteWatcher, read_nexthops
 from lab.status import LabStatus
 from lab.topology import LabSpec, Node, anycast_on_lo, load
@@ -146,6 +148,7 @@ class Lab:
         self.vpns: dict[str, VpnServer] = {}
         self.agents: dict[str, AgentNode] = {}
         self.nocs: dict[str, tuple[socket.socket, subprocess.Popen[bytes]]] = {}
+        self.prometheus: PrometheusNode | None = None  # in the noc node, when Debian's prometheus is installed
         self.whoami: dict[str, list[subprocess.Popen[bytes]]] = {}
         self.faults = Faults(self)
         self.owner_pid = os.getpid()
@@ -417,6 +420,12 @@ class Lab:
             sock.close()
             raise
         self.nocs[name] = (sock, proc)
+        if prometheus.available() and self.prometheus is None:
+            fleet = self.spec.nocs[name]
+            targets = [urllib.parse.urlsplit(target.url).netloc for target in fleet.pops]
+            self.prometheus = PrometheusNode(self.ns(name), targets, self.statedir / name / "prometheus",
+                                             fleet.listen)
+            self.prometheus.start()
 
     def _start_pop(self, name: str) -> None:
         ns = self.ns(name)
@@ -514,6 +523,9 @@ class Lab:
             for name, (sock, proc) in self.nocs.items():
                 self.ns(name).stop(proc)
                 sock.close()
+            if self.prometheus is not None:
+                self.prometheus.stop()
+                self.prometheus = None
             # PoPs next, in parallel: each withdraws and closes its sessions on SIGTERM
             list(pool.map(lambda node: node.stop(timeout=5), list(self.pops.values())))
             list(pool.map(lambda router: router.stop(), list(self.routers.values())))
