@@ -78,6 +78,7 @@ class ExaBgpSpeaker:
         self.shutting_down = False  # ExaBGP announced its own shutdown
         self.errors = 0  # commands ExaBGP answered with `error`
         self.unparsed = 0
+        self.foreign = 0  # messages about peers that are not ours
 
     def announced(self) -> tuple[Announcement, ...]:
         """Read-back: what ExaBGP has acknowledged announcing."""
@@ -207,30 +208,42 @@ class ExaBgpSpeaker:
                     return
             log.warning("bgp.unexpected_ack ok=%s", message.ok)
         elif isinstance(message, NeighborState):
-            self._set_state(message.peer, message.state, self._clock(), message.reason)
-            log.info("bgp.session peer=%s state=%s reason=%s", message.peer, message.state, message.reason or "-")
+            if self._ours(message.peer):
+                self._set_state(message.peer, message.state, self._clock(), message.reason)
+                log.info("bgp.session peer=%s state=%s reason=%s", message.peer, message.state, message.reason or "-")
         elif isinstance(message, NeighborReport):
             for neighbor in message.neighbors:
                 old = self.peers.get(neighbor.peer, PeerView())
-                if old.state == neighbor.state:
+                if not self._ours(neighbor.peer) or old.state == neighbor.state:
                     continue  # what we saw happen is more precise than ExaBGP's whole seconds
                 self._set_state(neighbor.peer, neighbor.state, self._clock() - neighbor.up_for, "")
                 log.info("bgp.session peer=%s state=%s reason=reported by ExaBGP up_for=%ds",
                          neighbor.peer, neighbor.state, neighbor.up_for)
         elif isinstance(message, Update):
-            old = self.peers.get(message.peer, PeerView())
-            received = (old.received - set(message.withdrawn)) | set(message.announced)
-            self.peers[message.peer] = dataclasses.replace(old, received=frozenset(received))
+            if self._ours(message.peer):
+                old = self.peers[message.peer]
+                received = (old.received - set(message.withdrawn)) | set(message.announced)
+                self.peers[message.peer] = dataclasses.replace(old, received=frozenset(received))
         elif isinstance(message, EndOfRib):
-            old = self.peers.get(message.peer, PeerView())
-            self.peers[message.peer] = dataclasses.replace(old, eor_received=old.eor_received | {message.family})
-            log.info("bgp.end_of_rib peer=%s family=%s", message.peer, message.family)
+            if self._ours(message.peer):
+                old = self.peers[message.peer]
+                self.peers[message.peer] = dataclasses.replace(old, eor_received=old.eor_received | {message.family})
+                log.info("bgp.end_of_rib peer=%s family=%s", message.peer, message.family)
         elif isinstance(message, Shutdown):
             log.info("bgp.exabgp_shutdown")
             self.shutting_down = True
             self.closed.set()
         elif isinstance(message, Unparsed):
             self._note_unparsed(message)
+
+    def _ours(self, peer: str) -> bool:
+        """Only the configured sessions are tracked: a message about any other peer is counted
+        and dropped, so what ExaBGP (or anything on its pipe) says cannot grow our books."""
+        if peer in self.peers:
+            return True
+        self.foreign += 1
+        log.warning("bgp.unknown_peer peer=%r (not in neighbors: ignored)", peer[:100])
+        return False
 
     def _set_state(self, peer: str, state: str, since: float, reason: str) -> None:
         old = self.peers.get(peer, PeerView())
