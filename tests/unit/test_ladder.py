@@ -336,3 +336,44 @@ def test_drain_with_until_is_a_maintenance_on_status_the_page_and_in_the_audit(t
             assert (await client.post("/undrain", headers=auth)).status == 200 and engine.pop_drain is None
 
     asyncio.run(main())
+
+
+def test_pop_maintenance_for_and_drain_until_from_the_command_line(tmp_path: Path) -> None:
+    import json
+    import sys
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from pop.audit import AuditTrail
+    from pop.control_api import Control
+    from pop.status import make_app
+    from tests.unit.test_control import TOKEN, pop_yaml, token_file
+
+    async def main() -> None:
+        clock = ManualClock()
+        engine, _ = engine_for(clock, wall=1_800_000_000.0 - 100.0)
+        ctl = Control("t1", (TOKEN.encode(),), AuditTrail(None), wall=lambda: 1_800_000_000.0)
+        app = make_app(lambda: engine.snapshot({"sessions": {}}), engine, ctl)
+        async with TestClient(TestServer(app)) as client:
+            path = pop_yaml(tmp_path, f"status: {{port: {client.port}}}\ncontrol: {{token_file: {token_file(tmp_path)}}}")
+
+            async def pop(*argv: str) -> tuple[int, str, str]:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "pop", *argv, "-c", str(path), env={"USER": "carol", "PATH": "/usr/bin"},
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                out, err = await proc.communicate()
+                assert proc.returncode is not None
+                return proc.returncode, out.decode(), err.decode()
+
+            code, out, err = await pop("maintenance", "--for", "30m", "--reason", "kernel upgrade")
+            assert code == 0, err
+            assert json.loads(out)["ladder"]["until_in_seconds"] == 1800.0
+            assert ctl.trail.recent()[0]["until"] == "2027-01-15T08:30:00.000Z"
+            code, out, err = await pop("drain", "--until", "2027-01-15T09:00:00Z")  # extends it
+            assert code == 0 and json.loads(out)["ladder"]["until_in_seconds"] == 3600.0, err
+            code, _, err = await pop("maintenance", "--for", "soon")
+            assert code == 2 and "--for: 'soon' is not a duration" in err
+            code, _, err = await pop("drain", "--until", "yesterday")
+            assert code == 1 and "refused (400): body.until: 'yesterday' is not an ISO 8601 time" in err
+
+    asyncio.run(main())
