@@ -7,7 +7,12 @@ Contract:
   otherwise drops every eBGP route), ``no bgp network import-check`` (``networks`` are
   announced whether or not a matching route exists), ``bgp bestpath as-path multipath-relax``
   and ``maximum-paths`` (ECMP across peers with different ASNs, i.e. PoPs), advertisement
-  interval 0 and a short connect retry (convergence is what the lab measures).
+  interval 0 and a short connect retry (convergence is what the lab measures). With
+  ``graceful_shutdown_in`` the router honours RFC 8326 as operators configure it: a route-map
+  on every session's received routes sets LOCAL_PREF 0 on those carrying GRACEFUL_SHUTDOWN
+  (65535:0), so a peer draining its routes loses the best path before it withdraws. (FRR's
+  ``bgp graceful-shutdown`` is the other side: the router-wide switch that drains the
+  router's own routes; the lab leaves it off.)
 - ``start()`` enables forwarding inside the namespace, then runs zebra and bgpd as foreground
   children of the namespace (never daemonised, so that stop() reaps them) with their own pid
   files, zserv socket and vty socket directory, and no TCP vty (``-P 0``); it returns once
@@ -45,6 +50,20 @@ FRR_USER = "frr"
 LOG_LEVEL = "informational"
 
 Family = Literal["ipv4", "ipv6"]
+
+GSHUT_ROUTE_MAP = "GSHUT-IN"
+# RFC 8326 on the receiving side, as FRR's documentation configures it; no `exit` lines, so the
+# file's only "exit" is the one closing `router bgp` (lab.topology.parse_frr splits there)
+GSHUT_POLICY = [
+    "bgp community-list standard GSHUT permit graceful-shutdown",
+    "!",
+    f"route-map {GSHUT_ROUTE_MAP} permit 10",
+    " match community GSHUT",
+    " set local-preference 0",
+    "!",
+    f"route-map {GSHUT_ROUTE_MAP} permit 20",
+    "!",
+]
 
 
 def _check_text(what: str, value: str) -> None:
@@ -115,6 +134,7 @@ class BgpConfig:
     networks: tuple[str, ...] = ()
     maximum_paths: int = 8
     extra_config: str = ""
+    graceful_shutdown_in: bool = False  # received 65535:0 -> local-preference 0 (RFC 8326)
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -135,6 +155,10 @@ class BgpConfig:
             f"hostname {self.name}",
             "log timestamp precision 6",
             "!",
+        ]
+        if self.graceful_shutdown_in:
+            lines += GSHUT_POLICY
+        lines += [
             f"router bgp {self.asn}",
             f" bgp router-id {self.router_id}",
             " no bgp ebgp-requires-policy",
@@ -162,6 +186,8 @@ class BgpConfig:
             lines += [" !", f" address-family {family} unicast"]
             lines += [f"  network {net}" for net in networks]
             lines += [f"  neighbor {nbr.address} activate" for nbr in peers]
+            if self.graceful_shutdown_in:
+                lines += [f"  neighbor {nbr.address} route-map {GSHUT_ROUTE_MAP} in" for nbr in peers]
             lines += [f"  maximum-paths {self.maximum_paths}",
                       f"  maximum-paths ibgp {self.maximum_paths}",
                       " exit-address-family"]
@@ -175,9 +201,10 @@ class FrrRouter:
     # The positional order is the lab API other modules already code against.
     def __init__(self, ns: Netns, name: str, asn: int, router_id: str,  # noqa: PLR0917
                  neighbors: Sequence[BgpNeighbor], networks: Sequence[str] = (), *,
-                 workdir: Path, maximum_paths: int = 8, extra_config: str = "") -> None:
+                 workdir: Path, maximum_paths: int = 8, extra_config: str = "",
+                 graceful_shutdown_in: bool = False) -> None:
         self.config = BgpConfig(name, asn, router_id, tuple(neighbors), tuple(networks),
-                                maximum_paths, extra_config)
+                                maximum_paths, extra_config, graceful_shutdown_in)
         self.ns = ns
         self.name = name
         self.asn = asn
@@ -189,7 +216,8 @@ class FrrRouter:
     @classmethod
     def from_config(cls, ns: Netns, config: BgpConfig, *, workdir: Path) -> FrrRouter:
         return cls(ns, config.name, config.asn, config.router_id, config.neighbors, config.networks,
-                   workdir=workdir, maximum_paths=config.maximum_paths, extra_config=config.extra_config)
+                   workdir=workdir, maximum_paths=config.maximum_paths, extra_config=config.extra_config,
+                   graceful_shutdown_in=config.graceful_shutdown_in)
 
     def __repr__(self) -> str:
         return f"FrrRouter({self.name!r}, asn={self.asn}, ns={self.ns.name!r})"

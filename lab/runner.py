@@ -350,9 +350,7 @@ class Lab:
 
     def _start_router(self, node: Node) -> None:
         config = self.spec.routers[node.name]
-        router = FrrRouter(self.ns(node.name), config.name, config.asn, config.router_id, config.neighbors,
-                           config.networks, workdir=self.statedir / node.name,
-                           maximum_paths=config.maximum_paths, extra_config=config.extra_config)
+        router = FrrRouter.from_config(self.ns(node.name), config, workdir=self.statedir / node.name)
         self.routers[node.name] = router
         router.start()
 

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from lab.frr import BgpConfig, BgpNeighbor
+from lab.frr import GSHUT_POLICY, BgpConfig, BgpNeighbor
 from lab.netns import IFNAMSIZ
 from pop import config as pop_config
 from pop import noc
@@ -283,6 +283,7 @@ def parse_frr(text: str, source: str) -> BgpConfig:
     """The BgpConfig whose ``render()`` is exactly ``text``; TopologyError otherwise."""
     name = asn = router_id = None
     maximum_paths = 8
+    graceful_shutdown_in = False
     neighbors: dict[str, dict[str, Any]] = {}
     networks: list[str] = []
     family = "ipv4"
@@ -291,6 +292,8 @@ def parse_frr(text: str, source: str) -> BgpConfig:
         words = line.split()
         if line.startswith("hostname "):
             name = words[1]
+        elif line == GSHUT_POLICY[0]:
+            graceful_shutdown_in = True  # the rest of the policy is checked by rendering it again
         elif line.startswith("router bgp "):
             asn = int(words[2])
         elif line.startswith(" bgp router-id "):
@@ -328,7 +331,8 @@ def parse_frr(text: str, source: str) -> BgpConfig:
             default = ("ipv4" if ipaddress.ip_address(address).version == 4 else "ipv6",)
             # the neighbor's own family is BgpNeighbor's default: keep the value as one writes it
             parsed.append(BgpNeighbor(address, families=() if families == default else families, **values))
-        config = BgpConfig(name, asn, router_id, tuple(parsed), tuple(networks), maximum_paths, extra)
+        config = BgpConfig(name, asn, router_id, tuple(parsed), tuple(networks), maximum_paths, extra,
+                           graceful_shutdown_in)
     except (TypeError, ValueError) as exc:
         raise TopologyError([f"{source}: {exc}"]) from None
     rendered = config.render()

@@ -10,7 +10,12 @@ The file holds wall-clock times (``time.time()``), so that a drain's age survive
 process: the engine converts them to its own monotonic clock on restore.
 
     {"version": 1, "pop_drained": true,
+     "pop_drain": {"since": 1763790000.5, "step": 1, "step_since": 1763790010.5, "reason": "...",
+                   "source": "maintenance", "until": 1763791800.5, "early": ""},
      "servers": {"vpn1": {"since": 1763790000.5, "done": false, "reason": "draining: ..."}}}
+
+``pop_drain`` (the ladder, pop.ladder) is optional: a file without it but with ``pop_drained``
+(written before the ladder existed) restores a drain at its withdraw.
 
 ``parse(data, servers)`` returns ``AdminState`` or raises ``AdminStateError`` naming what is
 wrong; servers the configuration no longer has are dropped (and named in ``dropped``).
@@ -20,10 +25,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pop.drains import ServerDrain
+from pop.ladder import PopDrain
 
 VERSION = 1
 FILE_NAME = "drains.json"
@@ -45,12 +51,43 @@ class AdminState:
     pop_drained: bool = False
     servers: dict[str, ServerDrainRecord] = field(default_factory=dict)
     dropped: tuple[str, ...] = ()  # drained servers the configuration no longer has
+    pop_drain: PopDrain | None = None  # the ladder, with wall-clock times
+
+
+WITHDRAWN = 1 << 16  # a step past any ladder's end: pop.ladder.fit makes it the withdraw
 
 
 def to_dict(state: AdminState) -> dict[str, Any]:
-    return {"version": VERSION, "pop_drained": state.pop_drained,
-            "servers": {name: {"since": d.since, "done": d.done, "reason": d.reason}
-                        for name, d in sorted(state.servers.items())}}
+    data: dict[str, Any] = {"version": VERSION, "pop_drained": state.pop_drained}
+    if state.pop_drain is not None:
+        d = state.pop_drain
+        data["pop_drain"] = {"since": d.since, "step": d.step, "step_since": d.step_since, "reason": d.reason,
+                             "source": d.source, "until": d.until, "early": d.early}
+    data["servers"] = {name: {"since": d.since, "done": d.done, "reason": d.reason}
+                       for name, d in sorted(state.servers.items())}
+    return data
+
+
+def _pop_drain(raw: Any) -> PopDrain | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise AdminStateError("pop_drain: must be an object")
+    since, step_since = (_seconds(raw.get(key), f"pop_drain.{key}") for key in ("since", "step_since"))
+    until = None if raw.get("until") is None else _seconds(raw["until"], "pop_drain.until")
+    step = raw.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise AdminStateError("pop_drain.step: must be a step number (0 or more)")
+    texts = [raw.get(key) for key in ("reason", "source", "early")]
+    if not all(isinstance(text, str) for text in texts):
+        raise AdminStateError("pop_drain: needs reason, source and early (text)")
+    return PopDrain(since, step, step_since, str(texts[0]), str(texts[1]), until, str(texts[2]))
+
+
+def _seconds(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise AdminStateError(f"{where}: must be a time in seconds")
+    return float(value)
 
 
 def parse(data: Any, servers: set[str]) -> AdminState:
@@ -69,22 +106,35 @@ def parse(data: Any, servers: set[str]) -> AdminState:
     for name, item in raw.items():
         if not isinstance(item, dict):
             raise AdminStateError(f"servers.{name}: must be an object")
-        since, done, reason = item.get("since"), item.get("done"), item.get("reason")
-        if isinstance(since, bool) or not isinstance(since, int | float) or not math.isfinite(since):
-            raise AdminStateError(f"servers.{name}.since: must be a time in seconds")
+        since, done, reason = _seconds(item.get("since"), f"servers.{name}.since"), item.get("done"), item.get("reason")
         if not isinstance(done, bool) or not isinstance(reason, str):
             raise AdminStateError(f"servers.{name}: needs done (true/false) and reason (text)")
         if name in servers:
-            records[str(name)] = ServerDrainRecord(float(since), done, reason)
+            records[str(name)] = ServerDrainRecord(since, done, reason)
         else:
             dropped.append(str(name))
-    return AdminState(pop_drained, records, tuple(dropped))
+    return AdminState(pop_drained, records, tuple(dropped), _pop_drain(data.get("pop_drain")))
 
 
-def record(pop_drained: bool, drains: Mapping[str, ServerDrain], wall: float, now: float) -> AdminState:
+def record(pop_drain: PopDrain | None, drains: Mapping[str, ServerDrain], wall: float, now: float) -> AdminState:
     """The engine's drains with wall-clock times (``wall`` is time.time() at the engine's ``now``)."""
-    return AdminState(pop_drained, {name: ServerDrainRecord(wall - (now - d.since), d.done, d.reason)
-                                    for name, d in drains.items()})
+    return AdminState(pop_drain is not None, {name: ServerDrainRecord(wall - (now - d.since), d.done, d.reason)
+                                              for name, d in drains.items()},
+                      pop_drain=None if pop_drain is None else _shift(pop_drain, wall - now))
+
+
+def restore_pop_drain(state: AdminState, wall: float, now: float) -> PopDrain | None:
+    """The ladder of a saved state on the engine's monotonic clock (None: no PoP drain)."""
+    if state.pop_drain is not None:
+        return _shift(state.pop_drain, now - wall)
+    if state.pop_drained:  # a file from before the ladder: the drain had withdrawn
+        return PopDrain(now, WITHDRAWN, now, "restored: operator drain")
+    return None
+
+
+def _shift(drain: PopDrain, offset: float) -> PopDrain:
+    return replace(drain, since=drain.since + offset, step_since=drain.step_since + offset,
+                   until=None if drain.until is None else drain.until + offset)
 
 
 def restore(state: AdminState, wall: float, now: float) -> dict[str, ServerDrain]:

@@ -8,6 +8,8 @@ per operator action (logrotate's copytruncate works, since every write is an app
 
     {"time": "2026-11-30T01:30:13.512Z", "action": "drain", "target": "pop1", "who": "alice",
      "from": "127.0.0.1", "reason": "fibre cut", "result": "accepted", "status": 200}
+
+A maintenance (a drain with an expiry) adds `"until": "2026-11-30T02:00:13.512Z"`.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ class Entry:
     who: str  # as the client claims it (the token is the credential)
     source: str  # the peer address ("from" in the file)
     reason: str
-    result: str  # accepted, or why not: unauthorized, forbidden, bad-request, not-found, too-large, timeout
+    result: str  # accepted, or why not: unauthorized, forbidden, bad-request, not-found, conflict,
+    # too-large, timeout
     status: int  # the HTTP status answered
+    until: str = ""  # a maintenance's expiry (ISO 8601 UTC), "" for none
 
 
 def iso(wall: float) -> str:
@@ -48,7 +52,8 @@ def iso(wall: float) -> str:
 def to_dict(entry: Entry) -> dict[str, Any]:
     data = asdict(entry)
     data["from"] = data.pop("source")
-    return {key: data[key] for key in ("time", "action", "target", "who", "from", "reason", "result", "status")}
+    ordered = {key: data[key] for key in ("time", "action", "target", "who", "from", "reason", "result", "status")}
+    return ordered | ({"until": entry.until} if entry.until else {})
 
 
 def to_line(entry: Entry) -> str:
@@ -67,8 +72,11 @@ def parse_line(line: str) -> Entry:
         bad.append("status")
     if bad:
         raise ValueError(f"missing or mistyped: {', '.join(bad)}")
+    until = data.get("until", "")
+    if not isinstance(until, str):
+        raise ValueError("mistyped: until")
     when, action, target, who, source, reason, result = (str(data[key]) for key in keys)
-    return Entry(when, action, target, who, source, reason, result, int(data["status"]))
+    return Entry(when, action, target, who, source, reason, result, int(data["status"]), until)
 
 
 def parse(text: str, *, partial_first: bool = False) -> tuple[list[Entry], list[tuple[int, str]]]:

@@ -1,5 +1,5 @@
-"""The `pop` command line: run, engine, check-config, drain, undrain, status, wg-probe,
-probe-agent, identity.
+"""The `pop` command line: run, engine, check-config, drain, undrain, maintenance, status,
+wg-probe, probe-agent, identity.
 
 `check-config` reads the key files the checks need too (a world-readable probe key is a
 configuration error); the loader itself stays free of side effects.
@@ -63,7 +63,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
     return main(config, args.config.resolve())
 
 
-def _endpoint(args: argparse.Namespace, path: str, method: str = "GET", body: dict[str, str] | None = None) -> int:
+def _endpoint(args: argparse.Namespace, path: str, method: str = "GET", body: dict[str, object] | None = None) -> int:
     """Ask the running engine; a POST carries the token from the config's control.token_file."""
     from pop.runner import read_control_tokens
 
@@ -118,13 +118,40 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _endpoint(args, "/status")
 
 
-def _action(args: argparse.Namespace, action: str) -> int:
-    path = f"/servers/{args.server}/{action}" if args.server else f"/{action}"
-    return _endpoint(args, path, "POST", {"reason": args.reason, "who": args.who})
+def _action(args: argparse.Namespace, action: str, until: float | str | None = None) -> int:
+    path = f"/servers/{getattr(args, 'server', None)}/{action}" if getattr(args, "server", None) else f"/{action}"
+    body: dict[str, object] = {"reason": args.reason, "who": args.who}
+    if until is not None:
+        body["until"] = until
+    return _endpoint(args, path, "POST", body)
+
+
+def _until(text: str) -> float | str:
+    """--until: an ISO 8601 time (sent as it is, the engine checks it) or a duration from now."""
+    from pop.control import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError:
+        return text
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    return _action(args, "drain")
+    if args.until and args.server:
+        print("--until: only for a PoP drain (a maintenance), not with --server", file=sys.stderr)
+        return 2
+    return _action(args, "drain", None if args.until is None else _until(args.until))
+
+
+def cmd_maintenance(args: argparse.Namespace) -> int:
+    from pop.control import parse_duration
+
+    try:
+        seconds = parse_duration(args.duration)
+    except ValueError as exc:
+        print(f"--for: {exc}", file=sys.stderr)
+        return 2
+    return _action(args, "drain", seconds)
 
 
 def cmd_undrain(args: argparse.Namespace) -> int:
@@ -234,13 +261,19 @@ def parser() -> argparse.ArgumentParser:
     with_config("check-config", "validate the YAML; prints ok or every problem").set_defaults(
         func=cmd_check_config)
     with_config("status", "print the running engine's /status").set_defaults(func=cmd_status)
-    drain = with_config("drain", "withdraw this PoP and keep it withdrawn, or drain one server (--server)")
+    drain = with_config("drain", "walk this PoP's drain ladder (MED, prepend, 65535:0, withdraw) and keep it "
+                                 "withdrawn, or drain one server (--server)")
     drain.add_argument("--server", help="quiescent drain of one server: no new clients, existing ones stay")
+    drain.add_argument("--until", help="a maintenance: undrain by itself at this ISO 8601 time "
+                                       "(2026-11-30T03:00:00Z) or after this long (30m, 2h, 1h30m)")
     drain.set_defaults(func=cmd_drain)
+    maintenance = with_config("maintenance", "drain this PoP for a while: it comes back by itself")
+    maintenance.add_argument("--for", dest="duration", required=True, help="how long: 90s, 30m, 2h, 1h30m")
+    maintenance.set_defaults(func=cmd_maintenance)
     undrain = with_config("undrain", "end a drain; a PoP re-announces after the hold-down")
     undrain.add_argument("--server", help="end the drain of one server")
     undrain.set_defaults(func=cmd_undrain)
-    for command in (drain, undrain):
+    for command in (drain, undrain, maintenance):
         command.add_argument("--reason", default="", help="why, for the audit log (at most 200 characters)")
         command.add_argument("--who", default=_operator(),
                              help="who, for the audit log (default $SUDO_USER or $USER: %(default)s)")

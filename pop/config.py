@@ -26,13 +26,15 @@ import ipaddress
 import re
 from typing import Any
 
-from pop import config_external
+from pop import config_drain, config_external
 from pop.config_model import (
     Attributes,
     Checks,
     Config,
     Control,
     Dataplane,
+    Drain,
+    DrainStep,
     ExaBGP,
     External,
     ExternalAgent,
@@ -49,8 +51,8 @@ from pop.config_model import (
 from pop.config_reader import U16, U32, ConfigError, Reader, join, parse_yaml, zone_problem
 
 __all__ = [
-    "Attributes", "Checks", "Config", "ConfigError", "Control", "Dataplane", "ExaBGP", "External", "ExternalAgent",
-    "L4Check", "Neighbor", "Pool",
+    "Attributes", "Checks", "Config", "ConfigError", "Control", "Dataplane", "Drain", "DrainStep", "ExaBGP",
+    "External", "ExternalAgent", "L4Check", "Neighbor", "Pool",
     "Prefix", "Server", "ServicePort", "StatusEndpoint", "WireGuardCheck", "WireGuardTarget", "load",
 ]
 
@@ -429,7 +431,7 @@ def _table(r: Reader, value: Any, path: str) -> int | None:
 
 
 _TOP = {"pop", "neighbors", "prefixes", "servers", "checks", "pool", "status", "control", "exabgp", "dataplane",
-        "external"}
+        "external", "drain"}
 
 
 def load(text: str | bytes, source: str = "pop.yaml") -> Config:
@@ -466,6 +468,7 @@ def _build(r: Reader, document: Any) -> Config:
     exabgp = _exabgp(r, top.get("exabgp"), "exabgp")
     dataplane = _dataplane(r, top.get("dataplane"), "dataplane")
     external = config_external.parse(r, top.get("external"), "external")
+    drain = config_drain.parse(r, top.get("drain"), "drain")
     _cross_checks(r, neighbors, prefixes, servers, checks)
     config_external.check_beacons(r, external, (p.prefix for p in prefixes.values()), neighbors.items())
     if r.problems or name is None or asn is None or router_id is None:
@@ -473,7 +476,7 @@ def _build(r: Reader, document: Any) -> Config:
     return Config(name=name, asn=asn, router_id=router_id, neighbors=tuple(neighbors.values()),
                   prefixes=tuple(prefixes.values()), servers=tuple(servers.values()), checks=checks, pool=pool,
                   status=status, control=control, exabgp=exabgp, dataplane=dataplane, external=external,
-                  runtime_dir=runtime_dir, source=r.source)
+                  drain=drain, runtime_dir=runtime_dir, source=r.source)
 
 
 def _name(r: Reader, value: Any, path: str) -> str | None:

@@ -201,6 +201,33 @@ class External:
 
 
 @dataclass(frozen=True, slots=True)
+class DrainStep:
+    """One rung of the PoP drain ladder (RFC 8326), held for `dwell` seconds; rungs add up.
+
+    kind "med": MED raised to `value`; "prepend": the local AS prepended `value` more times;
+    "graceful_shutdown": the GRACEFUL_SHUTDOWN community 65535:0 added; "withdraw": the last
+    rung (its dwell is unused).
+    """
+
+    kind: str  # "med" | "prepend" | "graceful_shutdown" | "withdraw"
+    value: int = 0
+    dwell: float = 0.0
+
+
+DEFAULT_LADDER = (DrainStep("med", 1000, 10.0), DrainStep("prepend", 3, 10.0),
+                  DrainStep("graceful_shutdown", 0, 20.0), DrainStep("withdraw"))
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """How the PoP leaves service: the ladder every drain walks (operator, maintenance, the
+    disable file), and the file whose existence drains the PoP (pop/ladder.py)."""
+
+    steps: tuple[DrainStep, ...] = DEFAULT_LADDER
+    disable_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     name: str
     asn: int
@@ -215,5 +242,6 @@ class Config:
     exabgp: ExaBGP = field(default_factory=ExaBGP)
     dataplane: Dataplane = field(default_factory=Dataplane)
     external: External = field(default_factory=External)
+    drain: Drain = field(default_factory=Drain)
     runtime_dir: str = "/run/pop"
     source: str = "pop.yaml"

@@ -6,17 +6,23 @@
   visible ASCII characters (it travels in an HTTP header).
 - `authorized(header, tokens)`: an `Authorization: Bearer <token>` header against every
   token, each compared in constant time (hmac.compare_digest).
-- `parse_body(raw)`: the optional JSON body of an action, ``{"reason": str, "who": str}``;
-  anything else is a `BodyError` naming what is wrong. `who` is what the client says it is
-  (the CLI sends $SUDO_USER or $USER); the token, not `who`, is the credential.
+- `parse_body(raw, now)`: the optional JSON body of an action, ``{"reason": str, "who": str,
+  "until": ...}``; anything else is a `BodyError` naming what is wrong. `who` is what the
+  client says it is (the CLI sends $SUDO_USER or $USER); the token, not `who`, is the
+  credential. `until` (a PoP drain only: a maintenance that ends by itself) is an ISO 8601
+  time with its zone, or seconds from now; it must lie in the next `MAX_UNTIL` seconds.
+- `parse_duration(text)`: the CLI's `--for 30m` / `--until 1h30m` ("90", "90s", "30m", "2h",
+  "1d", or combined like "1h30m") in seconds.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import math
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 MIN_TOKEN = 16
@@ -24,6 +30,8 @@ MAX_TOKEN = 512
 MAX_BODY = 16 * 1024  # bytes; a reason and a name need far less
 MAX_REASON = 200  # characters
 MAX_WHO = 64
+MAX_UNTIL = 30 * 86400.0  # a maintenance longer than a month is a drain someone forgot
+_DURATION = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+(?:\.[0-9]+)?)s?)?")
 _TOKEN = re.compile(r"[!-~]+")  # visible ASCII: no space, no control character, no Unicode
 
 
@@ -37,6 +45,7 @@ class ActionRequest:
 
     reason: str = ""
     who: str = "unknown"
+    until: float | None = None  # wall clock (time.time()): a maintenance that ends by itself
 
 
 def parse_tokens(data: bytes, path: str) -> tuple[bytes, ...]:
@@ -86,8 +95,9 @@ def authorized(header: str | None, tokens: tuple[bytes, ...]) -> bool:
     return matched
 
 
-def parse_body(raw: bytes) -> ActionRequest:
-    """An action's optional JSON body; an empty body means no reason, who unknown."""
+def parse_body(raw: bytes, now: float = 0.0) -> ActionRequest:
+    """An action's optional JSON body; an empty body means no reason, who unknown, no expiry.
+    ``now`` is the wall clock (time.time()) that `until` is read against."""
     if not raw.strip():
         return ActionRequest()
     try:
@@ -102,14 +112,51 @@ def parse_body(raw: bytes) -> ActionRequest:
     if not isinstance(data, dict):
         raise BodyError(f"body: must be a JSON object like {{\"reason\": \"...\", \"who\": \"...\"}}, "
                         f"not {_kind(data)}")
-    unknown = sorted(set(data) - {"reason", "who"})
+    unknown = sorted(set(data) - {"reason", "who", "until"})
     if unknown:
-        raise BodyError(f"body: unknown key {unknown[0]!r} (allowed: reason, who)")
+        raise BodyError(f"body: unknown key {unknown[0]!r} (allowed: reason, who, until)")
     reason = _text(data, "reason", MAX_REASON, "")
     who = _text(data, "who", MAX_WHO, "unknown")
     if not who:
         raise BodyError("body.who: must not be empty (leave it out for 'unknown')")
-    return ActionRequest(reason=reason, who=who)
+    until = None if data.get("until") is None else _until(data["until"], now)
+    return ActionRequest(reason=reason, who=who, until=until)
+
+
+def _until(value: Any, now: float) -> float:
+    """`until` as a wall-clock time: an ISO 8601 time with its zone, or seconds from now."""
+    if isinstance(value, str):
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            raise BodyError(f"body.until: {value[:40]!r} is not an ISO 8601 time (e.g. 2026-11-30T02:30:00Z) "
+                            f"nor a number of seconds") from None
+        if when.tzinfo is None:
+            raise BodyError("body.until: needs a time zone (Z or +01:00): a time without one means different "
+                            "moments to the client and the PoP")
+        at = when.timestamp()
+    elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        at = now + value
+    else:
+        raise BodyError(f"body.until: must be an ISO 8601 time or seconds from now, not {_kind(value)}")
+    if at <= now:
+        raise BodyError("body.until: is not in the future")
+    if at - now > MAX_UNTIL:
+        raise BodyError(f"body.until: more than {MAX_UNTIL / 86400:g} days ahead; drain without until instead "
+                        f"(it stays until undrained)")
+    return at
+
+
+def parse_duration(text: str) -> float:
+    """A duration like 90, 90s, 30m, 2h, 1d or 1h30m, in seconds; ValueError if it is not one."""
+    match = _DURATION.fullmatch(text.strip())
+    if not text.strip() or match is None or not any(match.groups()):
+        raise ValueError(f"{text!r} is not a duration (e.g. 90s, 30m, 2h, 1h30m)")
+    days, hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = days * 86400 + hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise ValueError(f"{text!r} is not a duration longer than zero")
+    return total
 
 
 def _text(data: dict[str, Any], key: str, limit: int, default: str) -> str:

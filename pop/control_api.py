@@ -7,8 +7,9 @@ Every request goes through the same steps, and every attempt lands in the audit 
 2. no or a wrong `Authorization: Bearer` token: 401 with `WWW-Authenticate: Bearer`; the
    body of an unauthenticated client is never read;
 3. the body: larger than 16 KiB: 413; not complete within `BODY_TIMEOUT`: 408; not what an
-   action takes (pop.control.parse_body): 400 naming the problem;
-4. the action: an unknown server is 404; otherwise it is done (200).
+   action takes (pop.control.parse_body; `until` is for a PoP drain only): 400 naming the problem;
+4. the action: an unknown server is 404; an undrain while the disable file exists is 409;
+   otherwise it is done (200).
 
 Nothing changes unless all four pass. A slow or oversized client costs one connection, never
 the event loop: the engine's probes keep their schedule (tests/unit/test_control_process.py).
@@ -28,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from pop import audit, control
 from pop.audit import AuditTrail
+from pop.ladder import DrainHeld
 
 BODY_TIMEOUT = 3.0  # seconds for a body to arrive in full
 LINGER = 1.0  # seconds aiohttp keeps reading what a refused client still sends before closing
@@ -36,8 +38,8 @@ LINGER = 1.0  # seconds aiohttp keeps reading what a refused client still sends 
 class Operator(Protocol):
     """The operator actions the endpoints expose (the engine implements them)."""
 
-    def drain(self, reason: str = ...) -> None: ...
-    def undrain(self) -> None: ...
+    def drain(self, reason: str = ..., until: float | None = ...) -> None: ...
+    def undrain(self, reason: str = ...) -> None: ...
     def drain_server(self, server: str) -> None: ...
     def undrain_server(self, server: str) -> None: ...
 
@@ -68,10 +70,15 @@ def add_routes(app: web.Application, ctl: Control, operator: Operator, status: C
         async def handler(request: web.Request) -> web.Response:
             def act(ask: control.ActionRequest) -> Answer:
                 if action == "drain":
-                    operator.drain(_why("operator drain", ask))
+                    operator.drain(_why("maintenance" if ask.until else "operator drain", ask), ask.until)
                 else:
-                    operator.undrain()
-                return lambda: {"drained": action == "drain", "state": status()["state"]}
+                    _no_until(ask)
+                    try:
+                        operator.undrain(_why("operator undrain", ask))
+                    except DrainHeld as exc:
+                        raise _Refused(409, "conflict", str(exc)) from None
+                return lambda: {"drained": action == "drain", **{k: v for k, v in status().items()
+                                                                   if k in ("state", "ladder")}}
 
             return await _attempt(ctl, request, action, ctl.pop, act)
 
@@ -80,7 +87,8 @@ def add_routes(app: web.Application, ctl: Control, operator: Operator, status: C
     async def server_action(request: web.Request) -> web.Response:
         name, action = request.match_info["name"], request.match_info["action"]
 
-        def act(_ask: control.ActionRequest) -> Answer:
+        def act(ask: control.ActionRequest) -> Answer:
+            _no_until(ask)
             try:
                 (operator.drain_server if action == "drain" else operator.undrain_server)(name)
             except KeyError:
@@ -106,7 +114,7 @@ async def _attempt(ctl: Control, request: web.Request, action: str, target: str,
             raise _Refused(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token "
                                                 "from control.token_file>)", {"WWW-Authenticate": "Bearer"})
         try:
-            ask = control.parse_body(await _body(request))
+            ask = control.parse_body(await _body(request), ctl.wall())
         except control.BodyError as exc:
             raise _Refused(400, "bad-request", str(exc)) from None
         answer = act(ask)
@@ -136,6 +144,11 @@ async def _body(request: web.Request) -> bytes:
     return b"".join(chunks)
 
 
+def _no_until(ask: control.ActionRequest) -> None:
+    if ask.until is not None:
+        raise _Refused(400, "bad-request", "body.until: only for a PoP drain (POST /drain): a maintenance")
+
+
 def _why(what: str, ask: control.ActionRequest) -> str:
     return f"{what} by {ask.who}" + (f": {ask.reason}" if ask.reason else "")
 
@@ -143,7 +156,7 @@ def _why(what: str, ask: control.ActionRequest) -> str:
 def _record(ctl: Control, request: web.Request, *, action: str, target: str, ask: control.ActionRequest,
             result: str, status: int) -> None:
     ctl.trail.append(audit.Entry(audit.iso(ctl.wall()), action, target[:100], ask.who, request.remote or "",
-                                 ask.reason, result, status))
+                                 ask.reason, result, status, "" if ask.until is None else audit.iso(ask.until)))
 
 
 class ControlCollector(Collector):

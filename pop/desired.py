@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pop.config import Dataplane, Prefix
+from pop.ladder import GRACEFUL_SHUTDOWN, NO_DRAIN, Effect
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,22 +71,36 @@ class DesiredState:
     pins: tuple[str, ...] = ()  # ecmp with pin_flows: server addresses whose flows stay on them
 
 
-def announcements(prefixes: tuple[Prefix, ...], announce: bool, degraded: bool) -> tuple[Announcement, ...]:
+def announcements(prefixes: tuple[Prefix, ...], announce: bool, degraded: bool,
+                  drain: Effect = NO_DRAIN) -> tuple[Announcement, ...]:
     """What the BGP session should carry: every anycast prefix with the attributes of the
-    current state (healthy or degraded), or nothing while the verdict is withdraw."""
+    current state (healthy or degraded) and of the drain ladder's steps so far (pop.ladder),
+    or nothing while the verdict is withdraw.
+
+    A drain only ever makes a route less preferred: the MED is raised to the step's value
+    (never lowered), the prepends add to the configured ones, and GRACEFUL_SHUTDOWN adds
+    65535:0 and LOCAL_PREF 0 (sent on iBGP sessions only; eBGP peers set it themselves, RFC 8326).
+    """
     if not announce:
         return ()
     result = []
     for prefix in prefixes:
         attributes = prefix.degraded if degraded else prefix.healthy
+        med, communities, local_pref = attributes.med, attributes.communities, attributes.local_pref
+        if drain.med is not None:
+            med = max(med or 0, drain.med)
+        if drain.graceful_shutdown:
+            local_pref = 0
+            if GRACEFUL_SHUTDOWN not in communities:
+                communities = (*communities, GRACEFUL_SHUTDOWN)
         result.append(Announcement(
             prefix=prefix.prefix,
             next_hop=prefix.next_hop,
-            med=attributes.med,
-            local_pref=attributes.local_pref,
-            communities=attributes.communities,
+            med=med,
+            local_pref=local_pref,
+            communities=communities,
             large_communities=attributes.large_communities,
-            as_path_prepend=attributes.as_path_prepend,
+            as_path_prepend=attributes.as_path_prepend + drain.prepend,
         ))
     return tuple(result)
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 
-from pop import adminstate, drains, external, load, pool, snapshot, verdict
+from pop import adminstate, drains, external, ladder, load, pool, snapshot, verdict
 from pop import desired as plan
 from pop.adminstate import AdminState
 from pop.applier import Applier, Dataplane, DataplaneFailure, Speaker
@@ -29,11 +30,12 @@ from pop.drains import ServerDrain
 from pop.external import Tier3
 from pop.health import Health
 from pop.hysteresis import Policy, ServerHealth, TierState
+from pop.ladder import DrainHeld, PopDrain
 from pop.probes import Probes
 from pop.snapshot import Event, Snapshot
 from pop.verdict import Verdict, VerdictPolicy
 
-__all__ = ["DataplaneFailure", "Engine"]
+__all__ = ["DataplaneFailure", "DrainHeld", "Engine"]
 
 log = logging.getLogger("pop.engine")
 
@@ -61,6 +63,8 @@ class Engine:
         self.wall = wall  # agents date their reports by the wall clock
         self.load_factors: dict[str, float] = {}
         self.server_drains: dict[str, ServerDrain] = {}
+        self.pop_drain: PopDrain | None = None  # the drain ladder in progress (pop.ladder)
+        self.drain_connections: int | None = None  # the PoP's open connections, where the data plane counts
         self.on_admin_change: Callable[[], None] | None = None  # the service persists drains
         self.verdict = Verdict()
         self.events: collections.deque[Event] = collections.deque(maxlen=200)
@@ -87,6 +91,8 @@ class Engine:
         self._verdict_policy = VerdictPolicy(config.pool.low_watermark, config.pool.high_watermark,
                                              config.pool.hold_down)
         self.server_drains = {n: d for n, d in self.server_drains.items() if n in self.health}
+        if self.pop_drain is not None:
+            self.pop_drain = ladder.fit(self.pop_drain, config.drain.steps)
         self.pool = pool.view(self._servers, self.health, self.server_drains)
 
     @property
@@ -120,6 +126,7 @@ class Engine:
     def reevaluate(self) -> None:
         now = self.clock()
         self.pool = pool.view(self._servers, self.health, self.server_drains)
+        self._climb(now)
         old = self.verdict
         self.verdict = verdict.decide(old, self.pool, self._verdict_policy, now,
                                       self.tier3.blocking if self.tier3 is not None else "")
@@ -135,7 +142,30 @@ class Engine:
         members = pool.members(self._servers, self.health, self.server_drains, self.load_factors)
         state = plan.dataplane(self.config.prefixes, members, self.config.dataplane)
         self.applier.want(replace(state, announcements=plan.announcements(
-            self.config.prefixes, self.verdict.announce, pool.degraded(self.health, self.tiers))))
+            self.config.prefixes, self.verdict.announce, pool.degraded(self.health, self.tiers),
+            ladder.effect(self.pop_drain, self.config.drain.steps))))
+
+    def _climb(self, now: float) -> None:
+        """Move the drain ladder to the step in force now; end a maintenance whose time is up."""
+        current = self.pop_drain
+        if current is None:
+            return
+        steps = self.config.drain.steps
+        if ladder.expired(current, now):
+            self._end_drain(f"maintenance ended ({current.reason})")
+            return
+        new = ladder.advance(current, steps, now, self.drain_connections, announced=self.verdict.announce)
+        if new == current:
+            return
+        self.pop_drain = new
+        step = ladder.describe(steps[new.step])
+        why = f"{current.reason}: step {new.step + 1}/{len(steps)} {step}" + (f" ({new.early})" if new.early else "")
+        log.info("pop.drain_step pop=%s step=%d/%d %s early=%s", self.config.name, new.step + 1, len(steps), step,
+                 new.early or "-")
+        self._record("ladder", self.config.name, ladder.describe(steps[current.step]), step, why)
+        if ladder.withdrawn(new, steps):
+            self.verdict = verdict.drain(self.verdict, now, f"drained: {new.reason}")
+        self._admin_changed()
 
     @property
     def desired(self) -> tuple[Announcement, ...]:
@@ -208,13 +238,59 @@ class Engine:
             self._admin_changed()
             self.reevaluate()
 
-    def drain(self, reason: str = "operator drain") -> None:
-        self.verdict = verdict.drain(self.verdict, self.clock())
-        self._admin("pop", self.config.name, "", "drained", reason)
+    def drain(self, reason: str = "operator drain", until: float | None = None,
+              source: str = ladder.OPERATOR) -> None:
+        """Start the drain ladder (pop.ladder); ``until`` (wall clock) makes it a maintenance
+        that ends by itself. Draining a draining PoP keeps its step and takes the new
+        reason and expiry (an operator extending a maintenance)."""
+        now = self.clock()
+        expiry = None if until is None else now + (until - self.wall())
+        if until is not None and source == ladder.OPERATOR:
+            source = ladder.MAINTENANCE
+        steps = self.config.drain.steps
+        if self.pop_drain is None:
+            self.drain_connections = None
+            self.pop_drain = ladder.start(steps, now, reason, source=source, until=expiry,
+                                          announced=self.verdict.announce)
+            if ladder.withdrawn(self.pop_drain, steps):
+                self.verdict = verdict.drain(self.verdict, now, f"drained: {reason}")
+        else:
+            self.pop_drain = replace(self.pop_drain, reason=reason, source=source, until=expiry)
+        step = ladder.describe(steps[self.pop_drain.step])
+        self._admin("pop", self.config.name, "", "draining", f"{reason}: step {self.pop_drain.step + 1}/"
+                                                              f"{len(steps)} {step}")
 
-    def undrain(self) -> None:
+    def undrain(self, reason: str = "operator undrain") -> None:
+        """End the drain: the attributes go at once; a withdrawn PoP returns after the hold-down.
+        Refused (DrainHeld) while the disable file exists."""
+        path = self.config.drain.disable_file
+        if path and _exists(path):
+            raise DrainHeld(f"the disable file {path} exists: remove it to undrain (it drains the PoP while it "
+                            f"exists)")
+        self._end_drain(reason)
+        self._admin_changed()
+        self.reevaluate()
+
+    def _end_drain(self, reason: str) -> None:
+        was = "drained" if self.verdict.drained else "draining" if self.pop_drain is not None else ""
+        self.pop_drain = None
+        self.drain_connections = None
         self.verdict = verdict.undrain(self.verdict)
-        self._admin("pop", self.config.name, "drained", "", "operator undrain")
+        self._record("admin", self.config.name, was, "", reason)
+        log.info("pop.undrain pop=%s reason=%s", self.config.name, reason)
+        self._admin_changed()
+
+    def check_disable_file(self) -> None:
+        """The disable file (drain.disable_file, like ExaBGP healthcheck's --disable): while it
+        exists the PoP is drained through the ladder; removing it ends that drain (not an
+        operator's)."""
+        path = self.config.drain.disable_file
+        exists = bool(path) and _exists(path)
+        if exists and self.pop_drain is None:
+            self.drain(f"disable file {path}", source=ladder.DISABLE_FILE)
+        elif not exists and self.pop_drain is not None and self.pop_drain.source == ladder.DISABLE_FILE:
+            self._end_drain(f"disable file {self.pop_drain.reason.removeprefix('disable file ')} removed")
+            self.reevaluate()
 
     def _admin(self, what: str, subject: str, old: str, new: str, reason: str) -> None:
         self._record("admin", subject, old, new, reason)
@@ -224,15 +300,19 @@ class Engine:
 
     def admin_state(self, wall: float, now: float) -> AdminState:
         """The drains, with wall-clock times (``wall`` is time.time() at the engine's ``now``)."""
-        return adminstate.record(self.verdict.drained, self.server_drains, wall, now)
+        return adminstate.record(self.pop_drain, self.server_drains, wall, now)
 
     def restore_admin(self, state: AdminState, wall: float) -> None:
         """Take up the drains a previous engine left (before run(): nothing is announced yet)."""
         self.server_drains.update(adminstate.restore(state, wall, self.clock()))
         for name, drain in self.server_drains.items():
             self._record("admin", name, "", "drained" if drain.done else "draining", f"restored: {drain.reason}")
-        if state.pop_drained:
-            self.drain("restored: operator drain")
+        restored = adminstate.restore_pop_drain(state, wall, self.clock())
+        if restored is not None:
+            self.pop_drain = ladder.fit(restored, self.config.drain.steps)
+            if ladder.withdrawn(self.pop_drain, self.config.drain.steps):
+                self.verdict = verdict.drain(self.verdict, self.clock(), f"drained: {restored.reason}")
+            self._record("admin", self.config.name, "", "draining", f"restored: {restored.reason}")
         self.reevaluate()
 
     def _admin_changed(self) -> None:
@@ -249,12 +329,14 @@ class Engine:
 
     async def run(self) -> None:
         """Run until cancelled or until an adapter fails (the exception propagates)."""
+        self.check_disable_file()
         self.reevaluate()
         async with asyncio.TaskGroup() as group:
             self._group = group
             group.create_task(self.applier.run(), name="applier")
             group.create_task(self._timer(), name="hold-down timer")
             group.create_task(self._every(1.0, self._drain_watch), name="server drains")
+            group.create_task(self._every(1.0, self._disable_watch), name="disable file")
             if self.load_signal is not None:
                 group.create_task(self._every(2.0, self._load_watch), name="load signal")
             self.probes.start(group, self.checks, self._enabled)
@@ -280,10 +362,13 @@ class Engine:
         return self.board.pace(server, tier)  # the board is replaced on reload: look it up each time
 
     async def _timer(self) -> None:
-        """Re-decide when a hold-down expires (nothing else would wake the verdict then)."""
+        """Re-decide when a hold-down expires, a drain step is due or a maintenance ends
+        (nothing else would wake the verdict then)."""
         while True:
             self._wake_timer.clear()
-            until = self.verdict.hold_down_until
+            times = [self.verdict.hold_down_until,
+                     None if self.pop_drain is None else ladder.due(self.pop_drain, self.config.drain.steps)]
+            until = min((t for t in times if t is not None), default=None)
             try:
                 async with asyncio.timeout(None if until is None else max(0.0, until - self.clock())):
                     await self._wake_timer.wait()
@@ -296,14 +381,29 @@ class Engine:
             await work()
 
     async def _drain_watch(self) -> None:
-        """While a server drains, read its connection count from the data plane."""
-        if drains.pending(self.server_drains.values()):
-            try:
-                connections = await self.applier.connections()
-            except self.applier.dataplane_errors as exc:
-                log.warning("dataplane.connections error=%s", exc)
-                return
-            self.finish_drains(connections)
+        """While a server or the PoP drains, read the connection counts from the data plane."""
+        climbing = self.pop_drain is not None and not ladder.withdrawn(self.pop_drain, self.config.drain.steps)
+        counted = self.counts_connections
+        if not (drains.pending(self.server_drains.values()) or (climbing and counted)):
+            return
+        try:
+            connections = await self.applier.connections()
+        except self.applier.dataplane_errors as exc:
+            log.warning("dataplane.connections error=%s", exc)
+            return
+        if climbing and counted:
+            self.drain_connections = sum(connections.values())
+            self.reevaluate()
+        self.finish_drains(connections)
+
+    @property
+    def counts_connections(self) -> bool:
+        """Whether the data plane can tell the PoP's traffic is gone: IPVS, or pinned flows (ecmp)."""
+        dp = self.config.dataplane
+        return self.applier.dataplane is not None and drains.quiescent(dp.mode, dp.pin_flows)
+
+    async def _disable_watch(self) -> None:
+        self.check_disable_file()
 
     async def _load_watch(self) -> None:
         assert self.load_signal is not None
@@ -321,7 +421,13 @@ class Engine:
                               pool_view=self.pool, board=self.board, drains=self.server_drains,
                               announced=self.speaker.announced(), events=tuple(self.events),
                               applier=self.applier, extra=extra or {},
+                              ladder=ladder.view(self.pop_drain, self.config.drain.steps, self.clock(), self.wall()),
                               external=None if self.tier3 is None else external.summary(self.tier3, self.wall()))
+
+
+def _exists(path: str) -> bool:
+    # a stat on the event loop: local and cheap, once a second
+    return os.path.lexists(path)
 
 
 def _word(announce: bool) -> str:

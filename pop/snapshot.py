@@ -55,11 +55,13 @@ class Snapshot:
     apply: ApplyStatus = field(default_factory=ApplyStatus)
     extra: Mapping[str, object] = field(default_factory=dict)
     external: Mapping[str, Any] | None = None  # tier 3 (pop.external.summary), when enabled
+    ladder: Mapping[str, Any] | None = None  # the PoP drain in progress (pop.ladder.view)
 
 
 def build(config: Config, *, now: float, started: float, verdict: Verdict, pool_view: PoolView, board: Health,
           drains: Mapping[str, ServerDrain], announced: tuple[Announcement, ...], events: tuple[Event, ...],
-          applier: Applier, extra: Mapping[str, object], external: Mapping[str, Any] | None = None) -> Snapshot:
+          applier: Applier, extra: Mapping[str, object], external: Mapping[str, Any] | None = None,
+          ladder: Mapping[str, Any] | None = None) -> Snapshot:
     """The engine's picture, assembled from its parts (read-only)."""
     servers = tuple(
         ServerSnapshot(s.name, s.address, s.weight, board.servers[s.name], dict(board.tiers[s.name]),
@@ -68,4 +70,5 @@ def build(config: Config, *, now: float, started: float, verdict: Verdict, pool_
     return Snapshot(pop=config.name, at=now, started=started, verdict=verdict, pool=pool_view,
                     degraded=pool.degraded(board.servers, board.tiers) and verdict.announce, servers=servers,
                     desired=applier.desired.announcements, announced=announced, events=events,
-                    apply=applier.status(), extra=dict(extra), external=external)
+                    apply=applier.status(), extra=dict(extra), external=external,
+                    ladder=ladder)

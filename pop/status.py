@@ -47,6 +47,7 @@ def to_json(snap: Snapshot) -> dict[str, Any]:
         "hold_down_remaining": (round(max(0.0, snap.verdict.hold_down_until - snap.at), 3)
                                 if snap.verdict.hold_down_until is not None else None),
         "drained": snap.verdict.drained,
+        "ladder": snap.ladder,
         "pool": {"healthy": snap.pool.healthy, "total": snap.pool.total,
                  "fraction": round(snap.pool.fraction, 4)},
         "servers": [
@@ -121,6 +122,8 @@ def _dataplane(snap: Snapshot) -> dict[str, Any]:
 def _pop_state(snap: Snapshot) -> str:
     if snap.verdict.drained:
         return "drained"
+    if snap.ladder is not None:
+        return "draining"
     if snap.verdict.announce:
         return "degraded" if snap.degraded else "announced"
     if snap.verdict.hold_down_until is not None:
@@ -229,8 +232,8 @@ def make_app(source: SnapshotSource, operator: Operator, ctl: Control) -> web.Ap
 
 
 _COLORS = {"announced": "#1a7f37", "degraded": "#bf8700", "hold-down": "#bf8700", "withdrawn": "#cf222e",
-           "drained": "#6e7781", "up": "#1a7f37", "falling": "#bf8700", "rising": "#bf8700", "init": "#6e7781",
-           "down": "#cf222e", "disabled": "#6e7781"}
+           "drained": "#6e7781", "draining": "#bf8700", "up": "#1a7f37", "falling": "#bf8700", "rising": "#bf8700",
+           "init": "#6e7781", "down": "#cf222e", "disabled": "#6e7781"}
 
 
 def render_page(data: dict[str, Any]) -> str:
@@ -252,7 +255,7 @@ def render_page(data: dict[str, Any]) -> str:
         f"<tr><td>{time.strftime('%H:%M:%S', time.gmtime(ev['time']))}</td><td>{e(ev['kind'])}</td>"
         f"<td>{e(ev['subject'])}</td><td>{e(ev['from'])} → {e(ev['to'])}</td><td>{e(ev['reason'])}</td></tr>"
         for ev in data["events"][:30])
-    routes = "".join(f"<li><code>{e(a['prefix'])}</code> med={a['med']} "
+    routes = "".join(f"<li><code>{e(a['prefix'])}</code> med={a['med']} prepend={a['as_path_prepend']} "
                      f"communities={e(' '.join(a['communities'])) or '-'}</li>" for a in data["bgp"]["announced"])
     peers = "".join(f"<li>{e(p)}: {badge(v)}</li>" for p, v in data["bgp"].get("sessions", {}).items())
     return f"""<!doctype html>
@@ -266,6 +269,7 @@ h1 .b{{font-size:70%}}</style></head><body>
 <p><b>Why:</b> {e(data['reason'])}</p>
 <p>Last change: {e(data['last_change_reason'] or '-')}
 {'' if data['since_seconds'] is None else f"({data['since_seconds']:.0f}s ago)"}</p>
+{_ladder_line(data['ladder'])}
 {_apply_line(data['apply'])}
 {_external_line(data['external'])}
 <p>Pool: {data['pool']['healthy']}/{data['pool']['total']} healthy · up {data['uptime_seconds']:.0f}s</p>
@@ -277,6 +281,23 @@ h1 .b{{font-size:70%}}</style></head><body>
 {events}</table>
 {_audit_table(data.get("audit", []))}
 </body></html>"""
+
+
+def _ladder_line(drain: dict[str, Any] | None) -> str:
+    """The drain ladder (pop.ladder): who and why, until when, the step in force and the next."""
+    if drain is None:
+        return ""
+    e = html.escape
+    until = "" if drain["until"] is None else (
+        f" · until {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(drain['until']))} UTC "
+        f"(in {drain['until_in_seconds']:.0f}s)")
+    following = ("" if drain["next"] is None
+                 else f" · next: {e(drain['next'])} in {drain['next_in_seconds']:.0f}s")
+    early = "" if drain["finished_early"] is None else f" · finished early: {e(drain['finished_early'])}"
+    return (f'<p id="ladder"><b>{e(drain["source"])}:</b> {e(drain["reason"])}{until}<br>'
+            f'Step {drain["step"]}/{drain["steps"]}: {e(drain["current"])} '
+            f'({drain["step_since_seconds"]:.0f}s){following}{early}<br>'
+            f'Ladder: {e(" → ".join(drain["ladder"]))}</p>')
 
 
 def _apply_line(apply: dict[str, Any]) -> str:

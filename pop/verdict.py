@@ -7,7 +7,8 @@ a hold-down (the pool must stay above the high watermark this long before a re-a
 
 A PoP starts withdrawn and announces as soon as its servers have risen: the hold-down guards
 against re-announcing a PoP that just failed, and a fresh start has no such history.
-Operator drain overrides everything.
+A drain overrides everything once its ladder (pop.ladder) reaches the withdraw; before
+that the PoP announces as the pool decides, with the ladder's attributes.
 """
 
 from __future__ import annotations
@@ -118,11 +119,10 @@ def adopt(current: Verdict, pool: PoolView, policy: VerdictPolicy, now: float) -
                    ever_announced=True)
 
 
-def drain(current: Verdict, now: float) -> Verdict:
-    """Operator drain: withdraw and stay withdrawn until `undrain`."""
+def drain(current: Verdict, now: float, reason: str = "drained by operator") -> Verdict:
+    """The last step of a drain (pop.ladder): withdraw and stay withdrawn until `undrain`."""
     drained = replace(current, drained=True, hold_down_until=None)
-    return _flip(drained, False, now, "drained by operator", "operator") if current.announce else \
-        replace(drained, reason="drained by operator")
+    return _flip(drained, False, now, reason, "operator") if current.announce else replace(drained, reason=reason)
 
 
 def undrain(current: Verdict) -> Verdict:

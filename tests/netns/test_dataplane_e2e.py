@@ -84,6 +84,7 @@ def test_ecmp_mode_spreads_flows_and_drops_a_dead_server(netns_factory: NsFactor
         "servers": [{"name": "s1", "address": "10.1.1.2"}, {"name": "s2", "address": "10.1.2.2"}],
         "checks": {"l4": {"port": 443}},
         "dataplane": {"mode": "ecmp", "hash_policy": 1, "withdraw_dwell": 0.5, "verify_interval": 0.5},
+        "drain": {"steps": ["withdraw"]},  # the drain below is about the dwell after the withdraw
     }, tmp_path / "pop1")
     pop.start()
     try:

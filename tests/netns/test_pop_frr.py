@@ -30,6 +30,7 @@ from lab.routewatch import RouteWatcher
 
 ANYCAST = "198.51.100.1/32"
 PORT = 443
+AT_ONCE = {"steps": ["withdraw"]}  # a drain ladder of one step (tests/netns/test_drain_ladder.py walks a real one)
 NsFactory = Callable[[str], Netns]
 
 
@@ -260,7 +261,7 @@ def test_a_beacon_stays_announced_while_the_pop_is_withdrawn_and_while_its_engin
 
 
 def test_drain_withdraws_and_undrain_returns_after_hold_down(one_pop: Callable[..., OnePop]) -> None:
-    lab = one_pop(pool={"hold_down": 1.0})
+    lab = one_pop(pool={"hold_down": 1.0}, drain=AT_ONCE)
     pop, watch = lab.pop, lab.watch
     drained = time.monotonic()
     assert pop.post("/drain")["drained"] is True
@@ -323,7 +324,7 @@ def wait_log(pop: PopNode, text: str, timeout: float = 5.0) -> None:
 
 def test_a_drain_survives_the_engine_dying(one_pop: Callable[..., OnePop]) -> None:
     """A respawned engine that forgot the drain would announce the PoP mid-maintenance."""
-    lab = one_pop(pool={"hold_down": 1.0})
+    lab = one_pop(pool={"hold_down": 1.0}, drain=AT_ONCE)
     pop, watch = lab.pop, lab.watch
     drained = time.monotonic()
     pop.post("/drain")

@@ -83,7 +83,7 @@ def test_good_bodies(raw: bytes, expected: control.ActionRequest) -> None:
     (b"\xff\xfe{\x00}\x00", "body: not UTF-8 text"),
     (b"[" * 100000, "body: not valid JSON (nested too deeply)"),
     (b'["drain"]', "body: must be a JSON object like {\"reason\": \"...\", \"who\": \"...\"}, not a list"),
-    (b'{"reason": "x", "until": 5}', "body: unknown key 'until' (allowed: reason, who)"),
+    (b'{"reason": "x", "expires": 5}', "body: unknown key 'expires' (allowed: reason, who, until)"),
     (b'{"reason": 5}', "body.reason: must be a string, not an integer"),
     (b'{"who": null}', "body.who: must be a string, not null"),
     (b'{"who": ""}', "body.who: must not be empty"),
@@ -284,8 +284,10 @@ def test_accepted_and_refused_actions_are_audited_shown_escaped_and_counted(tmp_
 
     async def check(client: TestClient, engine: Any) -> None:
         answer = await client.post("/drain", headers=AUTH, json={"reason": "<b>fibre</b> cut", "who": "alice"})
-        assert answer.status == 200 and await answer.json() == {"drained": True, "state": "drained"}
-        assert engine.events[-1].reason == "operator drain by alice: <b>fibre</b> cut"
+        answered = await answer.json()
+        assert answer.status == 200 and (answered["drained"], answered["state"]) == (True, "draining")
+        assert answered["ladder"]["current"] == "med 1000" and answered["ladder"]["next_in_seconds"] == 10.0
+        assert engine.events[-1].reason == "operator drain by alice: <b>fibre</b> cut: step 1/4 med 1000"
         assert (await client.post("/servers/nope/drain", headers=AUTH)).status == 404
         assert (await client.post("/undrain")).status == 401
         answer = await client.post("/servers/b/drain", headers=AUTH, json={"who": "bob"})
@@ -335,7 +337,7 @@ def test_pop_drain_sends_the_token_who_and_reason_and_explains_a_refusal(tmp_pat
             return proc.returncode, out.decode(), err.decode()
 
         code, out, _ = await pop("drain", "--reason", "maintenance")
-        assert code == 0 and json.loads(out)["drained"] is True and engine.verdict.drained
+        assert code == 0 and json.loads(out)["drained"] is True and engine.pop_drain is not None
         assert (trail.recent()[0]["who"], trail.recent()[0]["reason"]) == ("carol", "maintenance")
         code, _, _ = await pop("undrain", "--server", "b", "--who", "dave")
         assert code == 0 and trail.recent()[0]["who"] == "dave" and trail.recent()[0]["action"] == "undrain-server"
@@ -346,11 +348,11 @@ def test_pop_drain_sends_the_token_who_and_reason_and_explains_a_refusal(tmp_pat
         token_file(tmp_path, "another-token-0123456789\n")
         code, _, err = await pop("undrain")
         assert code == 1 and "refused (401)" in err and f"the token in {key} is not one the engine holds" in err
-        assert engine.verdict.drained  # refused: still drained
+        assert engine.pop_drain is not None  # refused: still draining
         key.chmod(0o644)
         code, _, err = await pop("undrain")
         assert code == 2 and "control.token_file" in err and "chmod 600" in err
         code, out, _ = await pop("status")  # open: it needs no readable token
-        assert code == 0 and json.loads(out)["state"] == "drained"
+        assert code == 0 and json.loads(out)["state"] == "draining"
 
     serve(check, trail=trail)

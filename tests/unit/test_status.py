@@ -60,13 +60,14 @@ def test_noc_page_and_metrics() -> None:
 
 def test_drain_and_undrain() -> None:
     async def check(client: TestClient, engine: Any) -> None:
+        # the default ladder's first step: still announced, with the MED raised
         drained = await (await client.post("/drain", headers=AUTH)).json()
-        assert drained == {"drained": True, "state": "drained"}
-        assert engine.desired == ()
+        assert (drained["drained"], drained["state"], drained["ladder"]["step"]) == (True, "draining", 1)
+        assert engine.desired[0].med == 1000
         assert (await client.get("/drain")).status == 405  # a GET never changes anything
         undrained = await (await client.post("/undrain", headers=AUTH)).json()
-        assert undrained["drained"] is False and undrained["state"] == "withdrawn"  # 1/2 is below high 1.0
-        assert not engine.verdict.drained
+        assert undrained == {"drained": False, "state": "degraded", "ladder": None}  # never withdrawn: no hold-down
+        assert engine.desired[0].med == 50 and not engine.verdict.drained
 
     serve(check)
 

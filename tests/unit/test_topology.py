@@ -156,8 +156,15 @@ def test_frr_conf_round_trips_every_neighbor_option() -> None:
         BgpNeighbor("10.0.0.2", 65010, description="a peer", passive=True, hold_time=30, keepalive=5,
                     connect_retry=2),
         BgpNeighbor("2001:db8::2", 65020, families=("ipv4", "ipv6")),
-    ), ("10.9.0.0/24", "2001:db8:9::/48"), maximum_paths=4, extra_config="ip prefix-list x seq 5 permit any")
+    ), ("10.9.0.0/24", "2001:db8:9::/48"), maximum_paths=4, extra_config="ip prefix-list x seq 5 permit any",
+        graceful_shutdown_in=True)
     assert parse_frr(config.render(), "rx.conf") == config
+
+
+def test_the_lab_routers_honour_graceful_shutdown(spec: LabSpec) -> None:
+    """RFC 8326: a PoP's drain ladder adds 65535:0; every router sets local-preference 0 on it."""
+    assert {name: config.graceful_shutdown_in for name, config in spec.routers.items()} == {
+        "r1": True, "r2": True, "r3": True}
 
 
 def test_a_hand_edited_frr_conf_is_refused() -> None:

@@ -90,6 +90,7 @@ dataplane:
   services: [{{protocol: udp, port: {UDP_PORT}}}, {{protocol: tcp, port: {TCP_PORT}}}]
   withdraw_dwell: {withdraw_dwell}
   drain_timeout: 600  # the drain must end because the connections are gone, not by time
+drain: {{steps: [withdraw]}}  # a PoP drain here is about the withdraw dwell, not the ladder
 """
     return load(text, "engine-ipvs.yaml")
 
