@@ -11,6 +11,7 @@ from pop.applier import Applier, ApplyStatus
 from pop.config import Config
 from pop.desired import Announcement
 from pop.drains import ServerDrain
+from pop.durations import Durations
 from pop.health import Health
 from pop.hysteresis import ServerHealth, TierState
 from pop.verdict import PoolView, Verdict
@@ -55,11 +56,14 @@ class Snapshot:
     apply: ApplyStatus = field(default_factory=ApplyStatus)
     extra: Mapping[str, object] = field(default_factory=dict)
     external: Mapping[str, Any] | None = None  # tier 3 (pop.external.summary), when enabled
+    prefixes: tuple[str, ...] = ()  # configured, announced or not
+    durations: Mapping[str, Durations] = field(default_factory=dict)  # probe durations per tier
 
 
 def build(config: Config, *, now: float, started: float, verdict: Verdict, pool_view: PoolView, board: Health,
           drains: Mapping[str, ServerDrain], announced: tuple[Announcement, ...], events: tuple[Event, ...],
-          applier: Applier, extra: Mapping[str, object], external: Mapping[str, Any] | None = None) -> Snapshot:
+          applier: Applier, extra: Mapping[str, object], external: Mapping[str, Any] | None = None,
+          durations: Mapping[str, Durations] | None = None) -> Snapshot:
     """The engine's picture, assembled from its parts (read-only)."""
     servers = tuple(
         ServerSnapshot(s.name, s.address, s.weight, board.servers[s.name], dict(board.tiers[s.name]),
@@ -68,4 +72,5 @@ def build(config: Config, *, now: float, started: float, verdict: Verdict, pool_
     return Snapshot(pop=config.name, at=now, started=started, verdict=verdict, pool=pool_view,
                     degraded=pool.degraded(board.servers, board.tiers) and verdict.announce, servers=servers,
                     desired=applier.desired.announcements, announced=announced, events=events,
-                    apply=applier.status(), extra=dict(extra), external=external)
+                    apply=applier.status(), extra=dict(extra), external=external,
+                    prefixes=tuple(p.prefix for p in config.prefixes), durations=durations or {})
