@@ -267,6 +267,7 @@ h1 .b{{font-size:70%}}</style></head><body>
 {_apply_line(data['apply'])}
 {_external_line(data['external'])}
 <p>Pool: {data['pool']['healthy']}/{data['pool']['total']} healthy · up {data['uptime_seconds']:.0f}s</p>
+{_availability_line(data.get("availability"))}
 <h2>Announced</h2><ul>{routes or '<li>nothing</li>'}</ul>
 <h2>BGP sessions</h2><ul>{peers or '<li>unknown</li>'}</ul>
 <h2>Servers</h2><table><tr><th>server</th><th>address</th><th>state</th><th>tiers</th><th>reason</th></tr>
@@ -275,6 +276,21 @@ h1 .b{{font-size:70%}}</style></head><body>
 {events}</table>
 {_audit_table(data.get("audit", []))}
 </body></html>"""
+
+
+def _availability_line(report: dict[str, Any] | None) -> str:
+    """Availability per window against the SLO, with the error budget left (red once spent)."""
+    if report is None:
+        return ""
+
+    def one(name: str, w: dict[str, Any]) -> str:
+        ratio = "-" if w["ratio"] is None else f"{w['ratio'] * 100:.3f} %"
+        left = w["error_budget_remaining"]
+        color = "#cf222e" if left <= 0 else "#1f2328"
+        return f'{name}: {ratio} (<span style="color:{color}">budget left {left * 100:.0f} %</span>)'
+
+    windows = " · ".join(one(name, w) for name, w in report["windows"].items())
+    return f"<p>Availability (SLO {report['slo'] * 100:g} %, drains excluded): {windows}</p>"
 
 
 def _apply_line(apply: dict[str, Any]) -> str:

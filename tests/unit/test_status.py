@@ -131,6 +131,8 @@ def test_v1_status_is_the_status_with_its_version_and_availability() -> None:
         assert day["withdrawn_seconds"] == {"pool": 60.0, "external": 0.0, "operator": 0.0, "engine": 10.0}
         assert day["ratio"] == round(1 - 70 / 86400, 6) and v1["availability"]["slo"] == 0.999
         assert "  " in await (await client.get("/v1/status?pretty")).text()
+        page = await (await client.get("/")).text()
+        assert "Availability (SLO 99.9 %, drains excluded): 24h: 99.919 %" in page and "budget left 19 %" in page
 
     serve_v1(check)
 
