@@ -99,6 +99,16 @@ def parse(text: str, *, partial_first: bool = False) -> tuple[list[Entry], list[
     return entries, problems
 
 
+def append_synced(path: Path, data: bytes, mode: int) -> None:
+    """Append ``data`` to ``path`` (created with ``mode``) and fsync it before returning."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class AuditTrail:
     """The file and the last `KEEP` entries, and how many attempts ended how since the start."""
 
@@ -137,12 +147,7 @@ class AuditTrail:
             return
         line = ("\n" if self._newline_first else "") + to_line(entry)
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, line.encode("ascii"))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_synced(self.path, line.encode("ascii"), 0o600)
         except OSError as exc:
             # the action itself is not refused: a full disk must not stop an operator draining a PoP
             log.error("audit.unsaved path=%s error=%s entry=%s", self.path, exc.strerror, line.strip())

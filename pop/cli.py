@@ -115,11 +115,11 @@ def _refusal(exc: urllib.error.HTTPError, config: Config) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    return _endpoint(args, "/status")
+    return _endpoint(args, "/v1/status")
 
 
 def _action(args: argparse.Namespace, action: str, until: float | str | None = None) -> int:
-    path = f"/servers/{getattr(args, 'server', None)}/{action}" if getattr(args, "server", None) else f"/{action}"
+    path = f"/v1/servers/{getattr(args, 'server', None)}/{action}" if getattr(args, "server", None) else f"/v1/{action}"
     body: dict[str, object] = {"reason": args.reason, "who": args.who}
     if until is not None:
         body["until"] = until
@@ -260,7 +260,7 @@ def parser() -> argparse.ArgumentParser:
     with_config("engine", "the health engine (ExaBGP's API process)").set_defaults(func=cmd_engine)
     with_config("check-config", "validate the YAML; prints ok or every problem").set_defaults(
         func=cmd_check_config)
-    with_config("status", "print the running engine's /status").set_defaults(func=cmd_status)
+    with_config("status", "print the running engine's /v1/status").set_defaults(func=cmd_status)
     drain = with_config("drain", "walk this PoP's drain ladder (MED, prepend, 65535:0, withdraw) and keep it "
                                  "withdrawn, or drain one server (--server)")
     drain.add_argument("--server", help="quiescent drain of one server: no new clients, existing ones stay")

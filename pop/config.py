@@ -29,6 +29,7 @@ from typing import Any
 from pop import config_drain, config_external
 from pop.config_model import (
     Attributes,
+    Availability,
     Checks,
     Config,
     Control,
@@ -51,8 +52,8 @@ from pop.config_model import (
 from pop.config_reader import U16, U32, ConfigError, Reader, join, parse_yaml, zone_problem
 
 __all__ = [
-    "Attributes", "Checks", "Config", "ConfigError", "Control", "Dataplane", "Drain", "DrainStep", "ExaBGP",
-    "External", "ExternalAgent", "L4Check", "Neighbor", "Pool",
+    "Attributes", "Availability", "Checks", "Config", "ConfigError", "Control", "Dataplane", "Drain", "DrainStep",
+    "ExaBGP", "External", "ExternalAgent", "L4Check", "Neighbor", "Pool",
     "Prefix", "Server", "ServicePort", "StatusEndpoint", "WireGuardCheck", "WireGuardTarget", "load",
 ]
 
@@ -334,6 +335,17 @@ def _control(r: Reader, value: Any, path: str) -> Control:
     return Control(token_file=r.optional(data, "token_file", path, r.absolute_path, ""))
 
 
+def _availability(r: Reader, value: Any, path: str) -> Availability:
+    data = r.mapping(value, path, {"slo"})
+    if data is None:
+        return Availability()
+    slo = r.optional(data, "slo", path, lambda v, p: r.number(v, p, 0.0, 1.0, low_open=True),
+                     Availability().slo)
+    if slo is not None and slo >= 1.0:
+        r.error(join(path, "slo"), "must be below 1: an objective of 100 % leaves no error budget")
+    return Availability(slo=slo)
+
+
 def _exabgp(r: Reader, value: Any, path: str) -> ExaBGP:
     data = r.mapping(value, path, {"reassert_interval", "withdraw_settle", "ack_timeout", "watchdog"})
     if data is None:
@@ -431,7 +443,7 @@ def _table(r: Reader, value: Any, path: str) -> int | None:
 
 
 _TOP = {"pop", "neighbors", "prefixes", "servers", "checks", "pool", "status", "control", "exabgp", "dataplane",
-        "external", "drain"}
+        "external", "drain", "availability"}
 
 
 def load(text: str | bytes, source: str = "pop.yaml") -> Config:
@@ -469,6 +481,7 @@ def _build(r: Reader, document: Any) -> Config:
     dataplane = _dataplane(r, top.get("dataplane"), "dataplane")
     external = config_external.parse(r, top.get("external"), "external")
     drain = config_drain.parse(r, top.get("drain"), "drain")
+    availability = _availability(r, top.get("availability"), "availability")
     _cross_checks(r, neighbors, prefixes, servers, checks)
     config_external.check_beacons(r, external, (p.prefix for p in prefixes.values()), neighbors.items())
     if r.problems or name is None or asn is None or router_id is None:
@@ -476,7 +489,7 @@ def _build(r: Reader, document: Any) -> Config:
     return Config(name=name, asn=asn, router_id=router_id, neighbors=tuple(neighbors.values()),
                   prefixes=tuple(prefixes.values()), servers=tuple(servers.values()), checks=checks, pool=pool,
                   status=status, control=control, exabgp=exabgp, dataplane=dataplane, external=external,
-                  drain=drain, runtime_dir=runtime_dir, source=r.source)
+                  drain=drain, availability=availability, runtime_dir=runtime_dir, source=r.source)
 
 
 def _name(r: Reader, value: Any, path: str) -> str | None:

@@ -130,6 +130,13 @@ class Control:
 
 
 @dataclass(frozen=True, slots=True)
+class Availability:
+    """The PoP's availability objective (pop/availability.py): the share of time announced."""
+
+    slo: float = 0.9995  # over 30 days, planned maintenance (operator drains) excluded
+
+
+@dataclass(frozen=True, slots=True)
 class ExaBGP:
     reassert_interval: float = 0.0  # re-send the current announcements this often; 0 = only on change
     withdraw_settle: float = 0.5  # on shutdown, time for the withdraw to leave before ExaBGP stops
@@ -243,5 +250,6 @@ class Config:
     dataplane: Dataplane = field(default_factory=Dataplane)
     external: External = field(default_factory=External)
     drain: Drain = field(default_factory=Drain)
+    availability: Availability = field(default_factory=Availability)
     runtime_dir: str = "/run/pop"
     source: str = "pop.yaml"

@@ -1,4 +1,5 @@
-"""The state-changing endpoints: POST /drain, /undrain, /servers/{name}/{drain|undrain}.
+"""The state-changing endpoints: POST /v1/drain, /v1/undrain, /v1/servers/{name}/{drain|undrain}
+(and the same paths without /v1, kept as aliases).
 
 Every request goes through the same steps, and every attempt lands in the audit trail
 (pop.audit) and the `pop_control_requests_total` counter, whatever its outcome:
@@ -98,9 +99,10 @@ def add_routes(app: web.Application, ctl: Control, operator: Operator, status: C
 
         return await _attempt(ctl, request, f"{action}-server", name, act)
 
-    app.router.add_post("/drain", pop_action("drain"))
-    app.router.add_post("/undrain", pop_action("undrain"))
-    app.router.add_post(r"/servers/{name}/{action:drain|undrain}", server_action)
+    for prefix in ("/v1", ""):  # the paths without /v1 are kept for the tools written before it
+        app.router.add_post(f"{prefix}/drain", pop_action("drain"))
+        app.router.add_post(f"{prefix}/undrain", pop_action("undrain"))
+        app.router.add_post(prefix + r"/servers/{name}/{action:drain|undrain}", server_action)
 
 
 async def _attempt(ctl: Control, request: web.Request, action: str, target: str,

@@ -27,6 +27,7 @@ from pop.checks.base import Check, CheckResult
 from pop.config import Config
 from pop.desired import Announcement, DesiredState
 from pop.drains import ServerDrain
+from pop.durations import DurationBook
 from pop.external import Tier3
 from pop.health import Health
 from pop.hysteresis import Policy, ServerHealth, TierState
@@ -58,6 +59,8 @@ class Engine:
                                on_event=self._applier_event,
                                on_announced=on_announced)
         self.probes = Probes(self.observe, self._pace, clock=clock)
+        self.durations = DurationBook()
+        self.probes.on_duration = self.durations.observe
         self.load_signal = load_signal
         self.tier3 = tier3  # the view from outside (pop.external), fed by pop.adapters.agents
         self.wall = wall  # agents date their reports by the wall clock
@@ -420,7 +423,7 @@ class Engine:
         return snapshot.build(self.config, now=self.clock(), started=self.started, verdict=self.verdict,
                               pool_view=self.pool, board=self.board, drains=self.server_drains,
                               announced=self.speaker.announced(), events=tuple(self.events),
-                              applier=self.applier, extra=extra or {},
+                              applier=self.applier, extra=extra or {}, durations=self.durations.snapshot(),
                               ladder=ladder.view(self.pop_drain, self.config.drain.steps, self.clock(), self.wall()),
                               external=None if self.tier3 is None else external.summary(self.tier3, self.wall()))
 

@@ -41,6 +41,7 @@ class Probes:
         self._latest: dict[tuple[str, str], int] = {}
         self._sequence = itertools.count(1)
         self._generation = 0
+        self.on_duration: Callable[[str, float], None] | None = None  # (tier, seconds) of every probe
 
     def start(self, group: asyncio.TaskGroup, checks: Mapping[str, Sequence[tuple[Check, Policy]]],
               enabled: Sequence[str]) -> None:
@@ -102,7 +103,10 @@ class Probes:
                 task.add_done_callback(tasks.discard)
 
     async def _once(self, server: str, check: Check, sequence: int, generation: int) -> None:
+        started = self.clock()
         result = await _probe(check, _deadline(check), server)
+        if self.on_duration is not None:
+            self.on_duration(check.name, self.clock() - started)
         key = (server, check.name)
         if generation != self._generation or sequence < self._latest.get(key, 0):
             return  # a reload stopped this generation, or a newer probe already answered

@@ -27,10 +27,12 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pop import adminstate, audit, handover, load
+from pop import adminstate, audit, availability, handover, load
+from pop import history as history_file
 from pop.adapters.bgp import ChannelError, ExaBgpSpeaker
 from pop.checks import cascade as check_builder
 from pop.config import Config, ConfigError
@@ -38,6 +40,7 @@ from pop.desired import Announcement
 from pop.engine import Engine
 from pop.external import Policy as ExternalPolicy
 from pop.external import Tier3
+from pop.history import AnnounceHistory
 from pop.runner import (
     HEARTBEAT_INTERVAL,
     engine_heartbeat,
@@ -55,6 +58,7 @@ if TYPE_CHECKING:
     from pop.control_api import Control
 
 log = logging.getLogger("pop.service")
+ALIVE_EVERY = 5  # seconds between alive marks: what a crash may add to the engine-down time
 
 
 def take_stdout() -> int:
@@ -75,8 +79,10 @@ async def _open_channel(channel_fd: int) -> tuple[asyncio.StreamReader, asyncio.
     return reader, writer
 
 
-def _reload(engine: Engine, config_path: Path, ctl: Control) -> None:
-    """SIGHUP: re-read the YAML; a broken file (or token file) changes nothing."""
+def _reload(engine: Engine, config_path: Path, ctl: Control, reloads: dict[str, int]) -> None:
+    """SIGHUP: re-read the YAML; a broken file (or token file) changes nothing. ``reloads``
+    counts the outcomes (pop_reloads_total)."""
+    reloads["refused"] += 1  # until it is taken
     try:
         new = load_file(config_path)
         checks = check_builder.build(new)
@@ -102,6 +108,8 @@ def _reload(engine: Engine, config_path: Path, ctl: Control) -> None:
                     "takes effect at the next restart")
     ctl.tokens = tokens
     engine.reload(new, checks)
+    reloads["refused"] -= 1
+    reloads["ok"] += 1
 
 
 async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
@@ -121,20 +129,29 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
         for problem in exc.problems:
             log.error("engine.config %s", problem)
         return 2
-    engine = Engine(config, speaker, checks, tier3=tier3,
-                    on_announced=lambda routes: _save_handover(runtime / handover.FILE_NAME, routes))
+    history = AnnounceHistory(runtime / history_file.FILE_NAME)
+
+    def announced(routes: tuple[Announcement, ...]) -> None:
+        _save_handover(runtime / handover.FILE_NAME, routes)
+        _account(engine, history)
+
+    engine = Engine(config, speaker, checks, tier3=tier3, on_announced=announced)
     _restore_drains(engine, runtime / adminstate.FILE_NAME, config)
     engine.on_admin_change = lambda: _save_drains(engine, runtime / adminstate.FILE_NAME)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(engine, config_path, ctl))
+    reloads = {"ok": 0, "refused": 0}
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(engine, config_path, ctl, reloads))
     # a fresh heartbeat before the pid file: the watchdog must never pair this pid with the
     # stale heartbeat of an engine that died
     _beat(config)
     _write_pid(config)
-    background = [asyncio.create_task(_heartbeat(config), name="heartbeat")]
+    history.load(time.time())
+    _account(engine, history)
+    background = [asyncio.create_task(_heartbeat(config), name="heartbeat"),
+                  asyncio.create_task(_keep_accounts(engine, history), name="availability")]
     diagnostics: dict[str, object] = {}  # the kernel's view of the data plane, for /status
     dataplane: KernelDataplane | None = None
     identities: list[asyncio.Server] = []
@@ -142,7 +159,9 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
     reading = asyncio.create_task(speaker.read_forever(), name="exabgp reader")
     # the status endpoint (aiohttp, prometheus_client: a third of the start-up's imports) comes
     # after the applier's first pass: a respawned engine that must withdraw does so first
-    status = asyncio.create_task(_status_endpoint(config, engine, speaker, diagnostics, ctl), name="status")
+    serving: dict[str, asyncio.Task[None]] = {}  # the engine's loop, once started (for /healthz)
+    status = asyncio.create_task(_status_endpoint(config, engine, speaker, diagnostics, ctl,
+                                                  shown=_Endpoint(history, reloads, serving)), name="status")
     try:
         await speaker.refresh_sessions()  # ExaBGP reports changes only: learn the sessions as they are
         await _start(engine, speaker, config, runtime / handover.FILE_NAME)
@@ -158,7 +177,7 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
         identities += await _identity(config)
         log.info("engine.started pop=%s servers=%d prefixes=%d", config.name, len(config.servers),
                  len(config.prefixes))
-        running = asyncio.create_task(engine.run(), name="engine")
+        running = serving["engine"] = asyncio.create_task(engine.run(), name="engine")
         stopping = asyncio.create_task(stop.wait(), name="signals")
         closed = asyncio.create_task(speaker.closed.wait(), name="channel")
         done, _ = await asyncio.wait({running, stopping, closed}, return_when=asyncio.FIRST_COMPLETED)
@@ -182,6 +201,7 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
         log.error("engine.channel_broken error=%s", exc)
         code = 1
     finally:
+        history.stop(time.time())
         reading.cancel()
         for task in background:
             task.cancel()
@@ -332,8 +352,26 @@ def _save_handover(path: Path, routes: tuple[Announcement, ...]) -> None:
         log.error("handover.unsaved path=%s error=%s: a respawned engine would withdraw first", path, exc.strerror)
 
 
+@dataclass(frozen=True)
+class _Endpoint:
+    """What the status endpoint shows beyond the engine's snapshot."""
+
+    history: AnnounceHistory
+    reloads: dict[str, int]
+    serving: dict[str, asyncio.Task[None]]
+
+    def ready(self, engine: Engine) -> str:
+        """/healthz: "" while the engine's loop runs and the applier has made its first pass."""
+        running = self.serving.get("engine")
+        if running is None or running.done():
+            return "the engine loop is not running"
+        if not engine.applier.first_pass.is_set():
+            return "starting: the applier has not made its first pass"
+        return ""
+
+
 async def _status_endpoint(config: Config, engine: Engine, speaker: ExaBgpSpeaker,
-                           diagnostics: dict[str, object], ctl: Control) -> web.AppRunner | None:
+                           diagnostics: dict[str, object], ctl: Control, *, shown: _Endpoint) -> web.AppRunner | None:
     if not config.status.enabled:
         return None
     await engine.applier.first_pass.wait()
@@ -344,9 +382,14 @@ async def _status_endpoint(config: Config, engine: Engine, speaker: ExaBgpSpeake
     def extra() -> dict[str, object]:
         return {"sessions": {peer: view.state for peer, view in speaker.peers.items()},
                 "exabgp_command_errors": speaker.errors, "exabgp_unparsed_messages": speaker.unparsed,
-                "dataplane": diagnostics or None}
+                "dataplane": diagnostics or None, "reloads": dict(shown.reloads)}
 
-    runner = web.AppRunner(make_app(lambda: engine.snapshot(extra()), engine, ctl), access_log=None)
+    def report() -> dict[str, object]:
+        return availability.report(shown.history.marks, time.time(), engine.config.availability.slo)
+
+    app = make_app(lambda: engine.snapshot(extra()), engine, ctl, ready=lambda: shown.ready(engine),
+                   availability=report)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, config.status.listen, config.status.port, reuse_address=True).start()
@@ -396,6 +439,27 @@ def _save_drains(engine: Engine, path: Path) -> None:
         write_if_changed(path, json.dumps(adminstate.to_dict(state), indent=1) + "\n")
     except OSError as exc:
         log.error("drains.unsaved path=%s error=%s: a restarted engine would not know them", path, exc.strerror)
+
+
+def _account(engine: Engine, history: AnnounceHistory) -> None:
+    """Note the PoP's state in its announce history (pop.availability): what the session
+    carries, and why not from the verdict."""
+    announced = bool(engine.speaker.announced())
+    v = engine.verdict
+    cause = availability.cause(announced=announced, wanted=v.announce, drained=v.drained, decided_by=v.decided_by)
+    history.note(availability.Mark(time.time(), announced, cause))
+
+
+async def _keep_accounts(engine: Engine, history: AnnounceHistory) -> None:
+    """Catch the changes of cause no BGP pass reports (a drain of a withdrawn PoP), and leave
+    the alive mark the next engine closes the history with if this one dies."""
+    beats = 0
+    while True:
+        await asyncio.sleep(1.0)
+        _account(engine, history)
+        if beats % ALIVE_EVERY == 0:
+            history.alive(time.time())
+        beats += 1
 
 
 async def _heartbeat(config: Config) -> None:

@@ -11,6 +11,7 @@ from pop.applier import Applier, ApplyStatus
 from pop.config import Config
 from pop.desired import Announcement
 from pop.drains import ServerDrain
+from pop.durations import Durations
 from pop.health import Health
 from pop.hysteresis import ServerHealth, TierState
 from pop.verdict import PoolView, Verdict
@@ -56,12 +57,14 @@ class Snapshot:
     extra: Mapping[str, object] = field(default_factory=dict)
     external: Mapping[str, Any] | None = None  # tier 3 (pop.external.summary), when enabled
     ladder: Mapping[str, Any] | None = None  # the PoP drain in progress (pop.ladder.view)
+    prefixes: tuple[str, ...] = ()  # configured, announced or not
+    durations: Mapping[str, Durations] = field(default_factory=dict)  # probe durations per tier
 
 
 def build(config: Config, *, now: float, started: float, verdict: Verdict, pool_view: PoolView, board: Health,
           drains: Mapping[str, ServerDrain], announced: tuple[Announcement, ...], events: tuple[Event, ...],
           applier: Applier, extra: Mapping[str, object], external: Mapping[str, Any] | None = None,
-          ladder: Mapping[str, Any] | None = None) -> Snapshot:
+          ladder: Mapping[str, Any] | None = None, durations: Mapping[str, Durations] | None = None) -> Snapshot:
     """The engine's picture, assembled from its parts (read-only)."""
     servers = tuple(
         ServerSnapshot(s.name, s.address, s.weight, board.servers[s.name], dict(board.tiers[s.name]),
@@ -71,4 +74,4 @@ def build(config: Config, *, now: float, started: float, verdict: Verdict, pool_
                     degraded=pool.degraded(board.servers, board.tiers) and verdict.announce, servers=servers,
                     desired=applier.desired.announcements, announced=announced, events=events,
                     apply=applier.status(), extra=dict(extra), external=external,
-                    ladder=ladder)
+                    ladder=ladder, prefixes=tuple(p.prefix for p in config.prefixes), durations=durations or {})

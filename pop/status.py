@@ -1,11 +1,16 @@
-"""What operators see: /status (JSON), / (the NOC page), /metrics (Prometheus), and drain.
+"""What operators see: the /v1 API (JSON), / (the NOC page), /metrics (Prometheus), /healthz.
 
 Everything here reads an immutable `Snapshot`; nothing here changes a decision. The GETs are
-open (read-only); the operator actions (POST /drain, /undrain, /servers/{name}/{drain|undrain})
-need a bearer token and are audited: pop/control_api.py.
+open (read-only); the operator actions (POST /v1/drain, /v1/undrain,
+/v1/servers/{name}/{drain|undrain}, and the same without /v1) need a bearer token and are
+audited: pop/control_api.py. docs/api.md describes every endpoint.
 
 "Why is this PoP withdrawn?" is answered by `verdict.reason` plus the recent `events`, each
 of which names the server, the tier and the evidence that moved it.
+
+The status is built at most every `MAX_AGE` seconds and shared by every reader in between
+(any operator action makes the next read fresh): with a thousand servers, building it takes
+milliseconds of the event loop that also runs the probes, and fifty pollers must not multiply that.
 """
 
 from __future__ import annotations
@@ -13,20 +18,22 @@ from __future__ import annotations
 import html
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from pop import control, control_api
 from pop.control_api import Control, Operator
-from pop.hysteresis import State
+from pop.metrics import Availability, PopCollector
 from pop.snapshot import Snapshot
 
+API = 1  # the "api" field of every /v1 answer; raised only for an incompatible change
+MAX_AGE = 0.25  # seconds a built status is shared between readers
 SnapshotSource = Callable[[], Snapshot]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Ready = Callable[[], str]  # "" while the engine serves, else why not (GET /healthz)
 
 
 def to_json(snap: Snapshot) -> dict[str, Any]:
@@ -82,12 +89,13 @@ def to_json(snap: Snapshot) -> dict[str, Any]:
             for s in snap.servers
         ],
         "external": snap.external,
+        "reloads": snap.extra.get("reloads", {"ok": 0, "refused": 0}),
         "apply": _apply(snap),
         "dataplane": {**_dataplane(snap), "diagnostics": snap.extra.get("dataplane")},
         "bgp": {
             "desired": [_announcement(a) for a in snap.desired],
             "announced": [_announcement(a) for a in snap.announced],
-            **{k: v for k, v in snap.extra.items() if k != "dataplane"},
+            **{k: v for k, v in snap.extra.items() if k not in ("dataplane", "reloads")},
         },
         "events": [
             {"time": round(e.wall, 3), "ago_seconds": round(now_wall - e.wall, 3), "kind": e.kind,
@@ -137,95 +145,85 @@ def _announcement(a: Any) -> dict[str, Any]:
             "as_path_prepend": a.as_path_prepend}
 
 
-_STATE_VALUES = {state: index for index, state in enumerate(State)}
+class _Shared:
+    """The status as last built, for MAX_AGE seconds (monotonic)."""
+
+    def __init__(self, build: Callable[[], dict[str, Any]], clock: Callable[[], float] = time.monotonic) -> None:
+        self.build, self.clock = build, clock
+        self.at = -1e9
+        self.data: dict[str, Any] = {}
+        self.body = b""
+
+    def get(self) -> tuple[dict[str, Any], bytes]:
+        now = self.clock()
+        if now - self.at >= MAX_AGE:
+            self.data = self.build()
+            self.body = json.dumps(self.data, separators=(",", ":")).encode()
+            self.at = now
+        return self.data, self.body
+
+    def forget(self) -> None:
+        self.at = -1e9
 
 
-class _Collector(Collector):
-    def __init__(self, source: SnapshotSource) -> None:
-        self.source = source
-
-    def collect(self) -> Iterator[Metric]:
-        snap = self.source()
-        per_pop: tuple[tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str, float], ...] = (
-            (GaugeMetricFamily, "pop_announced", "1 while this PoP announces its anycast prefixes",
-             float(snap.verdict.announce)),
-            (GaugeMetricFamily, "pop_drained", "1 while an operator drain is in force", float(snap.verdict.drained)),
-            (CounterMetricFamily, "pop_verdict_changes", "announce/withdraw decisions", float(snap.verdict.changes)),
-            (GaugeMetricFamily, "pop_pool_healthy_servers", "servers in the pool", float(snap.pool.healthy)),
-            (GaugeMetricFamily, "pop_pool_servers", "servers configured", float(snap.pool.total)),
-            (GaugeMetricFamily, "pop_apply_failing", "1 while a BGP or data-plane step waits for its retry",
-             float(bool(snap.apply.bgp_error or snap.apply.dataplane_error))),
-            (CounterMetricFamily, "pop_bgp_failures", "BGP passes ExaBGP refused", float(snap.apply.bgp_failures)),
-            (CounterMetricFamily, "pop_dataplane_failures", "data-plane passes the kernel refused",
-             float(snap.apply.dataplane_failures)),
-            (CounterMetricFamily, "pop_dataplane_repairs", "read-backs that found and repaired drift",
-             float(snap.apply.repairs)),
-        )
-        if snap.external is not None:
-            per_pop += (
-                (GaugeMetricFamily, "pop_external_blocking", "1 while tier 3 holds the PoP withdrawn",
-                 float(bool(snap.external["blocking"]))),
-                (GaugeMetricFamily, "pop_external_competent_agents", "fresh agents that reach another PoP",
-                 float(snap.external["competent"])),
-                (GaugeMetricFamily, "pop_external_unreachable_agents", "competent agents that cannot reach this PoP",
-                 float(snap.external["unreachable"])),
-            )
-        for family, name, text, value in per_pop:
-            metric = family(name, text, labels=["pop"])
-            metric.add_metric([snap.pop], value)
-            yield metric
-        up = GaugeMetricFamily("pop_server_up", "1 while the server is in the pool", labels=["pop", "server"])
-        state = GaugeMetricFamily("pop_server_state", "1 for the server's current state",
-                                  labels=["pop", "server", "state"])
-        probes = CounterMetricFamily("pop_check_results", "check results by outcome",
-                                     labels=["pop", "server", "tier", "outcome"])
-        latency = GaugeMetricFamily("pop_check_latency_seconds", "latency of the last successful probe",
-                                    labels=["pop", "server", "tier"])
-        for server in snap.servers:
-            up.add_metric([snap.pop, server.name], float(server.health.in_pool))
-            for candidate in State:
-                state.add_metric([snap.pop, server.name, candidate.value],
-                                 float(server.health.state is candidate))
-            for tier_name, tier in server.tiers.items():
-                probes.add_metric([snap.pop, server.name, tier_name, "ok"], float(tier.successes))
-                probes.add_metric([snap.pop, server.name, tier_name, "fail"], float(tier.failures))
-                if tier.last is not None and tier.last.latency is not None:
-                    latency.add_metric([snap.pop, server.name, tier_name], tier.last.latency)
-        yield from (up, state, probes, latency)
-        if snap.external is not None:
-            dropped = CounterMetricFamily("pop_external_dropped", "agent reports not taken, by reason",
-                                          labels=["pop", "reason"])
-            for reason, count in snap.external["dropped"].items():
-                dropped.add_metric([snap.pop, reason], float(count))
-            yield dropped
-        for key, item in snap.extra.items():
-            if isinstance(item, int | float) and not isinstance(item, bool):
-                extra = GaugeMetricFamily(f"pop_{key}", key.replace("_", " "), labels=["pop"])
-                extra.add_metric([snap.pop], float(item))
-                yield extra
-
-
-def make_app(source: SnapshotSource, operator: Operator, ctl: Control) -> web.Application:
+def make_app(source: SnapshotSource, operator: Operator, ctl: Control, *, ready: Ready = lambda: "",
+             availability: Availability | None = None) -> web.Application:
+    """The endpoints; ``ready`` answers /healthz, ``availability`` is pop.availability.report now."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(source))
+    registry.register(PopCollector(source, _pop_state, availability))
     registry.register(control_api.ControlCollector(ctl))
 
-    def data() -> dict[str, Any]:
-        return {**to_json(source()), "audit": ctl.trail.recent()}
+    def build() -> dict[str, Any]:
+        return {"api": API, **to_json(source()), "audit": ctl.trail.recent(),
+                "availability": None if availability is None else availability()}
 
-    async def status(_request: web.Request) -> web.Response:
-        return web.json_response(data(), dumps=lambda v: json.dumps(v, indent=2))
+    shared = _Shared(build)
+
+    def answer(data: dict[str, Any], request: web.Request) -> web.Response:
+        return web.json_response(data, dumps=lambda v: json.dumps(v, indent=2 if "pretty" in request.query else None))
+
+    async def status(request: web.Request) -> web.Response:
+        data, body = shared.get()
+        if "pretty" in request.query:
+            return answer(data, request)
+        return web.Response(body=body, content_type="application/json")
+
+    async def servers(request: web.Request) -> web.Response:
+        data, _ = shared.get()
+        return answer({"api": API, "pop": data["pop"], "servers": data["servers"]}, request)
+
+    async def events(request: web.Request) -> web.Response:
+        data, _ = shared.get()
+        return answer({"api": API, "pop": data["pop"], "events": data["events"], "audit": data["audit"]}, request)
+
+    async def healthz(_request: web.Request) -> web.Response:
+        why = ready()
+        if why:
+            return web.json_response({"ok": False, "reason": why}, status=503)
+        return web.json_response({"ok": True})
 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
 
     async def page(_request: web.Request) -> web.Response:
-        return web.Response(text=render_page(data()), content_type="text/html")
+        data, _ = shared.get()
+        return web.Response(text=render_page(data), content_type="text/html")
+
+    @web.middleware
+    async def fresh_after_actions(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method == "POST":
+            shared.forget()  # whoever acted reads what they did
+        return await handler(request)
 
     # a refused client's unread body is drained for LINGER seconds at most, not aiohttp's 10
-    app = web.Application(client_max_size=control.MAX_BODY, handler_args={"lingering_time": control_api.LINGER})
+    app = web.Application(client_max_size=control.MAX_BODY, handler_args={"lingering_time": control_api.LINGER},
+                          middlewares=[fresh_after_actions])
     app.router.add_get("/", page)
-    app.router.add_get("/status", status)
+    for prefix in ("/v1", ""):  # the paths without /v1 are kept for the tools written before it
+        app.router.add_get(f"{prefix}/status", status)
+    app.router.add_get("/v1/servers", servers)
+    app.router.add_get("/v1/events", events)
+    app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     control_api.add_routes(app, ctl, operator, lambda: to_json(source()))
     return app
@@ -273,6 +271,7 @@ h1 .b{{font-size:70%}}</style></head><body>
 {_apply_line(data['apply'])}
 {_external_line(data['external'])}
 <p>Pool: {data['pool']['healthy']}/{data['pool']['total']} healthy · up {data['uptime_seconds']:.0f}s</p>
+{_availability_line(data.get("availability"))}
 <h2>Announced</h2><ul>{routes or '<li>nothing</li>'}</ul>
 <h2>BGP sessions</h2><ul>{peers or '<li>unknown</li>'}</ul>
 <h2>Servers</h2><table><tr><th>server</th><th>address</th><th>state</th><th>tiers</th><th>reason</th></tr>
@@ -298,6 +297,21 @@ def _ladder_line(drain: dict[str, Any] | None) -> str:
             f'Step {drain["step"]}/{drain["steps"]}: {e(drain["current"])} '
             f'({drain["step_since_seconds"]:.0f}s){following}{early}<br>'
             f'Ladder: {e(" → ".join(drain["ladder"]))}</p>')
+
+
+def _availability_line(report: dict[str, Any] | None) -> str:
+    """Availability per window against the SLO, with the error budget left (red once spent)."""
+    if report is None:
+        return ""
+
+    def one(name: str, w: dict[str, Any]) -> str:
+        ratio = "-" if w["ratio"] is None else f"{w['ratio'] * 100:.3f} %"
+        left = w["error_budget_remaining"]
+        color = "#cf222e" if left <= 0 else "#1f2328"
+        return f'{name}: {ratio} (<span style="color:{color}">budget left {left * 100:.0f} %</span>)'
+
+    windows = " · ".join(one(name, w) for name, w in report["windows"].items())
+    return f"<p>Availability (SLO {report['slo'] * 100:g} %, drains excluded): {windows}</p>"
 
 
 def _apply_line(apply: dict[str, Any]) -> str:

@@ -170,10 +170,13 @@ def test_a_reload_with_a_broken_file_changes_nothing(tmp_path: Path, text: bytes
     path = tmp_path / "pop.yaml"
     path.write_bytes(text)
     before = (engine.config, engine.verdict, dict(engine.health), ctl.tokens)
+    reloads = {"ok": 0, "refused": 0}
     try:
-        _reload(engine, path, ctl)
+        _reload(engine, path, ctl, reloads)
     except Exception as exc:
         raise AssertionError(f"reload raised {exc!r} for {text[:80]!r}") from exc
     if engine.config is not before[0]:
+        assert reloads == {"ok": 1, "refused": 0}
         return  # the file happened to be valid: a reload that was not rejected
     assert (engine.config, engine.verdict, dict(engine.health), ctl.tokens) == before
+    assert reloads == {"ok": 0, "refused": 1}
