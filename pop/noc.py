@@ -42,7 +42,8 @@ log = logging.getLogger("pop.noc")
 _TOP = {"listen", "port", "interval", "timeout", "pops"}
 _MAX_BODY = 4 * 1024 * 1024  # a PoP's /v1/status with thousands of servers stays well below
 RED = {"withdrawn", "hold-down"}
-_COLORS = {"announced": "#1a7f37", "degraded": "#bf8700", "hold-down": "#cf222e", "withdrawn": "#cf222e",
+_COLORS = {"announced": "#1a7f37", "degraded": "#bf8700", "draining": "#bf8700", "hold-down": "#cf222e",
+           "withdrawn": "#cf222e",
            "drained": "#6e7781", "no answer": "#6e7781"}
 
 
@@ -163,16 +164,26 @@ def fleet(targets: tuple[Target, ...], state: FleetState, now: float) -> dict[st
 
 
 def _drain(status: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Who drained the PoP and why, from its audit trail (newest first: the last accepted drain
-    of the PoP itself, not of one of its servers)."""
-    if not status.get("drained"):
+    """Who drained the PoP, why, until when and how far its ladder is: from its audit trail
+    (newest first: the last accepted drain of the PoP itself, not of one of its servers) and
+    its ladder (pop.ladder)."""
+    ladder = status.get("ladder") or {}
+    if not status.get("drained") and not ladder:
         return None
+    found: dict[str, Any] = {"who": None, "reason": status.get("reason"), "at": None, "until": None}
     for entry in status.get("audit", []):
         if entry.get("action") == "drain" and entry.get("result") == "accepted" \
                 and entry.get("target") == status.get("pop"):
-            return {"who": entry.get("who"), "reason": entry.get("reason"), "at": entry.get("time"),
-                    "until": entry.get("until")}
-    return {"who": None, "reason": status.get("reason"), "at": None, "until": None}
+            found = {"who": entry.get("who"), "reason": entry.get("reason"), "at": entry.get("time"),
+                     "until": entry.get("until")}
+            break
+    if ladder.get("until") is not None:
+        found["until"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ladder["until"]))
+    if ladder:
+        found["step"] = f"step {ladder.get('step')}/{ladder.get('steps')}: {ladder.get('current')}"
+        if ladder.get("source") and not found["who"]:
+            found["who"] = ladder.get("source")
+    return found
 
 
 def render(view: Mapping[str, Any]) -> str:
@@ -187,7 +198,8 @@ def render(view: Mapping[str, Any]) -> str:
         color = _COLORS.get(pop["state"], "#1f2328")
         drain = pop["drain"]
         drained = "" if drain is None else (
-            f"drained by {cell(drain['who'] or 'unknown')}"
+            f"{'draining' if pop['state'] == 'draining' else 'drained'} by {cell(drain['who'] or 'unknown')}"
+            + (f" ({cell(drain['step'])})" if drain.get("step") else "")
             + (f": {cell(drain['reason'])}" if drain.get("reason") else "")
             + (f", until {cell(drain['until'])}" if drain.get("until") else ", until undrained"))
         answered = "" if pop["answering"] else (

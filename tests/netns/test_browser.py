@@ -4,9 +4,9 @@ lab of containerlab.yml: assertions on what a person sees, and screenshots kept 
 - pop2's servers are stopped: pop2 is withdrawn. On the fleet page (served by `pop noc` from
   the lab's noc node on the host's loopback, as an operator opens it) pop2's row is red, says
   "withdrawn" in red and gives the reason (0/2 healthy); the headline counts it out.
-- pop3 is drained by "alice" with a reason: the fleet page says who drained it and until when
-  (until undrained); pop3's own NOC page, loaded from inside the lab's noc node, shows the
-  drain and alice's action in its operator log.
+- pop3 is put in maintenance by "alice" with a reason for two hours: the fleet page says who
+  drained it, the step of its drain ladder, and until when; pop3's own NOC page, loaded from
+  inside the lab's noc node, shows the drain and alice's action in its operator log.
 Screenshots go to $POP_TEST_ARTIFACTS (default .artifacts/ in the checkout).
 """
 
@@ -83,7 +83,9 @@ def row(dom: str, pop: str) -> str:
 def test_a_withdrawn_pop_is_red_with_its_reason_and_a_drained_one_says_who(lab: Lab) -> None:
     lab.faults.apply("server-down", "pop2")
     lab.pop("pop2").wait_status(lambda s: s["state"] == "withdrawn")
-    lab.pop("pop3").post("/drain", who="alice", reason="fibre work at the site")
+    # a maintenance: the ladder (MED, prepend, 65535:0, withdraw), ending by itself in 2 hours
+    until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 7200))
+    lab.pop("pop3").post("/v1/drain", who="alice", reason="fibre work at the site", until=until)
     deadline = time.monotonic() + 15
     while not ({"pop2"} <= set((view := fleet(lab))["red"])
                and any(p["name"] == "pop3" and p["drain"] for p in view["pops"])):
@@ -96,12 +98,14 @@ def test_a_withdrawn_pop_is_red_with_its_reason_and_a_drained_one_says_who(lab: 
     pop2 = row(dom, "pop2")
     assert 'class="pop red"' in pop2 and 'color:#cf222e;font-weight:bold">withdrawn<' in pop2
     assert "0/2 healthy" in pop2  # the reason: none of its servers is healthy
-    assert "drained by alice: fibre work at the site, until undrained" in row(dom, "pop3")
-    assert "Fleet: 1/3 PoPs announcing" in dom and "Red: pop2" in dom
+    pop3 = row(dom, "pop3")
+    assert re.search(r"drain(ing|ed) by alice \(step \d/\d: [^)]+\): fibre work at the site, until "
+                     + until[:10] + r" \d\d:\d\d:\d\d UTC", pop3), pop3
+    assert re.search(r"Fleet: [12]/3 PoPs announcing", dom) and "Red: pop2" in dom  # pop3 announces until its withdraw step
 
     # pop3's own NOC page, from inside the lab (it serves on its link address)
     page = browse("http://10.0.3.2:9180/", ARTIFACTS / "pop3-noc-page.png", ns=lab.ns("noc1"))
     text = html.unescape(re.sub(r"<[^>]+>", " ", page))
     assert "drained" in text and "alice" in text and "fibre work at the site" in text
-    lab.pop("pop3").post("/undrain", who="alice", reason="done")
+    lab.pop("pop3").post("/v1/undrain", who="alice", reason="done")
     lab.faults.clear()

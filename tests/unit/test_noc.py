@@ -56,6 +56,17 @@ def test_the_fleet_view_says_what_is_red_why_and_who_drained() -> None:
     assert "timeout (last answer 20.0 s ago)" in page
 
 
+def test_a_pop_on_its_drain_ladder_says_the_step_and_until_when() -> None:
+    draining = status("fra1", "draining", "2/2 healthy", ladder={
+        "source": "operator", "reason": "fibre work", "step": 2, "steps": 4, "current": "prepend 3",
+        "until": 1796004000.0}, audit=[{"action": "drain", "target": "fra1", "result": "accepted", "who": "alice",
+                                        "reason": "fibre work", "time": "2026-11-30T01:00:00Z"}])
+    view = fleet((B,), FleetState({"fra1": Seen(draining, at=99.0)}), 100.0)
+    assert view["red"] == []
+    page = render(view)
+    assert "draining by alice (step 2/4: prepend 3): fibre work, until 2026-11-30 02:00:00 UTC" in page
+
+
 def test_everything_a_pop_says_is_escaped() -> None:
     state = FleetState({"ams1": Seen(status("ams1", "withdrawn", "<script>alert(1)</script>"), at=1.0)})
     page = render(fleet((A,), state, 2.0))
