@@ -81,12 +81,17 @@ def cut_off(lab: Lab, pop: str | None = None, client: str = "client1") -> CutOff
     """``pop`` None: the PoP the agent beside the client lands on, so that the catchment map
     must show at least that agent move (routers hash flows by address, with a seed per boot)."""
     agent = beside(lab, client)
+    # a PoP behind the router the client and the agent share: once it is withdrawn, that router
+    # is left with one path and both land on the same PoP (with two, it hashes them apart)
+    shared = {router for router, _ in lab.faults.upstreams(client)}
+    direct = {p for p in lab.pops if shared & {router for router, _ in lab.faults.upstreams(p)}}
     deadline = time.monotonic() + 20
     while pop is None:
         pop = landings(lab).get(agent)  # None until the agent's latest answer is in a fresh report
-        if pop is None:
+        if pop not in direct:
+            pop = None
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{agent} lands nowhere: {landings(lab)}")
+                raise TimeoutError(f"{agent} does not land on {sorted(direct)}: {landings(lab)}")
             time.sleep(0.1)
     router, _ = lab.faults.upstreams(pop)[0]
     hop = lab.pop_address(router, pop)
@@ -111,8 +116,11 @@ def cut_off(lab: Lab, pop: str | None = None, client: str = "client1") -> CutOff
                     raise TimeoutError(f"catchment: {now_on}, {client} on {client_lands}")
                 time.sleep(0.1)
             mapped = time.monotonic()
-        finally:
-            undone = lab.faults.undo(fault)
+        except BaseException:
+            lab.faults.undo(fault)
+            settled(lab)  # the next scenario starts from a settled lab, also after a failure
+            raise
+        undone = lab.faults.undo(fault)
         back = watch.wait_for(lambda hops: hop in hops, timeout=hold_down + 30, since=undone)
     settled(lab)
     return CutOff(pop, gone - fault.at, mapped - gone, back - undone, hold_down, where,
@@ -152,9 +160,13 @@ def monitoring_fails(lab: Lab, scenario: str) -> dict[str, Any]:
                 states |= {str(lab.pop_status(name).get("state")) for name in lab.pops}
                 time.sleep(0.25)
             statuses = {name: lab.pop_status(name) for name in lab.pops}
-        finally:
+        except BaseException:
             for fault in reversed(faults):
                 lab.faults.undo(fault)
+            settled(lab)  # the next scenario starts from a settled lab, also after a failure
+            raise
+        for fault in reversed(faults):
+            lab.faults.undo(fault)
         seen = changes(start)
     settled(lab)
     return {"scenario": scenario, "changes": len(seen), "events": seen, "states": sorted(states),
