@@ -260,6 +260,11 @@ def _reload(current: Config, config_path: Path, child: subprocess.Popen[bytes]) 
     if new.name != current.name or new.runtime_dir != current.runtime_dir:
         log.error("reload.rejected pop.name and pop.runtime_dir cannot change on reload; restart instead")
         return current
+    if new.exabgp.graceful_restart != current.exabgp.graceful_restart:
+        # ExaBGP would re-open the sessions with the new capability while the running engine
+        # still sends End-of-RIB (or not) the old way: routers could keep stale routes
+        log.error("reload.rejected exabgp.graceful_restart cannot change on reload; stop and start instead")
+        return current
     old_text = exabgp.render_config(current, engine_argv(config_path))
     new_text = exabgp.render_config(new, engine_argv(config_path))
     conf, env = render(new, config_path)

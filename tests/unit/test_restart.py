@@ -107,3 +107,16 @@ def test_a_bad_restart_time_is_refused(value: str, problem: str) -> None:
     with pytest.raises(ConfigError) as error:
         load(YAML + f"exabgp: {{graceful_restart: {value}}}\n", "pop.yaml")
     assert any(problem in line for line in error.value.problems), error.value.problems
+
+
+def test_a_reload_that_changes_the_restart_time_is_rejected(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """ExaBGP would re-open its sessions with the new capability while the running engine sends
+    End-of-RIB the old way; the change needs a stop and start."""
+    from pop.runner import _reload
+
+    path = tmp_path / "pop.yaml"
+    path.write_text(YAML + "exabgp: {graceful_restart: 10}\n")
+    current = load(YAML, str(path))
+    child: Any = None  # never reached: the reload is rejected before ExaBGP is told anything
+    assert _reload(current, path, child) is current
+    assert "exabgp.graceful_restart cannot change on reload" in caplog.text
