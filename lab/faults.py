@@ -27,6 +27,9 @@ Contract:
   engine-kill         pop node           SIGKILL to the engine; ExaBGP respawns it by itself
                                          (undo waits for the new engine's /status)
   pop-stop            pop node           SIGTERM to ``pop run``: a graceful stop (started again)
+  pop-restart         pop node           SIGUSR2 to ``pop run``: a planned restart in place
+                                         (graceful restart; undo waits for the new engine's
+                                         /status)
   router-down         router node        FRR's bgpd and zebra stopped (started again)
   cut-off             pop node           the PoP's upstream routers drop every forwarded
                                          packet to or from its anycast prefixes and beacons:
@@ -78,8 +81,8 @@ if TYPE_CHECKING:
 
 PARAMS = {"loss": {"percent"}, "flap": {"period", "down"}}  # every other kind takes none
 KINDS = ("server-down", "wireguard-down", "loss", "blackhole", "flap", "exabgp-kill", "engine-kill",
-         "pop-stop", "router-down", "cut-off", "agent-kill", "agent-blind", "agent-replay", "agent-stale",
-         "agent-forged")
+         "pop-stop", "pop-restart", "router-down", "cut-off", "agent-kill", "agent-blind", "agent-replay",
+         "agent-stale", "agent-forged")
 
 
 class FaultError(ValueError):
@@ -179,7 +182,7 @@ class Faults:
             "wireguard-down": lambda f: self._server_down(f, wireguard_only=True),
             "loss": self._loss, "blackhole": self._loss, "flap": self._flap,
             "exabgp-kill": self._exabgp_kill, "engine-kill": self._engine_kill,
-            "pop-stop": self._pop_stop, "router-down": self._router_down,
+            "pop-stop": self._pop_stop, "pop-restart": self._pop_restart, "router-down": self._router_down,
             "cut-off": self._cut_off, "agent-kill": self._agent_kill, "agent-blind": self._agent_blind,
             "agent-replay": self._agent_lie, "agent-stale": self._agent_lie, "agent-forged": self._agent_lie,
         }
@@ -462,22 +465,31 @@ class Faults:
         pid = node.kill_engine()
         fault.at = time.monotonic()
         fault.params = {**fault.params, "pid": pid}
+        return lambda: self._wait_new_engine(node, pid, 20, "ExaBGP did not respawn the engine")
 
-        def undo() -> float:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                with contextlib.suppress(OSError, ValueError):
-                    if node.engine_pid() != pid and pop_status(node):
-                        return time.monotonic()
-                time.sleep(0.05)
-            raise TimeoutError(f"{fault.target}: ExaBGP did not respawn the engine\n{node.log_tail()}")
-        return undo
+    @staticmethod
+    def _wait_new_engine(node: PopNode, old: int, timeout: float, problem: str) -> float:
+        """When an engine other than ``old`` answers /status."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                if node.engine_pid() != old and pop_status(node):
+                    return time.monotonic()
+            time.sleep(0.05)
+        raise TimeoutError(f"{node.name}: {problem}\n{node.log_tail()}")
 
     def _pop_stop(self, fault: Fault) -> Callable[[], float]:
         node = self._pop_node(fault.target)
         fault.began = time.monotonic()
         node.stop()
         return self._restart_pop(fault.target)
+
+    def _pop_restart(self, fault: Fault) -> Callable[[], float]:
+        node = self._pop_node(fault.target)
+        old = node.engine_pid()
+        fault.began = node.restart()
+        fault.params = {**fault.params, "pid": old}
+        return lambda: self._wait_new_engine(node, old, 30, "no new engine 30 s after the restart")
 
     def _router_down(self, fault: Fault) -> Callable[[], float]:
         if fault.target not in self.lab.routers:

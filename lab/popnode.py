@@ -4,7 +4,8 @@
   VPN server's L4 port. `stop()` kills it (connections are then refused), `start()` again.
 - `PopNode(ns, config_text, workdir)`: writes the YAML, runs `pop run -c` in the namespace as a
   foreground child (ExaBGP, which runs the engine), reads /status from inside the namespace,
-  and can kill the engine or ExaBGP to inject those faults. A config without `control` gets a
+  can kill the engine or ExaBGP to inject those faults, and restart `pop run` in place
+  (`restart()`: SIGUSR2, a planned restart with BGP graceful restart). A config without `control` gets a
   fresh 0600 token file in the workdir (HTTP control needs one); `post()` sends its token.
 
 Everything the node starts is a child of the harness (or of ExaBGP, which is our child), so
@@ -120,6 +121,14 @@ class PopNode:
         pop = Path(sys.executable).parent / "pop"
         self.proc = self.ns.popen(str(pop), "run", "-c", str(self.config_path), log=self.log,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def restart(self) -> float:
+        """A planned restart in place (SIGUSR2 to `pop run`: it execs itself, same pid); returns
+        the monotonic moment the signal was sent. Needs `exabgp.graceful_restart`."""
+        assert self.proc is not None and self.proc.poll() is None, f"{self.name}: pop run is not running"
+        sent = time.monotonic()
+        self.proc.send_signal(signal.SIGUSR2)
+        return sent
 
     def stop(self, timeout: float = 10.0) -> int | None:
         if self.proc is None:

@@ -347,7 +347,8 @@ def _availability(r: Reader, value: Any, path: str) -> Availability:
 
 
 def _exabgp(r: Reader, value: Any, path: str) -> ExaBGP:
-    data = r.mapping(value, path, {"reassert_interval", "withdraw_settle", "ack_timeout", "watchdog"})
+    data = r.mapping(value, path, {"reassert_interval", "withdraw_settle", "ack_timeout", "watchdog",
+                                       "graceful_restart"})
     if data is None:
         return ExaBGP()
     default = ExaBGP()
@@ -359,6 +360,8 @@ def _exabgp(r: Reader, value: Any, path: str) -> ExaBGP:
         ack_timeout=r.optional(data, "ack_timeout", path, lambda v, p: r.number(v, p, 0.1, 300, low_open=True),
                                default.ack_timeout),
         watchdog=r.optional(data, "watchdog", path, lambda v, p: _watchdog(r, v, p), default.watchdog),
+        graceful_restart=r.optional(data, "graceful_restart", path, lambda v, p: r.integer(v, p, 0, 60),
+                                    default.graceful_restart),
     )
 
 

@@ -142,6 +142,9 @@ class ExaBGP:
     withdraw_settle: float = 0.5  # on shutdown, time for the withdraw to leave before ExaBGP stops
     ack_timeout: float = 5.0  # an API command without ack after this is a broken channel
     watchdog: float = 5.0  # `pop run` kills an engine whose event loop was silent this long; 0 = off
+    # BGP graceful restart (RFC 4724): the restart time offered to the routers, in seconds;
+    # 0 = off. A planned restart (SIGUSR2 to `pop run`) keeps the routes for that long.
+    graceful_restart: int = 0
 
 
 @dataclass(frozen=True, slots=True)

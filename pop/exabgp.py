@@ -57,6 +57,7 @@ def render_config(config: Config, engine_argv: list[str]) -> str:
             family="ipv4" if n.version == 4 else "ipv6",
             process=PROCESS,
             static=_beacons(config, n),
+            graceful_restart=_graceful_restart(config),
         ))
     return _template("exabgp.conf.tmpl").substitute(
         source=_comment(config.source),
@@ -75,6 +76,16 @@ def _beacons(config: Config, neighbor: Neighbor) -> str:
         return ""
     lines = "".join(f"        route {b} next-hop self;\n" for b in routes)
     return f"\n    static {{\n{lines}    }}\n"
+
+
+def _graceful_restart(config: Config) -> str:
+    """RFC 4724 with `manual-eor`: ExaBGP offers the restart time and never sends End-of-RIB by
+    itself; the engine sends it (`eor_commands`) once it has decided what to keep, so that a
+    router keeps the routes of a planned restart as stale until then (docs/decisions.md)."""
+    seconds = config.exabgp.graceful_restart
+    if not seconds:
+        return ""
+    return f"    capability {{\n        graceful-restart {seconds};\n    }}\n    manual-eor true;\n"
 
 
 def _comment(text: str) -> str:
@@ -133,6 +144,13 @@ def announce_commands(config: Config, announcement: Announcement) -> list[str]:
             parts.append(f"as-path [ {path} ]")
         commands.append(" ".join(parts))
     return commands
+
+
+def eor_commands(config: Config, peer: str | None = None) -> list[str]:
+    """End-of-RIB to every neighbor (or ``peer``) for its family: the router drops whatever
+    stale route of a previous session we did not announce again (RFC 4724 section 4.2)."""
+    return [f"neighbor {n.address} announce eor {'ipv4' if n.version == 4 else 'ipv6'} unicast"
+            for n in config.neighbors if peer is None or n.address == peer]
 
 
 def withdraw_commands(config: Config, prefix: str, next_hop: str = "self") -> list[str]:

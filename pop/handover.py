@@ -7,9 +7,15 @@ successful BGP pass the engine writes ``announced.json`` in the PoP's runtime di
 
     {"version": 1, "exabgp_pid": 4242, "announcements": [{"prefix": "192.0.2.1/32", ...}]}
 
-A new engine adopts it only when its parent is the same ExaBGP process (``exabgp_pid``): a
-restarted ExaBGP holds nothing, and its engine starts from a clean slate. ``parse`` raises
-``HandoverError`` naming what is wrong; a broken file is ignored (withdraw first, as before).
+A new engine adopts it when its parent is the same ExaBGP process (``exabgp_pid``). A
+restarted ExaBGP holds nothing, and its engine starts from a clean slate, except after a
+planned restart (SIGUSR2 to `pop run`, with BGP graceful restart): `pop run` stopped ExaBGP
+without a NOTIFICATION, so the routers keep its routes as stale for the restart time, and
+stamped the file ``"planned_at": <unix time>`` (``mark_planned``). The next engine adopts a
+planned handover younger than the restart time, announces it again (its ExaBGP is new) and
+sends End-of-RIB, so that the routers refresh their stale routes instead of dropping them.
+``parse`` raises ``HandoverError`` naming what is wrong; a broken file is ignored (withdraw
+first, as before).
 """
 
 from __future__ import annotations
@@ -32,21 +38,34 @@ def to_dict(announcements: tuple[Announcement, ...], exabgp_pid: int) -> dict[st
             "announcements": [asdict(a) for a in sorted(announcements, key=lambda a: a.prefix)]}
 
 
-def parse(data: Any, exabgp_pid: int, next_hops: dict[str, str]) -> tuple[Announcement, ...]:
-    """The announcements to adopt: () when the file belongs to another ExaBGP process.
+def mark_planned(data: Any, exabgp_pid: int, now: float) -> dict[str, Any]:
+    """The handover of ExaBGP ``exabgp_pid`` (just stopped on purpose), stamped planned at ``now``."""
+    _check(data)
+    if data["exabgp_pid"] != exabgp_pid:
+        raise HandoverError(f"exabgp_pid: {data['exabgp_pid']} is not the ExaBGP that stopped ({exabgp_pid})")
+    return {**data, "planned_at": now}
+
+
+def parse(data: Any, exabgp_pid: int, next_hops: dict[str, str], *, now: float = 0.0,
+          restart_time: float = 0.0) -> tuple[tuple[Announcement, ...], bool]:
+    """The announcements to adopt, and whether they come from a planned restart (a new ExaBGP
+    that must announce them again); () when the file belongs to another ExaBGP process and is
+    not a planned handover at most ``restart_time`` seconds old at ``now``.
 
     ``next_hops``: the configured prefixes and their next hops. Only prefixes still
     configured with the same next hop are adopted; the others are withdrawn like at any start.
     """
-    if not isinstance(data, dict):
-        raise HandoverError(f"must be a JSON object, not {type(data).__name__}")
-    if data.get("version") != VERSION:
-        raise HandoverError(f"version: {data.get('version')!r} is not {VERSION}")
-    pid = data.get("exabgp_pid")
-    if isinstance(pid, bool) or not isinstance(pid, int):
-        raise HandoverError("exabgp_pid: must be a process id")
-    if pid != exabgp_pid:
-        return ()
+    _check(data)
+    # a planned handover is judged by its age alone: the pid of the stopped ExaBGP may be reused
+    planned_at = data.get("planned_at")
+    planned = planned_at is not None
+    if planned:
+        if isinstance(planned_at, bool) or not isinstance(planned_at, int | float):
+            raise HandoverError("planned_at: must be a time in seconds")
+        if not 0 <= now - planned_at <= restart_time:
+            return (), False  # the routers have dropped the stale routes by now (or the clock jumped)
+    elif data["exabgp_pid"] != exabgp_pid:
+        return (), False
     raw = data.get("announcements")
     if not isinstance(raw, list):
         raise HandoverError("announcements: must be a list")
@@ -55,7 +74,17 @@ def parse(data: Any, exabgp_pid: int, next_hops: dict[str, str]) -> tuple[Announ
         announcement = _announcement(item, f"announcements[{index}]")
         if next_hops.get(announcement.prefix) == announcement.next_hop:
             result.append(announcement)
-    return tuple(result)
+    return tuple(result), planned
+
+
+def _check(data: Any) -> None:
+    if not isinstance(data, dict):
+        raise HandoverError(f"must be a JSON object, not {type(data).__name__}")
+    if data.get("version") != VERSION:
+        raise HandoverError(f"version: {data.get('version')!r} is not {VERSION}")
+    pid = data.get("exabgp_pid")
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        raise HandoverError("exabgp_pid: must be a process id")
 
 
 def _announcement(item: Any, path: str) -> Announcement:

@@ -4,7 +4,13 @@ validator, and run ExaBGP in the foreground with `pop engine` as its API process
 `pop run` stays ExaBGP's parent and owns the signals, because ExaBGP's own meanings are not
 what an operator expects (SIGHUP stops ExaBGP):
 - SIGTERM / SIGINT: forwarded to ExaBGP as SIGTERM; ExaBGP closes its sessions with a Cease
-  and stops the engine, which withdraws first when it still can.
+  and stops the engine. With graceful restart (`exabgp.graceful_restart`) ExaBGP closes them
+  without a NOTIFICATION and the routers would keep the routes as stale, so the engine is
+  stopped first: it withdraws, and only then is ExaBGP stopped.
+- SIGUSR2: planned restart in place (an upgrade), graceful restart only: ExaBGP is SIGKILLed
+  (the sessions close without a NOTIFICATION; the routers keep the routes as stale for the
+  restart time), the engine's last handover is stamped planned (pop.handover), and `pop run`
+  execs itself: the new code, a new ExaBGP, an engine that adopts the planned handover.
 - SIGHUP: reload. The new YAML is checked first; a broken one is logged and changes nothing.
   A changed ExaBGP configuration (neighbors) is re-rendered and ExaBGP reloads it (SIGUSR1);
   the engine gets SIGHUP and reloads in place (health state and announcements are kept).
@@ -18,6 +24,7 @@ ExaBGP runs in its own session so that a terminal's signals reach it only throug
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -29,7 +36,7 @@ from pathlib import Path
 from types import FrameType
 
 from pop import config as config_module
-from pop import exabgp
+from pop import exabgp, handover
 from pop.config import Config, ConfigError
 
 log = logging.getLogger("pop.run")
@@ -141,25 +148,106 @@ def run(config_path: Path) -> int:
     child = subprocess.Popen([exabgp_binary(), "--env-file", str(env), "server", str(conf)],
                              start_new_session=True, stdin=subprocess.DEVNULL)
     state = {"config": config}
+    asked: list[str] = []  # stop / restart: done by the loop, not inside a signal handler
 
     def forward_stop(signum: int, _frame: FrameType | None) -> None:
         log.info("run.stop signal=%s", signal.Signals(signum).name)
-        child.send_signal(signal.SIGTERM)
+        if state["config"].exabgp.graceful_restart:
+            asked.append("stop")
+        else:
+            child.send_signal(signal.SIGTERM)
 
     def reload(_signum: int, _frame: FrameType | None) -> None:
         state["config"] = _reload(state["config"], config_path, child)
 
+    def restart(_signum: int, _frame: FrameType | None) -> None:
+        asked.append("restart")
+
     signal.signal(signal.SIGTERM, forward_stop)
     signal.signal(signal.SIGINT, forward_stop)
     signal.signal(signal.SIGHUP, reload)
+    signal.signal(signal.SIGUSR2, restart)
     while True:
         try:
             code = child.wait(timeout=WATCHDOG_LOOK)
             break
         except subprocess.TimeoutExpired:
+            if "stop" in asked:
+                asked.clear()
+                _stop_engine_first(state["config"], child)
+            elif "restart" in asked:
+                asked.clear()
+                if _planned_stop(state["config"], child):
+                    log.info("restart.exec argv=%s", " ".join(sys.argv))
+                    logging.shutdown()
+                    os.execv(sys.executable, [sys.executable, "-m", "pop", *sys.argv[1:]])
             watchdog(state["config"], child.pid)
     log.info("run.exit exabgp_code=%d", code)
     return code
+
+
+def _stop_engine_first(config: Config, child: subprocess.Popen[bytes]) -> None:
+    """A stop with graceful restart: ExaBGP would close the sessions without a NOTIFICATION and
+    the routers would keep the routes as stale, so the engine withdraws first (it exits on
+    SIGTERM once the withdraw left; ExaBGP may respawn it, and we stop ExaBGP right after)."""
+    pid = _our_engine(config, child.pid)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        _wait_gone(pid, config.exabgp.ack_timeout + config.exabgp.withdraw_settle + 1.0)
+    child.send_signal(signal.SIGTERM)
+
+
+def _planned_stop(config: Config, child: subprocess.Popen[bytes]) -> bool:
+    """Stop ExaBGP for a planned restart and stamp the engine's handover planned; whether to exec.
+
+    SIGKILL, not SIGTERM: nothing at all goes out after it (no Cease whatever ExaBGP's version
+    does, no late withdraw of a dying engine), and the routers, as graceful-restart helpers,
+    keep the routes as stale for the restart time. The engine sees its channel close and
+    exits without withdrawing.
+    """
+    if not config.exabgp.graceful_restart:
+        log.error("restart.refused exabgp.graceful_restart is 0: a restart would withdraw the PoP; "
+                  "set it, or stop and start instead")
+        return False
+    engine = _our_engine(config, child.pid)
+    log.info("restart.planned exabgp_pid=%d engine_pid=%s restart_time=%ds", child.pid, engine,
+             config.exabgp.graceful_restart)
+    child.kill()
+    child.wait()
+    if engine is not None and not _wait_gone(engine, 5.0):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(engine, signal.SIGKILL)
+    path = Path(config.runtime_dir) / config.name / handover.FILE_NAME
+    try:
+        marked = handover.mark_planned(json.loads(path.read_text()), child.pid, time.time())
+        write_if_changed(path, json.dumps(marked, indent=1) + "\n")
+    except (OSError, ValueError) as exc:  # HandoverError is a ValueError
+        log.error("restart.no_handover path=%s error=%s: the new engine withdraws first", path, exc)
+    return True
+
+
+def _our_engine(config: Config, exabgp_pid: int) -> int | None:
+    """The engine's pid, if the pid file names a child of our ExaBGP (it could be stale)."""
+    try:
+        pid = int(engine_pidfile(config).read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if _parent_of(pid) == exabgp_pid else None
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` has exited (a zombie counts: it holds nothing any more)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return True
+        if stat.rpartition(")")[2].split()[0] in {"Z", "X"}:
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def _reload(current: Config, config_path: Path, child: subprocess.Popen[bytes]) -> Config:
@@ -171,6 +259,11 @@ def _reload(current: Config, config_path: Path, child: subprocess.Popen[bytes]) 
         return current
     if new.name != current.name or new.runtime_dir != current.runtime_dir:
         log.error("reload.rejected pop.name and pop.runtime_dir cannot change on reload; restart instead")
+        return current
+    if new.exabgp.graceful_restart != current.exabgp.graceful_restart:
+        # ExaBGP would re-open the sessions with the new capability while the running engine
+        # still sends End-of-RIB (or not) the old way: routers could keep stale routes
+        log.error("reload.rejected exabgp.graceful_restart cannot change on reload; stop and start instead")
         return current
     old_text = exabgp.render_config(current, engine_argv(config_path))
     new_text = exabgp.render_config(new, engine_argv(config_path))

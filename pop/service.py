@@ -318,31 +318,42 @@ def _dataplane(config: Config) -> tuple[KernelDataplane | None, tuple[type[Excep
 
 
 async def _start(engine: Engine, speaker: ExaBgpSpeaker, config: Config, path: Path) -> None:
-    """Adopt what the previous engine left announced, if ExaBGP still holds it and one probe
-    round says the pool passes; withdraw every other configured prefix (pop.handover)."""
-    adopted = _read_handover(path, config)
+    """Adopt what the previous engine left announced, if ExaBGP still holds it (or the routers
+    do, as stale routes of a planned restart) and one probe round says the pool passes;
+    withdraw every other configured prefix (pop.handover). Then End-of-RIB (graceful restart
+    only): the routers drop whatever stale route we did not announce again."""
+    adopted, planned = _read_handover(path, config)
     await speaker.withdraw_configured(keep={a.prefix for a in adopted})
-    if not adopted:
-        return
-    speaker.adopt(adopted)
-    results = await engine.probes.round(engine.checks, [s.name for s in config.servers if s.enabled])
-    if not engine.adopt(results):
-        await speaker.withdraw_configured()  # at once: the servers under the route are gone
+    if adopted:
+        if not planned:
+            speaker.adopt(adopted)
+        results = await engine.probes.round(engine.checks, [s.name for s in config.servers if s.enabled])
+        if not engine.adopt(results):
+            await speaker.withdraw_configured()  # at once: the servers under the route are gone
+        elif planned:
+            await speaker.set(adopted)  # as the routers hold them: a refresh, no change
+    await speaker.end_of_rib()
 
 
-def _read_handover(path: Path, config: Config) -> tuple[Announcement, ...]:
+def _read_handover(path: Path, config: Config) -> tuple[tuple[Announcement, ...], bool]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        return ()
+        return (), False
     except OSError as exc:
         log.error("handover.unreadable path=%s error=%s; withdrawing first", path, exc.strerror)
-        return ()
+        return (), False
     try:
-        return handover.parse(json.loads(text), os.getppid(), {p.prefix: p.next_hop for p in config.prefixes})
+        adopted, planned = handover.parse(json.loads(text), os.getppid(),
+                                          {p.prefix: p.next_hop for p in config.prefixes},
+                                          now=time.time(), restart_time=config.exabgp.graceful_restart)
     except (ValueError, handover.HandoverError) as exc:
         log.error("handover.invalid path=%s error=%s; withdrawing first", path, exc)
-        return ()
+        return (), False
+    if planned:
+        log.info("handover.planned prefixes=%s: the routers keep them as stale until End-of-RIB",
+                 ",".join(a.prefix for a in adopted) or "-")
+    return adopted, planned
 
 
 def _save_handover(path: Path, routes: tuple[Announcement, ...]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import time
@@ -32,6 +33,7 @@ from pop.exabgp import (
     Unparsed,
     Update,
     announce_commands,
+    eor_commands,
     parse_line,
     withdraw_commands,
 )
@@ -79,6 +81,8 @@ class ExaBgpSpeaker:
         self.errors = 0  # commands ExaBGP answered with `error`
         self.unparsed = 0
         self.foreign = 0  # messages about peers that are not ours
+        self._eor_ready = False  # End-of-RIB goes out only once the start-up has decided
+        self._eor_tasks: set[asyncio.Task[None]] = set()
 
     def announced(self) -> tuple[Announcement, ...]:
         """Read-back: what ExaBGP has acknowledged announcing."""
@@ -140,6 +144,31 @@ class ExaBgpSpeaker:
                 await self._send_all(withdraw_commands(self.config, prefix.prefix, prefix.next_hop))
                 if self._announced.pop(prefix.prefix, None) is not None:
                     log.info("bgp.withdraw prefix=%s", prefix.prefix)  # one we had adopted
+
+    async def end_of_rib(self, peer: str | None = None) -> None:
+        """Graceful restart (ExaBGP runs with `manual-eor`): End-of-RIB to every session, or to
+        ``peer``, and from now on to each session that comes up. ExaBGP sends it after the
+        routes it holds, so a router drops only the stale routes we did not announce again.
+        ExaBGP ignores it for a session that is not up; that one gets it when it comes up."""
+        if not self.config.exabgp.graceful_restart:
+            return
+        self._eor_ready = True
+        async with self._lock:
+            if await self._send_all(eor_commands(self.config, peer)):
+                log.info("bgp.end_of_rib_sent peer=%s", peer or "all")
+
+    def _end_of_rib_later(self, peer: str) -> None:
+        """A session came up (its routes are in ExaBGP's queue ahead of anything we send now)."""
+        if not self._eor_ready or not self.config.exabgp.graceful_restart:
+            return
+
+        async def send() -> None:
+            with contextlib.suppress(ChannelError, OSError):
+                await self.end_of_rib(peer)
+
+        task = asyncio.get_running_loop().create_task(send(), name=f"end-of-rib {peer}")
+        self._eor_tasks.add(task)
+        task.add_done_callback(self._eor_tasks.discard)
 
     async def _send_all(self, commands: list[str]) -> bool:
         results = [await self._send(command) for command in commands]
@@ -211,6 +240,8 @@ class ExaBgpSpeaker:
             if self._ours(message.peer):
                 self._set_state(message.peer, message.state, self._clock(), message.reason)
                 log.info("bgp.session peer=%s state=%s reason=%s", message.peer, message.state, message.reason or "-")
+                if message.state == "up":
+                    self._end_of_rib_later(message.peer)
         elif isinstance(message, NeighborReport):
             for neighbor in message.neighbors:
                 old = self.peers.get(neighbor.peer, PeerView())
