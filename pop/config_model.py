@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from pop.dampening import Policy as DampeningPolicy
+
 
 @dataclass(frozen=True, slots=True)
 class Attributes:
@@ -254,5 +256,6 @@ class Config:
     external: External = field(default_factory=External)
     drain: Drain = field(default_factory=Drain)
     availability: Availability = field(default_factory=Availability)
+    dampening: DampeningPolicy = field(default_factory=lambda: DampeningPolicy(enabled=False))
     runtime_dir: str = "/run/pop"
     source: str = "pop.yaml"

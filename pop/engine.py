@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 
-from pop import adminstate, drains, external, ladder, load, pool, snapshot, verdict
+from pop import adminstate, dampening, drains, external, ladder, load, pool, snapshot, verdict
 from pop import desired as plan
 from pop.adminstate import AdminState
 from pop.applier import Applier, Dataplane, DataplaneFailure, Speaker
@@ -67,6 +67,7 @@ class Engine:
         self.load_factors: dict[str, float] = {}
         self.server_drains: dict[str, ServerDrain] = {}
         self.pop_drain: PopDrain | None = None  # the drain ladder in progress (pop.ladder)
+        self.damping = dampening.Damping()  # flap dampening at the origin (pop.dampening)
         self.drain_connections: int | None = None  # the PoP's open connections, where the data plane counts
         self.on_admin_change: Callable[[], None] | None = None  # the service persists drains
         self.verdict = Verdict()
@@ -131,8 +132,21 @@ class Engine:
         self.pool = pool.view(self._servers, self.health, self.server_drains)
         self._climb(now)
         old = self.verdict
+        damping = self.config.dampening
+        lifted = self.damping.suppressed_since is not None
+        self.damping = dampening.step(self.damping, now, damping)
+        if lifted and self.damping.suppressed_since is None:
+            self._record("dampening", self.config.name, "suppressed", "reusable", "flap dampening lifted")
         self.verdict = verdict.decide(old, self.pool, self._verdict_policy, now,
-                                      self.tier3.blocking if self.tier3 is not None else "")
+                                      self.tier3.blocking if self.tier3 is not None else "",
+                                      suppressed=dampening.reason(self.damping, now, damping))
+        if old.announce and not self.verdict.announce and self.verdict.decided_by in ("pool", "external"):
+            before = self.damping.suppressed_since
+            self.damping = dampening.flap(self.damping, now, damping)
+            if before is None and self.damping.suppressed_since is not None:
+                log.warning("pop.suppressed pop=%s %s", self.config.name, dampening.reason(self.damping, now, damping))
+                self._record("dampening", self.config.name, "reusable", "suppressed",
+                             dampening.reason(self.damping, now, damping))
         if self.verdict.announce != old.announce:
             action = "announce" if self.verdict.announce else "withdraw"
             log.info("pop.%s pop=%s reason=%s", action, self.config.name, self.verdict.reason)
@@ -369,7 +383,7 @@ class Engine:
         (nothing else would wake the verdict then)."""
         while True:
             self._wake_timer.clear()
-            times = [self.verdict.hold_down_until,
+            times = [self.verdict.hold_down_until, dampening.reusable_at(self.damping, self.config.dampening),
                      None if self.pop_drain is None else ladder.due(self.pop_drain, self.config.drain.steps)]
             until = min((t for t in times if t is not None), default=None)
             try:
@@ -425,6 +439,7 @@ class Engine:
                               announced=self.speaker.announced(), events=tuple(self.events),
                               applier=self.applier, extra=extra or {}, durations=self.durations.snapshot(),
                               ladder=ladder.view(self.pop_drain, self.config.drain.steps, self.clock(), self.wall()),
+                              dampening=dampening.view(self.damping, self.clock(), self.config.dampening),
                               external=None if self.tier3 is None else external.summary(self.tier3, self.wall()))
 
 

@@ -84,6 +84,11 @@ class PopCollector(Collector):
         peers = sessions.items() if isinstance(sessions, Mapping) else ()
         yield _gauge("pop_bgp_session_up", "1 while the BGP session with the neighbour is established",
                      ["pop", "neighbor"], [([pop, str(peer)], float(state == "up")) for peer, state in peers])
+        if snap.dampening is not None:
+            yield _gauge("pop_dampening_figure", "flap dampening's figure of merit (decayed to now)", ["pop"],
+                         [([pop], float(snap.dampening["figure"]))])
+            yield _gauge("pop_dampening_suppressed", "1 while flap dampening keeps the PoP from re-announcing",
+                         ["pop"], [([pop], float(bool(snap.dampening["suppressed"])))])
         yield from self._servers(snap)
         yield from self._availability(pop)
         yield from _external(snap)

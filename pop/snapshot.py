@@ -57,6 +57,7 @@ class Snapshot:
     extra: Mapping[str, object] = field(default_factory=dict)
     external: Mapping[str, Any] | None = None  # tier 3 (pop.external.summary), when enabled
     ladder: Mapping[str, Any] | None = None  # the PoP drain in progress (pop.ladder.view)
+    dampening: Mapping[str, Any] | None = None  # flap dampening, when enabled (pop.dampening.view)
     prefixes: tuple[str, ...] = ()  # configured, announced or not
     durations: Mapping[str, Durations] = field(default_factory=dict)  # probe durations per tier
 
@@ -64,7 +65,8 @@ class Snapshot:
 def build(config: Config, *, now: float, started: float, verdict: Verdict, pool_view: PoolView, board: Health,
           drains: Mapping[str, ServerDrain], announced: tuple[Announcement, ...], events: tuple[Event, ...],
           applier: Applier, extra: Mapping[str, object], external: Mapping[str, Any] | None = None,
-          ladder: Mapping[str, Any] | None = None, durations: Mapping[str, Durations] | None = None) -> Snapshot:
+          ladder: Mapping[str, Any] | None = None, durations: Mapping[str, Durations] | None = None,
+          dampening: Mapping[str, Any] | None = None) -> Snapshot:
     """The engine's picture, assembled from its parts (read-only)."""
     servers = tuple(
         ServerSnapshot(s.name, s.address, s.weight, board.servers[s.name], dict(board.tiers[s.name]),
@@ -74,4 +76,5 @@ def build(config: Config, *, now: float, started: float, verdict: Verdict, pool_
                     degraded=pool.degraded(board.servers, board.tiers) and verdict.announce, servers=servers,
                     desired=applier.desired.announcements, announced=announced, events=events,
                     apply=applier.status(), extra=dict(extra), external=external,
-                    ladder=ladder, prefixes=tuple(p.prefix for p in config.prefixes), durations=durations or {})
+                    ladder=ladder, prefixes=tuple(p.prefix for p in config.prefixes), durations=durations or {},
+                    dampening=dampening)

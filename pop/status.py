@@ -54,6 +54,7 @@ def to_json(snap: Snapshot) -> dict[str, Any]:
         "hold_down_remaining": (round(max(0.0, snap.verdict.hold_down_until - snap.at), 3)
                                 if snap.verdict.hold_down_until is not None else None),
         "drained": snap.verdict.drained,
+        "dampening": snap.dampening,
         "ladder": snap.ladder,
         "pool": {"healthy": snap.pool.healthy, "total": snap.pool.total,
                  "fraction": round(snap.pool.fraction, 4)},

@@ -47,7 +47,8 @@ class Verdict:
     decided_by: str = ""  # what made the last flip: "pool", "external" (tier 3), "operator"
 
 
-def decide(current: Verdict, pool: PoolView, policy: VerdictPolicy, now: float, external: str = "") -> Verdict:
+def decide(current: Verdict, pool: PoolView, policy: VerdictPolicy, now: float, external: str = "", *,
+           suppressed: str = "") -> Verdict:
     """The next verdict. Call on every pool change, when `hold_down_until` passes, and when
     tier 3's gate changes (docs/decisions.md).
 
@@ -57,6 +58,10 @@ def decide(current: Verdict, pool: PoolView, policy: VerdictPolicy, now: float, 
     back like any withdrawn PoP: after the hold-down. A PoP the pool withdrew is held while
     the block lasts, but its hold-down runs meanwhile: tier 3 agreeing that dead servers are
     unreachable must not add a second hold-down to their recovery.
+
+    ``suppressed``: while flap dampening suppresses the PoP (pop.dampening), its reason; "" otherwise.
+    It never withdraws; a withdrawn PoP waits for it to lift like for tier 3 (its hold-down runs
+    meanwhile), then comes back.
     """
     share = f"{pool.healthy}/{pool.total} healthy"
     if current.drained:
@@ -84,23 +89,24 @@ def decide(current: Verdict, pool: PoolView, policy: VerdictPolicy, now: float, 
             reason = f"{share}, below high watermark {policy.high_watermark:g}"
             return current if current.reason == reason else replace(current, reason=reason)
         return current
+    blocked = external or suppressed
     if not current.ever_announced:
-        return _come_back(current, now, f"{share}, servers up", external)
+        return _come_back(current, now, f"{share}, servers up", blocked)
     if current.hold_down_until is None:
         if policy.hold_down <= 0:
-            return _come_back(current, now, f"{share}, at or above high watermark {policy.high_watermark:g}", external)
+            return _come_back(current, now, f"{share}, at or above high watermark {policy.high_watermark:g}", blocked)
         return replace(current, hold_down_until=now + policy.hold_down,
                        reason=f"{share}, hold-down {policy.hold_down:g}s before re-announcing")
     if now >= current.hold_down_until:
-        return _come_back(current, now, f"{share}, stayed healthy through hold-down {policy.hold_down:g}s", external)
+        return _come_back(current, now, f"{share}, stayed healthy through hold-down {policy.hold_down:g}s", blocked)
     return current
 
 
-def _come_back(current: Verdict, now: float, reason: str, external: str) -> Verdict:
-    """Announce, unless tier 3 blocks: a PoP the pool withdrew waits for the block to lift,
-    but tier 3 agreeing with the pool adds no second hold-down (docs/decisions.md)."""
-    if external:
-        held = f"{external}; the pool would announce"
+def _come_back(current: Verdict, now: float, reason: str, blocked: str) -> Verdict:
+    """Announce, unless tier 3 or flap dampening blocks: a PoP the pool withdrew waits for the
+    block to lift, but adds no second hold-down after it (docs/decisions.md)."""
+    if blocked:
+        held = f"{blocked}; the pool would announce"
         return current if current.reason == held else replace(current, reason=held)
     return _flip(current, True, now, reason)
 
