@@ -135,8 +135,8 @@ def _pop_state(snap: Snapshot) -> str:
         return "draining"
     if snap.verdict.announce:
         return "degraded" if snap.degraded else "announced"
-    if snap.verdict.hold_down_until is not None:
-        return "hold-down"
+    if snap.verdict.hold_down_until is not None and snap.verdict.hold_down_until > snap.at:
+        return "hold-down"  # past it, only tier 3 or flap dampening holds the PoP: withdrawn, with their reason
     return "withdrawn"
 
 

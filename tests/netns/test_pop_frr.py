@@ -380,3 +380,31 @@ def test_sighup_reload_never_flaps_and_a_broken_file_changes_nothing(
         time.sleep(1.0)
         assert "500" in str(r1.bgp_routes(ANYCAST))
         assert all(event.nexthops for event in watch.events if event.timestamp >= settled), watch.events
+
+
+def test_flap_dampening_keeps_a_flapping_pop_out_and_brings_it_back(one_pop: Callable[..., OnePop]) -> None:
+    """With dampening on (suppress at the third quick withdrawal, reuse after ~8 s of quiet), real
+    servers flapping: after the third withdrawal the PoP stays out of r1's table although its
+    servers are back, and returns by itself once the figure has decayed."""
+    lab = one_pop(pool={"hold_down": 0.5}, dampening={"enabled": True, "penalty": 1000, "suppress": 2200,
+                                                      "reuse": 1500, "half_life": 10, "max_suppress": 60})
+    for _ in range(3):
+        lab.watch.wait_for(has("10.0.1.2"), timeout=15)
+        lost = time.monotonic()
+        for service in lab.services:
+            service.stop()
+        lab.watch.wait_for(gone, timeout=10, since=lost)
+        for service in lab.services:
+            service.start()
+    back = time.monotonic()
+    # its servers are up and its hold-down has passed: only dampening holds it
+    status = lab.pop.wait_status(lambda s: (s.get("dampening") or {}).get("suppressed") is True
+                                 and all(server["state"] == "up" for server in s["servers"])
+                                 and "the pool would announce" in s["reason"], timeout=10)
+    assert status["state"] == "withdrawn" and "suppressed by flap dampening: 3 flaps" in status["reason"]
+    assert lab.watch.nexthops == frozenset()  # healthy inside, kept out by dampening
+    returned = lab.watch.wait_for(has("10.0.1.2"), timeout=30, since=back)
+    print(f"\nMEASURED third flap -> back at r1 after dampening: {returned - back:.1f} s "
+          f"(figure {status['dampening']['figure']:.0f} -> reuse 1500, half-life 10 s)")
+    assert returned - back >= 2.0
+    assert lab.pop.status()["dampening"]["suppressed"] is False
