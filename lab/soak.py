@@ -7,14 +7,16 @@ from a seeded random generator, so a run can be repeated), while a monitor threa
 - **dead PoPs are not announced**: a PoP none of whose servers accepts a TCP connection (made
   from the PoP's own namespace, as its clients' traffic would go) is gone from its upstream
   routers' kernel tables within `bound` seconds (the documented detection time plus margin);
+- **a drained PoP is not announced past its ladder**: among the faults, an operator drains a
+  PoP (POST /v1/drain with the token) and undrains it later; from the end of its ladder (the
+  sum of its dwells) plus `bound`, it is in no router's table;
 - **every transition has a reason**: every event on every PoP's /status carries one;
 - **nothing leaks**: the resident memory and the open file descriptors of an engine that lives
   through the whole soak (pop2's: no fault kills it) do not grow beyond a budget;
 - **it comes back**: once the faults are undone, the lab converges again (every PoP announced).
 
-The invariants that need the drain ladder and the fleet guard (a drained PoP is never announced
-past its ladder; at least `min_pops` announce while that many have live servers) are not
-checked yet (issue 11). `summary()` is what bench/soak.py prints and tests/netns/test_soak.py
+The invariant that needs the fleet guard (at least `min_pops` announce while that many have live
+servers) is not checked yet (issue 11). `summary()` is what bench/soak.py prints and tests/netns/test_soak.py
 asserts on.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -84,6 +87,7 @@ def _menu(lab: Lab) -> list[tuple[str, str, dict[str, float]]]:
     menu += [("server-down", vpn, {}) for vpn in lab.vpns]
     menu += [(kind, agent, {}) for agent in lab.agents for kind in ("agent-kill", "agent-blind", "agent-stale")]
     menu += [("router-down", "r3", {})]
+    menu += [("operator-drain", pop, {}) for pop in lab.pops]
     return menu
 
 
@@ -97,6 +101,7 @@ class Soak:
         self.result = SoakResult(seed, 0.0)
         self._stop = threading.Event()
         self._last_kill: dict[str, float] = {}
+        self._drained: dict[str, float] = {}  # PoP -> when its ladder ends (monotonic)
 
     # --- ground truth ----------------------------------------------------------------------
 
@@ -135,6 +140,10 @@ class Soak:
         reported: set[tuple[str, float]] = set()
         while not self._stop.wait(TICK):
             now = time.monotonic()
+            for pop, ends in list(self._drained.items()):
+                if now > ends + self.bound and self.announced(pop, watches) and (pop, ends) not in reported:
+                    reported.add((pop, ends))
+                    self._violate("drained PoP announced", f"{pop}: {now - ends:.1f} s past the end of its ladder")
             for pop in self.lab.pops:
                 if self.live_servers(pop):
                     dead_since.pop(pop, None)
@@ -156,12 +165,17 @@ class Soak:
 
     def _inject(self, deadline: float) -> None:
         menu = _menu(self.lab)
+        # one operator drain first, whatever the draw: the ladder's invariant is always exercised
+        self._operator_drain(self.rng.choice(sorted(self.lab.pops)), deadline)
         while time.monotonic() < deadline:
             kind, target, params = self.rng.choice(menu)
             if kind in ("engine-kill", "exabgp-kill", "pop-stop"):
                 if time.monotonic() - self._last_kill.get(target, -1e9) < ENGINE_KILL_GAP:
                     continue
                 self._last_kill[target] = time.monotonic()
+            if kind == "operator-drain":
+                self._operator_drain(target, deadline)
+                continue
             hold = self.rng.uniform(2.0, 10.0)
             try:
                 fault = self.lab.faults.apply(kind, target, **params)
@@ -172,6 +186,30 @@ class Soak:
             self._stop.wait(min(hold, max(0.0, deadline - time.monotonic())))
             self.lab.faults.undo(fault)
             self._stop.wait(self.rng.uniform(0.5, 3.0))
+
+    def _operator_drain(self, pop: str, deadline: float) -> None:
+        """Drain a PoP through its whole ladder and a little longer, then undrain it."""
+        ladder = sum(step.dwell for step in self.lab.spec.pops[pop].config.drain.steps)
+        node = self.lab.pop(pop)
+        try:
+            node.post("/v1/drain", who="soak", reason="the soak drains it")
+        except (RuntimeError, subprocess.SubprocessError, ValueError):
+            return  # the engine is still starting after an earlier fault: another time
+        self._drained[pop] = time.monotonic() + ladder
+        self.result.faults["operator-drain"] += 1
+        try:
+            # held past the ladder and the bound, so that the invariant is checked for a while
+            self._stop.wait(min(ladder + self.bound + self.rng.uniform(2.0, 6.0),
+                                max(0.0, deadline - time.monotonic()) + self.bound + 2.0))
+        finally:
+            self._drained.pop(pop, None)
+            for _ in range(50):  # the drain must end, whatever happens meanwhile
+                try:
+                    node.post("/v1/undrain", who="soak", reason="the soak ends the drain")
+                    break
+                except (RuntimeError, subprocess.SubprocessError, ValueError):
+                    time.sleep(0.2)
+        self._stop.wait(self.rng.uniform(0.5, 3.0))
 
     @contextmanager
     def _watching(self) -> Iterator[dict[str, RouteWatcher]]:
