@@ -88,6 +88,7 @@ def to_json(snap: Snapshot) -> dict[str, Any]:
             }
             for s in snap.servers
         ],
+        "schedule": _schedule(snap),
         "external": snap.external,
         "reloads": snap.extra.get("reloads", {"ok": 0, "refused": 0}),
         "apply": _apply(snap),
@@ -125,6 +126,16 @@ def _dataplane(snap: Snapshot) -> dict[str, Any]:
             "services": [{"service": f"{s.protocol}/{s.address}:{s.port}",
                           "reals": [f"{x.address}:{x.port}*{x.weight}" for x in s.reals]} for s in applied.services],
             "pins": list(applied.pins)}
+
+
+def _schedule(snap: Snapshot) -> dict[str, Any] | None:
+    """Whether the probes keep their schedule (pop.stretch): stretched while the engine cannot."""
+    s = snap.schedule
+    if s is None:
+        return None
+    return {"behind": s.behind, "stretch": round(s.stretch, 3), "window_probes": s.window.probes,
+            "lateness_p50_ms": round(s.window.p50 * 1000, 3), "lateness_p99_ms": round(s.window.p99 * 1000, 3),
+            "busy": s.window.busy}
 
 
 def _pop_state(snap: Snapshot) -> str:

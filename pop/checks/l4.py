@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 from pop.checks.base import TIMEOUT, CheckResult
 
@@ -26,7 +27,13 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class TcpCheck:
-    """Connect to host:port; success when the three-way handshake completes."""
+    """Connect to host:port; success when the three-way handshake completes.
+
+    `begin(done)` is the probe without a coroutine: a non-blocking connect driven by the event
+    loop's own callbacks (one writer callback and one timer), the form the schedule
+    (pop.probes) uses so that 5,000 probes a second cost no task, timeout context or future
+    each. `probe()` is the same probe awaited.
+    """
 
     tier = 1
 
@@ -35,29 +42,79 @@ class TcpCheck:
         self.port = port
         self.timeout = timeout
         self.family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        self._address = (host, port)
 
     @property
     def name(self) -> str:
         return "tcp"
 
+    def begin(self, done: Callable[[CheckResult], None]) -> Callable[[], None]:
+        """Start one probe; `done(result)` is called once, from the event loop, unless the
+        returned function cancels the probe first."""
+        return _Connect(self, done).cancel
+
     async def probe(self) -> CheckResult:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(self.family, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        started = time.monotonic()
+        answer: asyncio.Future[CheckResult] = asyncio.get_running_loop().create_future()
+        cancel = self.begin(answer.set_result)  # called once, and never after cancel()
         try:
-            async with asyncio.timeout(self.timeout):
-                await loop.sock_connect(sock, (self.host, self.port))
-            return CheckResult.success(time.monotonic() - started)
-        except TimeoutError:
-            return TIMEOUT
-        except ConnectionRefusedError:
-            return CheckResult.failure("refused", definitive=True, detail=f"port {self.port} refused")
-        except OSError as exc:
-            return _os_failure(exc)
+            return await answer
         finally:
-            sock.close()
+            cancel()
+
+    def refused(self) -> CheckResult:
+        return CheckResult.failure("refused", definitive=True, detail=f"port {self.port} refused")
+
+
+class _Connect:
+    """One non-blocking connect in flight (see TcpCheck.begin)."""
+
+    __slots__ = ("_check", "_done", "_fd", "_loop", "_sock", "_started", "_timer")
+
+    def __init__(self, check: TcpCheck, done: Callable[[CheckResult], None]) -> None:
+        self._check, self._done = check, done
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._fd = -1
+        sock = self._sock = socket.socket(check.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        self._started = time.monotonic()
+        code = sock.connect_ex(check._address)
+        if code == errno.EINPROGRESS:
+            self._fd = sock.fileno()
+            self._loop.add_writer(self._fd, self._connected)
+            self._timer = self._loop.call_later(check.timeout, self._finish, TIMEOUT)
+        else:
+            # loopback answers at once; the result still arrives from the loop, never from begin()
+            self._loop.call_soon(self._finish, self._result(code))
+
+    def _connected(self) -> None:
+        self._finish(self._result(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)))
+
+    def _result(self, code: int) -> CheckResult:
+        if code == 0:
+            return CheckResult.success(time.monotonic() - self._started)
+        if code == errno.ECONNREFUSED:
+            return self._check.refused()
+        host, port = self._check._address
+        return _os_failure(OSError(code, f"{os.strerror(code)}: connect to {host}:{port}"))
+
+    def _finish(self, result: CheckResult) -> None:
+        if self._close():
+            self._done(result)
+
+    def cancel(self) -> None:
+        self._close()
+
+    def _close(self) -> bool:
+        """Release the socket, its callback and its timer; False if that was done already."""
+        if self._sock.fileno() < 0:
+            return False
+        if self._fd >= 0:
+            self._loop.remove_writer(self._fd)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._sock.close()
+        return True
 
 
 def _os_failure(exc: OSError) -> CheckResult:
