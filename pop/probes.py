@@ -58,7 +58,7 @@ _NEVER = float("inf")
 class _Slot:
     """One server's one tier on the schedule."""
 
-    __slots__ = ("begin", "check", "due", "generation", "in_flight", "last_start", "latest", "limit", "name",
+    __slots__ = ("begin", "check", "due", "generation", "in_flight", "last_due", "latest", "limit", "name",
                  "server", "waiting")
 
     def __init__(self, server: str, check: Check, policy: Policy, generation: int) -> None:
@@ -69,7 +69,7 @@ class _Slot:
         self.limit = float(getattr(check, "timeout", 1.0)) / policy.fast_interval + 1
         self.in_flight = 0
         self.due = _NEVER
-        self.last_start: float | None = None
+        self.last_due: float | None = None  # when the last probe started was due
         self.latest = 0  # sequence number of the newest result handed on
         self.waiting = False  # due, but held back by `limit` until a probe in flight returns
 
@@ -133,8 +133,8 @@ class Probes:
     def wake(self, server: str) -> None:
         """Re-read the pace of the server's tiers now (its state changed)."""
         for slot in self._slots.get(server, ()):
-            if slot.last_start is not None and not slot.waiting:
-                due = slot.last_start + self._pace(slot.server, slot.name) * self.stretch
+            if slot.last_due is not None and not slot.waiting:
+                due = slot.last_due + self._pace(slot.server, slot.name) * self.stretch
                 if due != slot.due:
                     self._push(slot, due)
 
@@ -199,9 +199,14 @@ class Probes:
                     slot.waiting, slot.due = True, _NEVER
                     continue
                 self.lateness.observe(max(0.0, now - due))
-                slot.last_start = now
+                slot.last_due = due
                 self._launch(slot, now)
-                slot.due = now + self._pace(slot.server, slot.name) * self.stretch
+                # The next probe is due one interval after this one was due, not after it
+                # started: a late start does not shift the server's phase, so servers spread
+                # over the interval stay spread. After a stall of more than an interval they
+                # are spread anew instead of all starting at once, forever in step.
+                interval = self._pace(slot.server, slot.name) * self.stretch
+                slot.due = due + interval if due + interval > now else now + random.uniform(0, interval)
                 heapq.heappush(heap, (slot.due, next(self._order), slot))
             if now >= self._window_end:
                 self._judge(now)
