@@ -28,7 +28,7 @@ def test_a_stale_status_is_served_while_the_next_is_built_and_forget_waits_for_a
             return taken[-1]
 
         clock = ManualClock()
-        shared = status._Shared(source, lambda snap, servers: status.to_json(snap, servers), clock)
+        shared = status._Shared(source, status.to_json, clock)
         first = await shared.get()
         assert len(taken) == 1 and json.loads(first[1]) == first[0]
         assert gzip.decompress(first[2]) == first[1]
