@@ -52,6 +52,10 @@ class Begins(Protocol):
 # Probes due within this much of the timer's firing start together: one timer callback per
 # millisecond at most, however many servers, at the price of starting a probe up to 1 ms early.
 _TICK = 0.001
+# At most this many probes start per timer callback; more due ones wait for the next turn of
+# the loop, so the answers of probes in flight (and the status, the control endpoints) are
+# served in between however far behind the schedule is.
+_BATCH = 256
 _NEVER = float("inf")
 
 
@@ -190,8 +194,8 @@ class Probes:
         self._timer, self._timer_at = None, _NEVER
         try:
             now = self.clock()
-            heap, generation = self._heap, self._generation
-            while heap and heap[0][0] <= now + _TICK:
+            heap, generation, started = self._heap, self._generation, 0
+            while heap and heap[0][0] <= now + _TICK and started < _BATCH:
                 due, _, slot = heapq.heappop(heap)
                 if due != slot.due or slot.generation != generation:
                     continue  # rescheduled by wake(), or of a stopped generation
@@ -199,6 +203,7 @@ class Probes:
                     slot.waiting, slot.due = True, _NEVER
                     continue
                 self.lateness.observe(max(0.0, now - due))
+                started += 1
                 slot.last_due = due
                 self._launch(slot, now)
                 # The next probe is due one interval after this one was due, not after it
