@@ -25,7 +25,7 @@ CAUGHT_UP = 0.005  # median lateness under which the schedule may tighten again
 BUSY = 0.7  # share of the window the event loop's thread spent on the CPU: it has no room left
 IDLE = 0.4  # room enough to tighten the schedule again
 GROW = 1.25
-SHRINK = 1.1
+SHRINK = 1.2
 MAX_STRETCH = 10.0
 WINDOW = 1.0  # seconds of probe starts judged together
 

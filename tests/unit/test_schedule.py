@@ -25,8 +25,8 @@ from tests.unit.test_probes import until
     (1.0, Window(500, 0.05, 0.25, busy=0.2), 1.0),            # late but idle: the machine, not the engine
     (8.0, Window(500, 0.05, 0.25, busy=0.95), 10.0),          # never beyond MAX_STRETCH
     (2.0, Window(500, 0.01, 0.05, busy=0.6), 2.0),            # neither behind nor caught up: hold
-    (2.0, Window(500, 0.001, 0.02, busy=0.6), 2.0 / 1.1),     # caught up: tighten step by step
-    (2.0, Window(500, 0.01, 0.05, busy=0.2), 2.0 / 1.1),      # room on the loop: tighten
+    (2.0, Window(500, 0.001, 0.02, busy=0.6), 2.0 / 1.2),     # caught up: tighten step by step
+    (2.0, Window(500, 0.01, 0.05, busy=0.2), 2.0 / 1.2),      # room on the loop: tighten
     (1.05, Window(500, 0.001, 0.002, busy=0.1), 1.0),         # never below 1
     (3.0, Window(0, 0.0, 0.0, busy=0.0), 3.0),                # no probe in the window: no evidence
 ])
