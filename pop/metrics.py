@@ -59,7 +59,8 @@ class PopCollector(Collector):
         per_pop: tuple[tuple[Callable[..., Metric], str, str, float], ...] = (
             (_gauge, "pop_drained", "1 while an operator drain is in force", float(snap.verdict.drained)),
             (_gauge, "pop_maintenance", "1 while maintenance (a drain with an end: pop maintenance, drain --until) "
-                                        "is in force", float(bool(snap.ladder and snap.ladder.get("until") is not None))),
+                                        "is in force",
+             float(bool(snap.ladder and snap.ladder.get("until") is not None))),
             (_counter, "pop_verdict_changes", "announce/withdraw decisions", float(snap.verdict.changes)),
             (_gauge, "pop_pool_healthy_servers", "servers in the pool", float(snap.pool.healthy)),
             (_gauge, "pop_pool_servers", "servers configured", float(snap.pool.total)),
