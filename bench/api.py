@@ -92,11 +92,21 @@ def summary(values: list[float]) -> dict[str, float]:
             "max_ms": max(values) * 1000}
 
 
-async def bench(servers: int, clients: int, seconds: float) -> dict[str, Any]:
+async def serve_status(engine: Engine) -> tuple[Any, int]:
+    """The engine's /v1 endpoint on 127.0.0.1 (a free port), as `pop run` serves it: (runner, port)."""
     from aiohttp import web
 
     from pop.status import make_app
 
+    runner = web.AppRunner(make_app(lambda: engine.snapshot({"sessions": {"10.255.0.1": "up"}}), engine,
+                                    Control("bench", ())), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # aiohttp keeps it private
+
+
+async def bench(servers: int, clients: int, seconds: float) -> dict[str, Any]:
     config = load(config_text(servers))
     l4 = config.checks.l4
     policy = Policy(rise=l4.rise, fall=l4.fall, fall_definitive=l4.fall_definitive, interval=l4.interval,
@@ -104,12 +114,7 @@ async def bench(servers: int, clients: int, seconds: float) -> dict[str, Any]:
     starts: dict[str, list[float]] = {s.name: [] for s in config.servers}
     checks = {s.name: [(Check(starts[s.name]), policy)] for s in config.servers}
     engine = Engine(config, Speaker(), checks)  # type: ignore[arg-type]  # the fake holds what it is told
-    runner = web.AppRunner(make_app(lambda: engine.snapshot({"sessions": {"10.255.0.1": "up"}}), engine,
-                                    Control("bench", ())), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # aiohttp keeps it private
+    runner, port = await serve_status(engine)
     running = asyncio.create_task(engine.run())
     try:
         while engine.pool.healthy < servers:  # noqa: ASYNC110  # a benchmark polls; the engine has no event for it

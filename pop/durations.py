@@ -8,7 +8,7 @@ longest timeout). Cost per probe: one bisect and two additions.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -21,12 +21,16 @@ class Durations:
 
     @property
     def cumulative(self) -> list[tuple[str, int]]:
-        """(le, count) pairs as Prometheus wants them, +Inf last."""
-        pairs, running = [], 0
-        for bound, count in zip((*(f"{b:g}" for b in BUCKETS), "+Inf"), self.counts, strict=True):
-            running += count
-            pairs.append((bound, running))
-        return pairs
+        return cumulative(BUCKETS, self.counts)
+
+
+def cumulative(buckets: Sequence[float], counts: Sequence[int]) -> list[tuple[str, int]]:
+    """(le, count) pairs as Prometheus wants them, +Inf last, from per-bucket counts."""
+    pairs, running = [], 0
+    for bound, count in zip((*(f"{b:g}" for b in buckets), "+Inf"), counts, strict=True):
+        running += count
+        pairs.append((bound, running))
+    return pairs
 
 
 class DurationBook:

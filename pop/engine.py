@@ -438,6 +438,7 @@ class Engine:
                               pool_view=self.pool, board=self.board, drains=self.server_drains,
                               announced=self.speaker.announced(), events=tuple(self.events),
                               applier=self.applier, extra=extra or {}, durations=self.durations.snapshot(),
+                              schedule=self.probes.schedule(),
                               ladder=ladder.view(self.pop_drain, self.config.drain.steps, self.clock(), self.wall()),
                               dampening=dampening.view(self.damping, self.clock(), self.config.dampening),
                               external=None if self.tier3 is None else external.summary(self.tier3, self.wall()))

@@ -74,8 +74,10 @@ class TierState:
 
 def step(current: TierState, result: CheckResult, policy: Policy, now: float) -> TierState:
     """Fold one check result into a tier's state."""
-    counted = replace(current, last=result, successes=current.successes + result.ok,
-                      failures=current.failures + (not result.ok))
+    # the constructor, not dataclasses.replace(): this runs for every probe (5,000 a second
+    # with 1,000 servers), and replace() costs four times as much
+    counted = TierState(current.state, current.streak, current.definitive, current.since, current.reason, result,
+                        current.successes + result.ok, current.failures + (not result.ok))
     state = current.state
     if state is State.DISABLED:
         return counted

@@ -135,6 +135,13 @@ class PopCollector(Collector):
         for tier_name, book in sorted(snap.durations.items()):
             durations.add_metric([pop, tier_name], book.cumulative, book.total)
         yield from (up, state, results, latency, durations)
+        if snap.schedule is not None:
+            lateness = HistogramMetricFamily("pop_probe_lateness_seconds", "how late each probe started against "
+                                             "its schedule", labels=["pop"])
+            lateness.add_metric([pop], snap.schedule.cumulative, snap.schedule.total)
+            yield lateness
+            yield _gauge("pop_probe_schedule_stretch_ratio", "the factor on every probe interval while the engine "
+                         "cannot keep up (1: as configured)", ["pop"], [([pop], snap.schedule.stretch)])
 
     def _availability(self, pop: str) -> Iterator[Metric]:
         if self.availability is None:

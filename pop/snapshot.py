@@ -14,6 +14,7 @@ from pop.drains import ServerDrain
 from pop.durations import Durations
 from pop.health import Health
 from pop.hysteresis import ServerHealth, TierState
+from pop.stretch import Schedule
 from pop.verdict import PoolView, Verdict
 
 
@@ -60,13 +61,14 @@ class Snapshot:
     dampening: Mapping[str, Any] | None = None  # flap dampening, when enabled (pop.dampening.view)
     prefixes: tuple[str, ...] = ()  # configured, announced or not
     durations: Mapping[str, Durations] = field(default_factory=dict)  # probe durations per tier
+    schedule: Schedule | None = None  # how the probe schedule holds (pop.stretch)
 
 
 def build(config: Config, *, now: float, started: float, verdict: Verdict, pool_view: PoolView, board: Health,
           drains: Mapping[str, ServerDrain], announced: tuple[Announcement, ...], events: tuple[Event, ...],
           applier: Applier, extra: Mapping[str, object], external: Mapping[str, Any] | None = None,
           ladder: Mapping[str, Any] | None = None, durations: Mapping[str, Durations] | None = None,
-          dampening: Mapping[str, Any] | None = None) -> Snapshot:
+          dampening: Mapping[str, Any] | None = None, schedule: Schedule | None = None) -> Snapshot:
     """The engine's picture, assembled from its parts (read-only)."""
     servers = tuple(
         ServerSnapshot(s.name, s.address, s.weight, board.servers[s.name], dict(board.tiers[s.name]),
@@ -77,4 +79,4 @@ def build(config: Config, *, now: float, started: float, verdict: Verdict, pool_
                     desired=applier.desired.announcements, announced=announced, events=events,
                     apply=applier.status(), extra=dict(extra), external=external,
                     ladder=ladder, prefixes=tuple(p.prefix for p in config.prefixes), durations=durations or {},
-                    dampening=dampening)
+                    dampening=dampening, schedule=schedule)

@@ -30,7 +30,9 @@ second only after a cookie reply), each after its turn from the pacer, so the en
 deadline should allow 2 * timeout + 50 ms (the engine runs one probe per server at a time; a
 second concurrent probe of the same key and server waits for the first one's turn to end).
 
-Two rules of the responder shape the state shared by all checks in this process: the
+Two rules of the responder shape the state shared by all checks in this process (and one
+cost: the Initiator of each probe key and server key, with its static-static DH, is computed
+once per process, `initiator_for`): the
 timestamp of a probe key must always increase (one Tai64nClock per probe key), and a
 responder consumes at most one initiation per peer every 20 ms (one pacer per probe key and
 responder address, one initiation in flight at a time, see MIN_GAP_AFTER_ANSWER). Both live
@@ -111,6 +113,7 @@ class Pacer:
 
 _CLOCKS: dict[bytes, Tai64nClock] = {}
 _PACERS: dict[tuple[bytes, str, int], Pacer] = {}
+_INITIATORS: dict[tuple[bytes, bytes, bytes | None], Initiator] = {}
 
 
 def clock_for(probe_public_key: bytes) -> Tai64nClock:
@@ -119,6 +122,17 @@ def clock_for(probe_public_key: bytes) -> Tai64nClock:
 
 def pacer_for(probe_public_key: bytes, host: str, port: int) -> Pacer:
     return _PACERS.setdefault((probe_public_key, host, port), Pacer())
+
+
+def initiator_for(probe_private_key: bytes, server_public_key: bytes, psk: bytes | None) -> Initiator:
+    """The Initiator of a probe key and a server key: its static-static DH and MAC keys never
+    change, so a reload (or a second check of the same server) does not compute them again; a
+    thousand servers cost two X25519 operations each otherwise."""
+    key = (probe_private_key, server_public_key, psk)
+    initiator = _INITIATORS.get(key)
+    if initiator is None:
+        initiator = _INITIATORS[key] = Initiator(probe_private_key, server_public_key, psk)
+    return initiator
 
 
 class WireGuardCheck:
@@ -137,7 +151,7 @@ class WireGuardCheck:
         self.host = host
         self.port = port
         self.timeout = timeout
-        self._initiator = Initiator(probe_private_key, server_public_key, psk)
+        self._initiator = initiator_for(probe_private_key, server_public_key, psk)
         self._clock = clock_for(self._initiator.public_key)
         self._pacer = pacer_for(self._initiator.public_key, host, port)
         self._numeric = _numeric_address(host, port)

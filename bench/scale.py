@@ -1,0 +1,535 @@
+"""One PoP's engine with N servers: what it costs and whether it keeps its times (issue 12).
+
+    .venv/bin/python bench/scale.py --no-dataplane --json bench/results/scale.json \
+        [--sizes 2,10,100,1000,5000] [--seconds 10] [--trials 10]       # ~10 min, no root
+    flock /tmp/pop-netns.lock .venv/bin/python bench/scale.py --dataplane-into bench/results/scale.json  # root
+
+(or both in one run, under the lock, without the flags)
+
+For each N, side by side in one run:
+
+- the servers: one process (`--servers`) holding, for each of N servers (and one spare for
+  the reload), a real TCP listener on its own loopback address (127.20.x.y:18443, with
+  TCP_DEFER_ACCEPT: the kernel completes the handshake the probe asks for, nobody needs to
+  accept) and a WireGuard responder on the same address (udp/18820) with the server's own
+  key: a real Noise_IKpsk2 responder after the whitepaper, built on pop.checks.noise's
+  primitives, that answers every valid initiation (wireguard-go needs one process per key,
+  and 1,000 of them do not fit on this machine). A dead server is both closed: the kernel
+  answers its SYNs with RST and its UDP port with ICMP port unreachable.
+- the engine: `pop.engine.Engine` in a process of its own (`--engine`), with the real checks
+  from the configuration (pop.checks.cascade: the TCP check every 0.2 s, the WireGuard
+  handshake every 5 s), the /v1 status endpoint on the same event loop as `pop run` serves
+  it, and a fake BGP speaker that holds what it is told.
+
+Measured per N: the engine process's CPU (% of one core, utime + stime from /proc over
+--seconds of steady state, the kernel's side of the probes' connects included) and RSS;
+probe lateness (a probe's start minus the time it was due, every probe of the window);
+detection of one dead server (its listeners closed) until the engine logs it down, over
+--trials servers; /v1/status latency under 50 clients asking back to back (bench/api.py's
+load process) and the probe lateness meanwhile; the configuration's load time (YAML to
+checks); a reload in which one server changes address and key (the SIGHUP path: read, build
+the checks, Engine.reload), and whether every other server kept its state; and the
+data-plane apply when one server leaves (an ECMP route of N next hops in a namespace,
+pop.adapters.routes, as bench/dataplane.py measures it; the kernel takes at most 4,095).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import itertools
+import json
+import logging
+import os
+import queue
+import selectors
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from bench.api import Speaker
+from bench.failover import percentile
+
+TCP_PORT, WG_PORT = 18443, 18820
+CLIENTS = 50
+UP_WITHIN = 120.0  # seconds for every server to rise after the engine starts
+GOALS = {"cpu_percent": 25.0, "rss_mb": 120.0, "lateness_p99_ms": 20.0, "status_p99_ms": 50.0, "reload_ms": 100.0}
+
+
+def address(i: int) -> str:
+    return f"127.20.{i // 250}.{i % 250 + 1}"
+
+
+def config_text(n: int, keys: list[bytes], probe_key_file: Path, changed: bool = False) -> str:
+    """N servers; `changed`: server s0 replaced by the spare (another address and key)."""
+    rows = []
+    for i in range(n):
+        j = n if (changed and i == 0) else i
+        public = base64.b64encode(_public(keys[j])).decode()
+        rows.append(f"  - {{name: s{i}, address: {address(j)}, port: {TCP_PORT}, "
+                    f"wireguard: {{public_key: '{public}', port: {WG_PORT}}}}}")
+    return f"""
+pop: {{name: scale, asn: 65101, router_id: 192.0.2.1}}
+neighbors: [{{address: 10.255.0.1, peer_as: 65000}}]
+prefixes: [198.51.100.1/32]
+checks:
+  wireguard: {{enabled: true, probe_key_file: {probe_key_file}, interval: 5.0}}
+status: {{enabled: false}}
+servers:
+""" + "\n".join(rows) + "\n"
+
+
+def _public(private: bytes) -> bytes:
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+
+
+# --- the servers: TCP listeners and WireGuard responders -----------------------------------------
+
+
+class Responder:
+    """The responder side of WireGuard's handshake (whitepaper 5.4.2-5.4.3) for one server key.
+
+    It answers every initiation whose mac1 and AEADs hold: no replay or rate rule, which a
+    benchmark that wants every probe answered does not need.
+    """
+
+    def __init__(self, private: bytes) -> None:
+        from pop.checks import noise
+
+        self.noise = noise
+        self.key = X25519PrivateKey.from_private_bytes(private)
+        public = self.key.public_key().public_bytes_raw()
+        self.mac1_key = noise.hash_(noise.LABEL_MAC1, public)
+        self.chain0 = noise.hash_(noise.CONSTRUCTION)
+        self.hash0 = noise.hash_(noise.hash_(self.chain0, noise.IDENTIFIER), public)
+        self.peers: dict[bytes, tuple[X25519PublicKey, bytes, bytes]] = {}  # static DH and mac1 key, per peer
+
+    def answer(self, msg: bytes) -> bytes | None:
+        n = self.noise
+        if len(msg) != 148 or msg[0] != 1 or msg[116:132] != n.mac(self.mac1_key, msg[:116]):
+            return None
+        zero = bytes(12)
+        e_i = msg[8:40]
+        e_key = X25519PublicKey.from_public_bytes(e_i)
+        chain, h = n.kdf1(self.chain0, e_i), n.hash_(self.hash0, e_i)
+        chain, key = n.kdf2(chain, self.key.exchange(e_key))
+        peer = ChaCha20Poly1305(key).decrypt(zero, msg[40:88], h)
+        h = n.hash_(h, msg[40:88])
+        if peer not in self.peers:
+            peer_key = X25519PublicKey.from_public_bytes(peer)
+            self.peers[peer] = (peer_key, self.key.exchange(peer_key), n.hash_(n.LABEL_MAC1, peer))
+        peer_key, static, mac1_key = self.peers[peer]
+        chain, key = n.kdf2(chain, static)
+        ChaCha20Poly1305(key).decrypt(zero, msg[88:116], h)  # the timestamp: must open
+        h = n.hash_(h, msg[88:116])
+        ephemeral = X25519PrivateKey.generate()
+        e_r = ephemeral.public_key().public_bytes_raw()
+        chain, h = n.kdf1(chain, e_r), n.hash_(h, e_r)
+        chain = n.kdf1(chain, ephemeral.exchange(e_key))
+        chain = n.kdf1(chain, ephemeral.exchange(peer_key))
+        chain, tau, key = n.kdf3(chain, bytes(32))
+        empty = ChaCha20Poly1305(key).encrypt(zero, b"", n.hash_(h, tau))
+        body = b"\x02\x00\x00\x00" + os.urandom(4) + msg[4:8] + e_r + empty
+        return body + n.mac(mac1_key, body) + bytes(16)
+
+
+def servers_process(keys_file: Path) -> int:
+    """Serve every server until stdin closes; `kill I` / `revive I` close and reopen server I."""
+    keys = [base64.b64decode(k) for k in json.loads(keys_file.read_text())]
+    responders = [Responder(k) for k in keys]
+    selector = selectors.DefaultSelector()
+    open_sockets: dict[int, tuple[socket.socket, socket.socket]] = {}
+
+    def up(i: int) -> None:
+        tcp = socket.socket()
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 30)
+        tcp.bind((address(i), TCP_PORT))
+        tcp.listen(1024)
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind((address(i), WG_PORT))
+        udp.setblocking(False)
+        selector.register(udp, selectors.EVENT_READ, i)
+        open_sockets[i] = (tcp, udp)
+
+    def down(i: int) -> None:
+        tcp, udp = open_sockets.pop(i)
+        selector.unregister(udp)
+        tcp.close()
+        udp.close()
+
+    for i in range(len(keys)):
+        up(i)
+    selector.register(sys.stdin, selectors.EVENT_READ, None)
+    print("ready", flush=True)
+    while True:
+        for key, _ in selector.select():
+            if key.data is None:
+                line = sys.stdin.readline()
+                if not line:
+                    return 0
+                verb, index = line.split()
+                (down if verb == "kill" else up)(int(index))
+                print("ok", flush=True)
+                continue
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            while True:
+                try:
+                    msg, source = sock.recvfrom(2048)
+                except BlockingIOError:
+                    break
+                reply = responders[key.data].answer(msg)
+                if reply is not None:
+                    sock.sendto(reply, source)
+
+
+# --- the engine ----------------------------------------------------------------------------------
+
+
+class Starts:
+    """When each TCP probe started, per server address: the gaps between two probes of one
+    server, less the interval, are the schedule's jitter (measurable on any version of the
+    engine); where the engine counts lateness itself (pop.stretch) every sample is kept too."""
+
+    def __init__(self) -> None:
+        self.starts: dict[str, list[float]] = {}
+        self.lateness: list[float] = []
+
+    def install(self, engine: Any) -> None:
+        from pop.checks.l4 import TcpCheck
+
+        starts = self.starts
+        method = "begin" if hasattr(TcpCheck, "begin") else "probe"
+        original = getattr(TcpCheck, method)
+
+        def recorded(check: Any, *args: Any) -> Any:
+            starts.setdefault(check.host, []).append(time.monotonic())
+            return original(check, *args)
+
+        setattr(TcpCheck, method, recorded)
+        book = getattr(engine.probes, "lateness", None)
+        if book is not None:
+            original_observe = book.observe
+
+            def observe(seconds: float) -> None:
+                original_observe(seconds)
+                self.lateness.append(seconds)
+
+            book.observe = observe
+
+    def take(self, interval: float) -> dict[str, Any]:
+        jitter = [b - a - interval for times in self.starts.values() for a, b in itertools.pairwise(times)]
+        lateness, self.lateness = self.lateness, []
+        self.starts.clear()
+        return {"jitter": _quantiles(jitter), "lateness": _quantiles(lateness) if lateness else None}
+
+
+class Events(logging.Handler):
+    """The engine's server.up/down log events, with the monotonic time they happened, on stdout."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(("server.", "probes.")):
+            _say({"event": message.split()[0], "words": message.split()[1:], "at": time.monotonic()})
+
+
+def _say(value: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(value) + "\n")
+    sys.stdout.flush()
+
+
+async def engine_process(directory: Path) -> None:
+    from bench.api import serve_status
+    from pop.checks import cascade
+    from pop.config import load
+    from pop.engine import Engine
+
+    logging.getLogger().addHandler(Events())
+    logging.getLogger().setLevel(logging.INFO)
+    import pop.checks.wireguard  # noqa: F401  # the imports are start-up, not the configuration's load
+    started = time.perf_counter()
+    config = load((directory / "pop.yaml").read_text(), "pop.yaml")
+    checks = cascade.build(config)
+    load_seconds = time.perf_counter() - started
+    engine = Engine(config, Speaker(), checks)  # type: ignore[arg-type]  # the fake holds what it is told
+    starts = Starts()
+    starts.install(engine)
+    runner, port = await serve_status(engine)
+    running = asyncio.create_task(engine.run())
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    _say({"ready": port, "load_seconds": load_seconds, "pid": os.getpid()})
+    try:
+        while line := (await reader.readline()).decode().strip():
+            if line == "healthy":
+                _say({"healthy": engine.pool.healthy})
+            elif line == "lateness":
+                _say({**starts.take(config.checks.l4.interval), "stretch": getattr(engine.probes, "stretch", 1.0)})
+            elif line == "reload":
+                _say(_reload(engine, directory, cascade.build, load))
+    finally:
+        running.cancel()
+        await runner.cleanup()
+
+
+def _reload(engine: Any, directory: Path, build: Any, load: Any) -> dict[str, Any]:
+    """The SIGHUP path with s0 replaced: its time, and whether every other server kept its state."""
+    before = {name: dict(tiers) for name, tiers in engine.tiers.items() if name != "s0"}
+    started = time.perf_counter()
+    config = load((directory / "pop2.yaml").read_text(), "pop2.yaml")
+    checks = build(config)
+    engine.reload(config, checks)
+    took = time.perf_counter() - started
+    kept = sum(all(engine.tiers[name][t] is state for t, state in tiers.items()) for name, tiers in before.items())
+    return {"reload_seconds": took, "others": len(before), "others_kept": kept,
+            "s0": engine.tiers["s0"]["tcp"].state.value}
+
+
+def _quantiles(samples: list[float]) -> dict[str, float]:
+    if not samples:
+        return {"n": 0, "p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
+    return {"n": len(samples), "p50_ms": percentile(samples, 0.5) * 1000,
+            "p99_ms": percentile(samples, 0.99) * 1000, "max_ms": max(samples) * 1000}
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+class Child:
+    """A child process spoken to in lines; JSON event lines are queued apart from the answers."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.answers: queue.Queue[str] = queue.Queue()
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith('{"event"'):
+                self.events.put(json.loads(line))
+            else:
+                self.answers.put(line.strip())
+
+    def ask(self, line: str, timeout: float = 60.0) -> str:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        return self.answers.get(timeout=timeout)
+
+    def wait_event(self, name: str, server: str, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.events.get(timeout=max(0.01, deadline - time.monotonic()))
+            if event["event"] == name and f"server={server}" in event["words"]:
+                return float(event["at"])
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def one_size(n: int, seconds: float, trials: int) -> dict[str, Any]:
+    from pop import wgkeys
+
+    with tempfile.TemporaryDirectory(prefix="pop-scale-") as tmp:
+        directory = Path(tmp)
+        keys = [X25519PrivateKey.generate().private_bytes_raw() for _ in range(n + 1)]
+        (directory / "keys.json").write_text(json.dumps([base64.b64encode(k).decode() for k in keys]))
+        probe_key = directory / "probe.key"
+        probe_key.write_text(wgkeys.encode_key(X25519PrivateKey.generate().private_bytes_raw()) + "\n")
+        probe_key.chmod(0o600)
+        (directory / "pop.yaml").write_text(config_text(n, keys, probe_key))
+        (directory / "pop2.yaml").write_text(config_text(n, keys, probe_key, changed=True))
+        servers = Child("--servers", str(directory / "keys.json"))
+        engine: Child | None = None
+        try:
+            assert servers.answers.get(timeout=120) == "ready"
+            engine = Child("--engine", str(directory))
+            started = time.monotonic()
+            ready = json.loads(engine.answers.get(timeout=120))
+            pid, port = ready["pid"], ready["ready"]
+            deadline, up = time.monotonic() + UP_WITHIN, 0
+            while (up := json.loads(engine.ask("healthy"))["healthy"]) < n and time.monotonic() < deadline:
+                time.sleep(0.5)
+            if up < n:  # the engine cannot bring them all up: that is the result for this N
+                return {"servers": n, "load_seconds": ready["load_seconds"], "up_within": UP_WITHIN, "up": up,
+                        "cpu_percent": (cpu_seconds(pid) / (time.monotonic() - started)) * 100, "rss_mb": rss_mb(pid)}
+            up_seconds = time.monotonic() - started
+            # The start is a stampede (every server INIT probes at the fast pace: 4x the steady
+            # rate) that stretches the schedule; measure once it is back as configured.
+            while json.loads(engine.ask("lateness"))["stretch"] > 1.0 and time.monotonic() < deadline + 60:
+                time.sleep(1.0)
+            steady_seconds = time.monotonic() - started
+            time.sleep(2.0)
+            engine.ask("lateness")
+            cpu0, wall0 = cpu_seconds(pid), time.monotonic()
+            time.sleep(seconds)
+            cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - wall0)
+            idle = json.loads(engine.ask("lateness"))
+            rss = rss_mb(pid)
+            load = subprocess.run([sys.executable, str(Path(__file__).with_name("api.py")), "--client", str(port),
+                                   "--clients", str(CLIENTS), "--seconds", str(seconds)],
+                                  capture_output=True, text=True, check=True)
+            latencies = json.loads(load.stdout)
+            loaded = json.loads(engine.ask("lateness"))
+            detection = []
+            for trial in range(trials):
+                victim = (trial * 7919) % n
+                servers.ask(f"kill {victim}")
+                killed = time.monotonic()
+                detection.append(engine.wait_event("server.down", f"s{victim}", 30) - killed)
+                servers.ask(f"revive {victim}")
+                engine.wait_event("server.up", f"s{victim}", 30)
+            time.sleep(1.0)
+            reload = json.loads(engine.ask("reload"))
+            return {
+                "servers": n, "load_seconds": ready["load_seconds"], "up": up, "up_seconds": up_seconds,
+                "steady_seconds": steady_seconds,
+                "cpu_percent": cpu * 100, "rss_mb": rss,
+                "lateness_idle": idle["lateness"], "jitter_idle": idle["jitter"], "stretch_idle": idle["stretch"],
+                "lateness_loaded": loaded["lateness"], "jitter_loaded": loaded["jitter"],
+                "stretch_loaded": loaded["stretch"],
+                "status": {**_quantiles(latencies["latencies"]), "requests_per_second": latencies["rate"],
+                           "body_bytes": latencies["bytes"]},
+                "detection": {"n": len(detection), "p50_ms": percentile(detection, 0.5) * 1000,
+                              "p95_ms": percentile(detection, 0.95) * 1000, "max_ms": max(detection) * 1000},
+                "reload": reload,
+            }
+        finally:
+            if engine is not None:
+                engine.close()
+            servers.close()
+
+
+async def dataplane(sizes: list[int], repeat: int) -> dict[str, Any]:
+    """One server leaving an ECMP route of N next hops: new desired set to kernel acknowledged."""
+    from bench.dataplane import ecmp_route, ms, time_changes
+    from lab.netns import Netns, veth
+    from pop.adapters.routes import RouteTable
+
+    tag = f"tscl{os.getpid() % 100000}"
+    results: dict[str, Any] = {}
+    with Netns(f"{tag}a") as pop, Netns(f"{tag}b") as peer:
+        veth(pop, "bench0", "10.200.0.1/16", peer, "bench1", "10.200.0.2/16")
+        async with RouteTable(netns=pop.name, hash_policy=1) as rt:
+            for n in sizes:
+                if n > 4095:
+                    results[str(n)] = None  # RTA_MULTIPATH's 16-bit length: 4,095 IPv4 next hops at most
+                    continue
+                members = list(range(n))
+                await rt.set([ecmp_route(members)])
+                wall, _ = await time_changes(lambda m: [ecmp_route(m)], rt.set, members, repeat)
+                results[str(n)] = ms(wall)
+                await rt.set([])
+    return results
+
+
+def table(results: list[dict[str, Any]], apply: dict[str, Any]) -> str:
+    def row(label: str, cell: Any) -> str:
+        def safe(r: dict[str, Any]) -> str:
+            try:
+                return str(cell(r))
+            except (KeyError, TypeError):  # this N never had every server up
+                return "-"
+        return f"| {label} | " + " | ".join(safe(r) for r in results) + " |"
+
+    def f(value: float, digits: int = 1) -> str:
+        return f"{value:,.{digits}f}"
+
+    def quantiles(q: dict[str, float] | None) -> str:
+        return "-" if q is None else f"{f(q['p50_ms'], 2)} / {f(q['p99_ms'])}"
+
+    lines = ["| servers | " + " | ".join(f"{r['servers']:,}" for r in results) + " |",
+             "|---|" + "---|" * len(results),
+             row("every server up after the start, s", lambda r: f(r["up_seconds"]) if r["up"] == r["servers"]
+                 else f"only {r['up']:,} within {r['up_within']:.0f}"),
+             row("schedule as configured again after the start, s", lambda r: f(r["steady_seconds"])),
+             row("engine CPU, % of one core", lambda r: f(r["cpu_percent"])),
+             row("engine RSS, MB", lambda r: f(r["rss_mb"], 0)),
+             row("probe lateness p50 / p99, ms", lambda r: quantiles(r["lateness_idle"])),
+             row("TCP probe jitter p50 / p99, ms", lambda r: quantiles(r["jitter_idle"])),
+             row("schedule stretch (1 = as configured)", lambda r: f(r["stretch_idle"], 2)),
+             row("one dead server detected, p50 / p95 ms", lambda r: f"{f(r['detection']['p50_ms'], 0)} / "
+                 f"{f(r['detection']['p95_ms'], 0)}"),
+             row(f"/v1/status p50 / p99 ms ({CLIENTS} clients)", lambda r: f"{f(r['status']['p50_ms'])} / "
+                 f"{f(r['status']['p99_ms'])}"),
+             row("/v1/status requests/s", lambda r: f(r["status"]["requests_per_second"], 0)),
+             row("probe lateness p50 / p99 under that load, ms", lambda r: quantiles(r["lateness_loaded"])),
+             row("TCP probe jitter p50 / p99 under that load, ms", lambda r: quantiles(r["jitter_loaded"])),
+             row("config load (YAML to checks), ms", lambda r: f(r["load_seconds"] * 1000)),
+             row("reload, one server changed, ms", lambda r: f(r["reload"]["reload_seconds"] * 1000)),
+             row("others kept their state", lambda r: f"{r['reload']['others_kept']}/{r['reload']['others']}"),
+             row("data plane: one server leaves, ms (p50)",
+                 lambda r: "-" if apply.get(str(r["servers"])) is None else f(apply[str(r["servers"])]["median"], 2))]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="2,10,100,1000")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--no-dataplane", action="store_true", help="skip the ECMP step (it needs root)")
+    parser.add_argument("--dataplane-into", type=Path, help="only the ECMP step, added to this JSON of a run")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--servers", type=Path, help=argparse.SUPPRESS)  # child: the servers
+    parser.add_argument("--engine", type=Path, help=argparse.SUPPRESS)  # child: the engine
+    args = parser.parse_args()
+    if args.servers:
+        return servers_process(args.servers)
+    if args.engine:
+        asyncio.run(engine_process(args.engine))
+        return 0
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.dataplane_into:  # the step that needs the namespace lock, apart from the rest
+        run = json.loads(args.dataplane_into.read_text())
+        run["dataplane"] = asyncio.run(dataplane([r["servers"] for r in run["sizes"]], 20))
+        args.dataplane_into.write_text(json.dumps(run, indent=1) + "\n")
+        print(table(run["sizes"], run["dataplane"]))
+        return 0
+    results = []
+    for n in sizes:
+        results.append(one_size(n, args.seconds, args.trials))
+        print(json.dumps(results[-1]), flush=True)
+    apply = {} if args.no_dataplane else asyncio.run(dataplane(sizes, 20))
+    print(table(results, apply))
+    if args.json:
+        args.json.write_text(json.dumps({"sizes": results, "dataplane": apply, "goals": GOALS}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

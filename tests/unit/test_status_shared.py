@@ -1,0 +1,66 @@
+"""/v1/status at scale (issue 10, 12): readers are served prebuilt bytes, rebuilt ahead of time
+while they read, never older than MAX_AGE; an operator action makes the next read fresh."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from pop import status
+from pop.control_api import Control
+from pop.snapshot import Snapshot
+from pop.status import make_app
+from tests.unit.test_engine import OK, ManualClock, engine_with, feed
+
+
+def test_the_status_is_rebuilt_ahead_while_served_never_served_too_old_and_fresh_after_an_action() -> None:
+    async def main() -> None:
+        engine, _, _ = engine_with()
+        feed(engine, "a", OK, 2)
+        taken: list[Snapshot] = []
+
+        def source() -> Snapshot:
+            taken.append(engine.snapshot())
+            return taken[-1]
+
+        clock = ManualClock()
+        start = clock.now
+        shared = status._Shared(source, status.to_json, clock)
+        first = await shared.get()
+        assert len(taken) == 1 and json.loads(first[1]) == first[0]
+        assert gzip.decompress(first[2]) == first[1]
+        clock.now = start + status.REFRESH / 2
+        assert await shared.get() is first and len(taken) == 1  # shared
+        clock.now = start + status.REFRESH
+        assert await shared.get() is first  # old enough to refresh, young enough to serve: a rebuild started
+        assert shared.building is not None
+        await shared.building
+        second = await shared.get()
+        assert len(taken) == 2 and second is not first
+        clock.now += status.MAX_AGE * 2
+        assert (await shared.get()) is not second and len(taken) == 3  # too old to serve: waited for a new one
+        shared.forget()
+        fresh = await shared.get()  # after an action: waits for a build that began after it
+        assert len(taken) == 4 and fresh[0]["servers"][0]["name"] == "a"
+
+    asyncio.run(main())
+
+
+def test_v1_status_is_sent_gzipped_to_readers_that_accept_it_and_plain_to_others() -> None:
+    async def main() -> None:
+        engine, _, _ = engine_with()
+        feed(engine, "a", OK, 2)
+        app = make_app(lambda: engine.snapshot({}), engine, Control("t1", ()))
+        async with TestClient(TestServer(app)) as client:
+            packed = await client.get("/v1/status", headers={"Accept-Encoding": "gzip"})
+            plain = await client.get("/v1/status", headers={"Accept-Encoding": "identity"})
+            assert packed.headers["Content-Encoding"] == "gzip" and "Content-Encoding" not in plain.headers
+            data: Any = await packed.json()
+            assert data == await plain.json() and data["servers"][0]["name"] == "a"
+            assert data["schedule"]["stretch"] == 1.0 and data["schedule"]["behind"] is False
+
+    asyncio.run(main())
