@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import itertools
 import json
 import subprocess
@@ -147,13 +148,21 @@ async def client_load(port: int, clients: int, seconds: float) -> dict[str, Any]
     url = f"http://127.0.0.1:{port}/v1/status"
     deadline = time.monotonic() + seconds
 
+    errors: collections.Counter[str] = collections.Counter()
+
     async def one(session: aiohttp.ClientSession) -> None:
         nonlocal size
         while time.monotonic() < deadline:
             asked = time.monotonic()
-            async with session.get(url) as response:
-                body = await response.read()
-                assert response.status == 200
+            try:
+                async with session.get(url) as response:
+                    body = await response.read()
+            except aiohttp.ClientError as exc:  # counted and shown, not a reason to lose the run
+                errors[type(exc).__name__] += 1
+                continue
+            if response.status != 200:
+                errors[f"HTTP {response.status}"] += 1
+                continue
             latencies.append(time.monotonic() - asked)
             size = len(body)
 
@@ -162,7 +171,7 @@ async def client_load(port: int, clients: int, seconds: float) -> dict[str, Any]
         started = time.monotonic()
         await asyncio.gather(*(one(session) for _ in range(clients)))
         elapsed = time.monotonic() - started
-    return {"latencies": latencies, "rate": len(latencies) / elapsed, "bytes": size}
+    return {"latencies": latencies, "rate": len(latencies) / elapsed, "bytes": size, "errors": dict(errors)}
 
 
 def main() -> int:

@@ -423,7 +423,7 @@ def one_size(n: int, seconds: float, trials: int) -> dict[str, Any]:
                 "lateness_loaded": loaded["lateness"], "jitter_loaded": loaded["jitter"],
                 "stretch_loaded": loaded["stretch"],
                 "status": {**_quantiles(latencies["latencies"]), "requests_per_second": latencies["rate"],
-                           "body_bytes": latencies["bytes"]},
+                           "body_bytes": latencies["bytes"], "errors": latencies.get("errors", {})},
                 "detection": {"n": len(detection), "p50_ms": percentile(detection, 0.5) * 1000,
                               "p95_ms": percentile(detection, 0.95) * 1000, "max_ms": max(detection) * 1000},
                 "reload": reload,
