@@ -86,8 +86,10 @@ def cut_off(lab: Lab, pop: str | None = None, client: str = "client1") -> CutOff
     shared = {router for router, _ in lab.faults.upstreams(client)}
     direct = {p for p in lab.pops if shared & {router for router, _ in lab.faults.upstreams(p)}}
     deadline = time.monotonic() + 20
+    landings_at_choice: dict[str, str | None] = {}
     while pop is None:
-        pop = landings(lab).get(agent)  # None until the agent's latest answer is in a fresh report
+        landings_at_choice = landings(lab)
+        pop = landings_at_choice.get(agent)  # None until the agent's latest answer is in a fresh report
         if pop not in direct:
             pop = None
             if time.monotonic() > deadline:
@@ -98,7 +100,9 @@ def cut_off(lab: Lab, pop: str | None = None, client: str = "client1") -> CutOff
     hold_down = lab.spec.pops[pop].config.pool.hold_down
     with lab.watch(router) as watch:
         watch.wait_for(lambda hops: hop in hops, timeout=20)
-        moved = sorted(name for name, on in landings(lab).items() if on == pop)
+        # who landed on it before the cut: one read can miss an agent whose last query timed out
+        chosen_by = {agent} if pop == landings_at_choice.get(agent) else set()
+        moved = sorted(chosen_by | {name for name, on in landings(lab).items() if on == pop})
         fault = lab.faults.apply("cut-off", pop)
         try:
             gone = watch.wait_for(lambda hops: hop not in hops, timeout=30, since=fault.at)
