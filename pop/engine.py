@@ -68,6 +68,7 @@ class Engine:
         self.server_drains: dict[str, ServerDrain] = {}
         self.pop_drain: PopDrain | None = None  # the drain ladder in progress (pop.ladder)
         self.damping = dampening.Damping()  # flap dampening at the origin (pop.dampening)
+        self.revision = 0  # counts the events: every change of state the status shows is one
         self.drain_connections: int | None = None  # the PoP's open connections, where the data plane counts
         self.on_admin_change: Callable[[], None] | None = None  # the service persists drains
         self.verdict = Verdict()
@@ -338,6 +339,7 @@ class Engine:
 
     def _record(self, kind: str, subject: str, old: str, new: str, reason: str) -> None:
         self.events.append(Event(self.clock(), self.wall(), kind, subject, old, new, reason))
+        self.revision += 1  # a shared /v1/status built before this is no longer served (pop.status)
 
     def _applier_event(self, kind: str, subject: str, reason: str) -> None:
         self._record(kind, subject, "", kind, reason)

@@ -181,7 +181,8 @@ _SERVERS = "\u0000servers\u0000"  # where the servers' JSON goes into the rest (
 class _Shared:
     """The status as last built, shared by every reader for MAX_AGE seconds (monotonic).
 
-    A status is never served older than MAX_AGE. Once it is REFRESH old the next reader
+    A status is never served older than MAX_AGE, nor once the engine recorded an event after it
+    was built (a withdrawal, a server's change: `revision`). Once it is REFRESH old the next reader
     starts a rebuild and is sent the current bytes meanwhile, so under steady reading nobody
     waits for a build; a reader after a quiet spell (older than MAX_AGE), the first one, and
     the first after an operator action (`forget()`) wait for a fresh one. The snapshot is taken
@@ -192,14 +193,18 @@ class _Shared:
     """
 
     def __init__(self, snapshot: Callable[[], Snapshot], rest: Callable[[Snapshot, Any], dict[str, Any]],
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.snapshot, self.rest, self.clock = snapshot, rest, clock
+                 clock: Callable[[], float] = time.monotonic, revision: Callable[[], int] = lambda: 0) -> None:
+        self.snapshot, self.rest, self.clock, self.revision = snapshot, rest, clock, revision
+        self.seen = revision()  # the engine's revision when the shared status was built
         self.at = -1e9  # when the snapshot of `built` was taken; -1e9: none since the last forget()
         self.built: tuple[dict[str, Any], bytes, bytes] | None = None  # data, body, gzip'd body
         self.building: asyncio.Future[None] | None = None
         self.forgotten = 0  # forget() calls: a build started before one is not fresh after it
 
     async def get(self) -> tuple[dict[str, Any], bytes, bytes]:
+        if self.revision() != self.seen:  # something changed since: the verdict, a server, a step
+            self.seen = self.revision()
+            self.forget()
         while True:
             age = self.clock() - self.at
             if self.building is None and age >= REFRESH:
@@ -238,8 +243,9 @@ def _render(snap: Snapshot, rest: dict[str, Any], head: str) -> tuple[dict[str, 
 
 
 def make_app(source: SnapshotSource, operator: Operator, ctl: Control, *, ready: Ready = lambda: "",
-             availability: Availability | None = None) -> web.Application:
-    """The endpoints; ``ready`` answers /healthz, ``availability`` is pop.availability.report now."""
+             availability: Availability | None = None, revision: Callable[[], int] = lambda: 0) -> web.Application:
+    """The endpoints; ``ready`` answers /healthz, ``availability`` is pop.availability.report now,
+    ``revision`` changes with every event (a shared status built before it is not served)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PopCollector(source, _pop_state, availability))
     registry.register(control_api.ControlCollector(ctl))
@@ -248,7 +254,7 @@ def make_app(source: SnapshotSource, operator: Operator, ctl: Control, *, ready:
         return {"api": API, **to_json(snap, servers), "audit": ctl.trail.recent(),
                 "availability": None if availability is None else availability()}
 
-    shared = _Shared(source, rest)
+    shared = _Shared(source, rest, revision=revision)
 
     def answer(data: dict[str, Any], request: web.Request) -> web.Response:
         return web.json_response(data, dumps=lambda v: json.dumps(v, indent=2 if "pretty" in request.query else None))

@@ -64,3 +64,20 @@ def test_v1_status_is_sent_gzipped_to_readers_that_accept_it_and_plain_to_others
             assert data["schedule"]["stretch"] == 1.0 and data["schedule"]["behind"] is False
 
     asyncio.run(main())
+
+
+def test_a_status_built_before_an_event_is_not_served_after_it() -> None:
+    async def main() -> None:
+        engine, _, _ = engine_with()
+        feed(engine, "a", OK, 2)
+        feed(engine, "b", OK, 2)
+        clock = ManualClock()
+        shared = status._Shared(engine.snapshot, status.to_json, clock, revision=lambda: engine.revision)
+        before = await shared.get()
+        assert before[0]["state"] == "announced"
+        engine.drain()  # an event, a moment later: the shared status must not outlive it
+        clock.now += status.REFRESH / 10
+        after = await shared.get()
+        assert after is not before and after[0]["state"] == "draining"  # the ladder began
+
+    asyncio.run(main())
