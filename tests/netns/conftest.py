@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import pytest
 
 from lab.frr import BGPD, VTYSH, ZEBRA, BgpNeighbor, FrrRouter
 from lab.netns import Netns, cleanup_prefix
+from lab.runner import REPO, Lab, new_prefix
 
 NETNS_DIR = Path(__file__).parent
 
@@ -99,3 +101,16 @@ def frr_factory(netns_factory: Callable[[str], Netns], tmp_path: Path) -> Iterat
     finally:
         for router in routers:
             router.stop()
+
+
+@contextmanager
+def running_lab(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """The lab of containerlab.yml, up for the block (namespaces ``<kind>-xxxx-*``), down after it
+    whatever happened: the module-scoped ``lab`` fixtures of the lab tests."""
+    lab = Lab.from_file(REPO / "containerlab.yml", prefix=new_prefix(kind),
+                        statedir=tmp_path_factory.mktemp("lab") / "state")
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()

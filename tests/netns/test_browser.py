@@ -27,7 +27,8 @@ from typing import Any
 import pytest
 
 from lab.netns import Netns
-from lab.runner import REPO, Lab, new_prefix
+from lab.runner import REPO, Lab
+from tests.netns.conftest import running_lab
 from tests.netns.test_lab_runner import needs
 
 __all__ = ["needs"]
@@ -40,13 +41,8 @@ ARTIFACTS = Path(os.environ.get("POP_TEST_ARTIFACTS", REPO / ".artifacts"))
 def lab(needs: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     if CHROMIUM is None:
         pytest.skip("needs chromium (Debian's chromium package; .ci/install installs it)")
-    lab = Lab.from_file(REPO / "containerlab.yml", prefix=new_prefix("tbr"),
-                        statedir=tmp_path_factory.mktemp("lab") / "state")
-    try:
-        lab.up()
+    with running_lab("tbr", tmp_path_factory) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def browse(url: str, shot: Path, ns: Netns | None = None) -> str:

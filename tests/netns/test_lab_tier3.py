@@ -25,7 +25,8 @@ from collections.abc import Iterator
 import pytest
 
 from lab import tier3
-from lab.runner import REPO, Lab, new_prefix
+from lab.runner import Lab
+from tests.netns.conftest import running_lab
 from tests.netns.test_lab_runner import needs
 
 __all__ = ["needs"]  # the fixture that skips, naming what the machine lacks
@@ -33,15 +34,12 @@ __all__ = ["needs"]  # the fixture that skips, naming what the machine lacks
 
 @pytest.fixture(scope="module")
 def lab(needs: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = Lab.from_file(REPO / "containerlab.yml", prefix=new_prefix("tt3"),
-                        statedir=tmp_path_factory.mktemp("lab") / "state")
-    try:
-        lab.up()
-        tier3.settled(lab)
-        yield lab
-    finally:
-        print("\n" + lab.log_tails() if lab.pops else "")
-        lab.down()
+    with running_lab("tt3", tmp_path_factory) as lab:
+        try:
+            tier3.settled(lab)
+            yield lab
+        finally:
+            print("\n" + lab.log_tails())
 
 
 def test_the_lab_has_three_agents_behind_three_upstreams(lab: Lab) -> None:

@@ -20,7 +20,8 @@ import pytest
 
 from lab import prometheus
 from lab.prometheus import PrometheusNode
-from lab.runner import REPO, Lab, new_prefix
+from lab.runner import REPO, Lab
+from tests.netns.conftest import running_lab
 from tests.netns.test_lab_runner import needs
 
 __all__ = ["needs"]
@@ -32,13 +33,8 @@ DASHBOARD = REPO / "docs" / "monitoring" / "grafana-dashboard.json"
 def lab(needs: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     if not prometheus.available() or shutil.which("promtool") is None:
         pytest.skip("needs prometheus and promtool (Debian's prometheus package; .ci/install installs it)")
-    lab = Lab.from_file(REPO / "containerlab.yml", prefix=new_prefix("tpm"),
-                        statedir=tmp_path_factory.mktemp("lab") / "state")
-    try:
-        lab.up()
+    with running_lab("tpm", tmp_path_factory) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def prom(lab: Lab) -> PrometheusNode:

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from lab.runner import REPO, Lab, new_prefix
+from lab.runner import Lab
 from lab.soak import Soak, summary
+from tests.netns.conftest import running_lab
 from tests.netns.test_lab_runner import needs
 
 __all__ = ["needs"]
@@ -20,13 +21,8 @@ SECONDS = float(os.environ.get("POP_SOAK_SECONDS", "300"))
 
 @pytest.fixture(scope="module")
 def lab(needs: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = Lab.from_file(REPO / "containerlab.yml", prefix=new_prefix("tsk"),
-                        statedir=tmp_path_factory.mktemp("lab") / "state")
-    try:
-        lab.up()
+    with running_lab("tsk", tmp_path_factory) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def test_random_faults_for_five_minutes_break_no_invariant(lab: Lab) -> None:
