@@ -11,6 +11,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from pop.dampening import Policy as DampeningPolicy
+from pop.fleet import Policy as FleetPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,5 +258,6 @@ class Config:
     drain: Drain = field(default_factory=Drain)
     availability: Availability = field(default_factory=Availability)
     dampening: DampeningPolicy = field(default_factory=lambda: DampeningPolicy(enabled=False))
+    fleet: FleetPolicy = field(default_factory=FleetPolicy)
     runtime_dir: str = "/run/pop"
     source: str = "pop.yaml"

@@ -72,7 +72,7 @@ class DesiredState:
 
 
 def announcements(prefixes: tuple[Prefix, ...], announce: bool, degraded: bool,
-                  drain: Effect = NO_DRAIN) -> tuple[Announcement, ...]:
+                  drain: Effect = NO_DRAIN, fleet_tags: tuple[str, ...] = ()) -> tuple[Announcement, ...]:
     """What the BGP session should carry: every anycast prefix with the attributes of the
     current state (healthy or degraded) and of the drain ladder's steps so far (pop.ladder),
     or nothing while the verdict is withdraw.
@@ -80,6 +80,7 @@ def announcements(prefixes: tuple[Prefix, ...], announce: bool, degraded: bool,
     A drain only ever makes a route less preferred: the MED is raised to the step's value
     (never lowered), the prepends add to the configured ones, and GRACEFUL_SHUTDOWN adds
     65535:0 and LOCAL_PREF 0 (sent on iBGP sessions only; eBGP peers set it themselves, RFC 8326).
+    ``fleet_tags``: the large communities by which the other PoPs recognise this one (pop.fleet).
     """
     if not announce:
         return ()
@@ -99,7 +100,8 @@ def announcements(prefixes: tuple[Prefix, ...], announce: bool, degraded: bool,
             med=med,
             local_pref=local_pref,
             communities=communities,
-            large_communities=attributes.large_communities,
+            large_communities=attributes.large_communities + tuple(t for t in fleet_tags
+                                                                   if t not in attributes.large_communities),
             as_path_prepend=attributes.as_path_prepend + drain.prepend,
         ))
     return tuple(result)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 
-from pop import adminstate, dampening, drains, external, ladder, load, pool, snapshot, verdict
+from pop import adminstate, dampening, drains, external, fleet, ladder, load, pool, snapshot, verdict
 from pop import desired as plan
 from pop.adminstate import AdminState
 from pop.applier import Applier, Dataplane, DataplaneFailure, Speaker
@@ -72,6 +72,9 @@ class Engine:
         self.drain_connections: int | None = None  # the PoP's open connections, where the data plane counts
         self.on_admin_change: Callable[[], None] | None = None  # the service persists drains
         self.verdict = Verdict()
+        self.guard = fleet.Guard()  # the fleet guard (pop.fleet): holds a PoP the fleet cannot spare
+        self.fleet_view = fleet.View()  # the other PoPs, as the BGP sessions show them
+        self.fleet_source: Callable[[], Sequence[tuple[str, fleet.Sighting]]] | None = None  # the speaker's paths
         self.events: collections.deque[Event] = collections.deque(maxlen=200)
         self._wake_timer = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
@@ -93,6 +96,7 @@ class Engine:
         self.board = Health(config.servers, policies, self.clock(), getattr(self, "board", None))
         self._servers = tuple(pool.Server(s.name, s.address, s.weight) for s in config.servers)
         self._enabled = [s.name for s in config.servers if s.enabled]
+        self._first_tier = {name: pairs[0][0].name for name, pairs in checks.items() if pairs}
         self._verdict_policy = VerdictPolicy(config.pool.low_watermark, config.pool.high_watermark,
                                              config.pool.hold_down)
         self.server_drains = {n: d for n, d in self.server_drains.items() if n in self.health}
@@ -156,12 +160,68 @@ class Engine:
         elif self.verdict.hold_down_until != old.hold_down_until and self.verdict.hold_down_until is not None:
             log.info("pop.hold_down pop=%s until=+%.1fs reason=%s", self.config.name,
                      self.verdict.hold_down_until - now, self.verdict.reason)
+        self._guard(now, old.announce)
         self._wake_timer.set()
-        members = pool.members(self._servers, self.health, self.server_drains, self.load_factors)
+        held = self.guard.holding
+        if held:  # the fleet cannot spare this PoP: every server that answers at tier 1 serves
+            members = pool.alive(self._servers, self.tiers, self._first_tier, self.server_drains, self.load_factors)
+        else:
+            members = pool.members(self._servers, self.health, self.server_drains, self.load_factors)
         state = plan.dataplane(self.config.prefixes, members, self.config.dataplane)
+        effect = ladder.effect(self.pop_drain, self.config.drain.steps)
+        if held:
+            effect = replace(effect, prepend=effect.prepend + self.config.fleet.prepend, graceful_shutdown=True)
         self.applier.want(replace(state, announcements=plan.announcements(
-            self.config.prefixes, self.verdict.announce, pool.degraded(self.health, self.tiers),
-            ladder.effect(self.pop_drain, self.config.drain.steps))))
+            self.config.prefixes, self.verdict.announce or held, pool.degraded(self.health, self.tiers) or held,
+            effect, fleet.tags(self.config.fleet, leaving=held))))
+
+    def _guard(self, now: float, was_announced: bool) -> None:
+        """The fleet guard's turn, after the verdict's (pop.fleet)."""
+        old, policy = self.guard, self.config.fleet
+        withdraw = not self.verdict.announce and not self.verdict.drained
+        hard_down = policy.guarding and withdraw and not pool.alive(
+            self._servers, self.tiers, self._first_tier, self.server_drains, {})
+        self.guard = fleet.step(old, policy, self.fleet_view, [p.prefix for p in self.config.prefixes],
+                                now, withdraw=withdraw,
+                                eligible=self.verdict.ever_announced, hard_down=hard_down,
+                                announced=was_announced or old.holding)
+        if self.guard.phase != old.phase:
+            log.log(logging.WARNING if self.guard.holding else logging.INFO, "fleet.%s pop=%s reason=%s",
+                    self.guard.phase or "clear", self.config.name, self.guard.reason)
+            self._record("fleet", self.config.name, old.phase or "none", self.guard.phase or "none",
+                         self.guard.reason or "the verdict announces")
+
+    def fleet_changed(self) -> None:
+        """The BGP sessions show another picture of the fleet: decide again if it differs."""
+        if self.fleet_source is None:
+            return
+        new = fleet.view(self.fleet_source(), self.config.fleet.id)
+        if new == self.fleet_view:
+            return
+        self.fleet_view = new
+        log.info("fleet.view pop=%s %s", self.config.name,
+                 " ".join(f"{p}={','.join(map(str, sorted(s))) or '-'}" for p, s in sorted(new.pops.items())) or "-")
+        self.revision += 1
+        self.reevaluate()
+
+    def fleet_refuses(self, new: Config) -> str:
+        """Why a reload must be refused because of the fleet guard, or "": it would remove a
+        prefix this PoP announces that fewer than min_pops other PoPs announce. Setting
+        fleet.min_pops to 0 in the same reload says the removal is meant."""
+        policy = new.fleet
+        if not policy.guarding or not (self.verdict.announce or self.guard.holding):
+            return ""
+        kept = {p.prefix for p in new.prefixes}
+        problems = []
+        for prefix in (p.prefix for p in self.config.prefixes if p.prefix not in kept):
+            view = self.fleet_view
+            others = len(view.pops.get(prefix, frozenset()) - view.leaving.get(prefix, frozenset()))
+            if others < policy.min_pops:
+                problems.append(f"it removes {prefix}, which only {others} other PoP(s) announce "
+                                f"(fleet.min_pops {policy.min_pops})")
+        if not problems:
+            return ""
+        return "; ".join(problems) + ": set fleet.min_pops to 0 in the same reload to remove it on purpose"
 
     def _climb(self, now: float) -> None:
         """Move the drain ladder to the step in force now; end a maintenance whose time is up."""
@@ -386,6 +446,7 @@ class Engine:
         while True:
             self._wake_timer.clear()
             times = [self.verdict.hold_down_until, dampening.reusable_at(self.damping, self.config.dampening),
+                     fleet.due(self.guard, self.config.fleet),
                      None if self.pop_drain is None else ladder.due(self.pop_drain, self.config.drain.steps)]
             until = min((t for t in times if t is not None), default=None)
             try:
@@ -443,7 +504,9 @@ class Engine:
                               schedule=self.probes.schedule(),
                               ladder=ladder.view(self.pop_drain, self.config.drain.steps, self.clock(), self.wall()),
                               dampening=dampening.view(self.damping, self.clock(), self.config.dampening),
-                              external=None if self.tier3 is None else external.summary(self.tier3, self.wall()))
+                              external=None if self.tier3 is None else external.summary(self.tier3, self.wall()),
+                              fleet=None if not self.config.fleet.id else fleet.summary(
+                                  self.guard, self.config.fleet, self.fleet_view, self.clock()))
 
 
 def _exists(path: str) -> bool:

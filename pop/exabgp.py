@@ -79,13 +79,21 @@ def _beacons(config: Config, neighbor: Neighbor) -> str:
 
 
 def _graceful_restart(config: Config) -> str:
-    """RFC 4724 with `manual-eor`: ExaBGP offers the restart time and never sends End-of-RIB by
+    """The neighbor's capabilities.
+
+    RFC 4724 with `manual-eor`: ExaBGP offers the restart time and never sends End-of-RIB by
     itself; the engine sends it (`eor_commands`) once it has decided what to keep, so that a
-    router keeps the routes of a planned restart as stale until then (docs/decisions.md)."""
+    router keeps the routes of a planned restart as stale until then (docs/decisions.md).
+
+    In a fleet, ADD-PATH receive (RFC 7911): a router that sends every path it holds shows
+    this PoP every other PoP announcing the same prefix, not only its best (pop.fleet).
+    """
     seconds = config.exabgp.graceful_restart
-    if not seconds:
+    lines = ([f"        graceful-restart {seconds};\n"] if seconds else []) + \
+        (["        add-path receive;\n"] if config.fleet.id else [])
+    if not lines:
         return ""
-    return f"    capability {{\n        graceful-restart {seconds};\n    }}\n    manual-eor true;\n"
+    return "    capability {\n" + "".join(lines) + "    }\n" + ("    manual-eor true;\n" if seconds else "")
 
 
 def _comment(text: str) -> str:
@@ -185,6 +193,10 @@ class Update:
     peer: str
     announced: tuple[str, ...]
     withdrawn: tuple[str, ...]
+    # with ADD-PATH a prefix can come as several paths: (prefix, path id, "" without ADD-PATH)
+    announced_paths: tuple[tuple[str, str], ...] = ()
+    withdrawn_paths: tuple[tuple[str, str], ...] = ()
+    large_communities: tuple[tuple[int, int, int], ...] = ()  # of the announced paths
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,21 +287,38 @@ def _from_json(data: dict[str, Any]) -> Message:
             eor = neighbor["message"]["eor"]
             return EndOfRib(peer=str(neighbor["address"]["peer"]), family=f"{_text(eor['afi'])} {_text(eor['safi'])}")
         update = neighbor["message"]["update"]
-        announced: list[str] = []
+        announced: list[tuple[str, str]] = []
         for families in update.get("announce", {}).values():
             for nlris in families.values():
-                announced.extend(_nlri_prefix(nlri) for nlri in nlris)
-        withdrawn: list[str] = []
+                announced.extend(_nlri_path(nlri) for nlri in nlris)
+        withdrawn: list[tuple[str, str]] = []
         for nlris in update.get("withdraw", {}).values():
-            withdrawn.extend(_nlri_prefix(nlri) for nlri in nlris)
-        return Update(peer=str(neighbor["address"]["peer"]), announced=tuple(announced), withdrawn=tuple(withdrawn))
+            withdrawn.extend(_nlri_path(nlri) for nlri in nlris)
+        large = update.get("attribute", {}).get("large-community", []) if announced else []
+        return Update(peer=str(neighbor["address"]["peer"]), announced=tuple(p for p, _ in announced),
+                      withdrawn=tuple(p for p, _ in withdrawn), announced_paths=tuple(announced),
+                      withdrawn_paths=tuple(withdrawn), large_communities=tuple(_large(c) for c in large))
     return Other(str(kind))
 
 
-def _nlri_prefix(nlri: Any) -> str:
+def _nlri_path(nlri: Any) -> tuple[str, str]:
+    """(prefix, path id): ExaBGP writes an NLRI as a bare string, or an object with "nlri" and,
+    under ADD-PATH, "path-information" (a dotted quad)."""
     if isinstance(nlri, dict):
-        return str(nlri["nlri"])
-    return str(nlri)
+        path_id = nlri.get("path-information", "")
+        return str(nlri["nlri"]), _text(path_id)
+    return str(nlri), ""
+
+
+U32 = 2**32 - 1
+
+
+def _large(value: Any) -> tuple[int, int, int]:
+    """One large community as ExaBGP's JSON writes it: [global, local1, local2]."""
+    if not isinstance(value, list) or len(value) != 3 \
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= U32 for v in value):
+        raise ValueError(f"large community {value!r} is not three 32-bit numbers")
+    return value[0], value[1], value[2]
 
 
 # ExaBGP's FSM state names (bgp/fsm.py) in the words of its neighbor-changes messages. Its own

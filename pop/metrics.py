@@ -89,6 +89,8 @@ class PopCollector(Collector):
                          [([pop], float(snap.dampening["figure"]))])
             yield _gauge("pop_dampening_suppressed", "1 while flap dampening keeps the PoP from re-announcing",
                          ["pop"], [([pop], float(bool(snap.dampening["suppressed"])))])
+        if snap.fleet is not None:
+            yield from _fleet(pop, snap.fleet)
         yield from self._servers(snap)
         yield from self._availability(pop)
         yield from _external(snap)
@@ -179,3 +181,18 @@ def _number(value: object) -> float:
 
 def _ratio(value: float | None) -> float:
     return float("nan") if value is None else float(value)
+
+
+def _fleet(pop: str, shown: Mapping[str, Any]) -> Iterator[Metric]:
+    """The fleet guard (pop.fleet.summary): the other PoPs seen, and whether it holds this one."""
+    announcing = shown["announcing"]
+    leaving = shown["leaving"]
+    yield _gauge("pop_fleet_other_pops", "other PoPs of the fleet seen announcing the prefix", ["pop", "prefix"],
+                 [([pop, p], float(len(ids))) for p, ids in announcing.items()])
+    yield _gauge("pop_fleet_other_pops_leaving", "of those, the ones the fleet guard de-preferences",
+                 ["pop", "prefix"], [([pop, p], float(len(leaving.get(p, ())))) for p in announcing])
+    yield _gauge("pop_fleet_guard_holding", "1 while the fleet guard keeps the PoP announced (de-preferenced) "
+                                            "although its verdict withdraws it", ["pop"],
+                 [([pop], float(bool(shown["holding"])))])
+    yield _counter("pop_fleet_guard_holds", "times the fleet guard held the PoP because the fleet was short",
+                   ["pop"], [([pop], float(shown["holds"]))])

@@ -61,6 +61,22 @@ def members(servers: Iterable[Server], health: Mapping[str, ServerHealth], drain
     return tuple(result)
 
 
+ALIVE = (State.UP, State.FALLING)  # a tier's states in which the server counts
+
+
+def alive(servers: Iterable[Server], tiers: Mapping[str, Mapping[str, TierState]], first_tier: Mapping[str, str],
+          drains: Mapping[str, ServerDrain], factors: Mapping[str, float]) -> tuple[tuple[str, int], ...]:
+    """(address, weight) of every server that answers at tier 1, drained ones excepted: the
+    data plane while the fleet guard holds a PoP its later tiers would withdraw (pop.fleet)."""
+    result = []
+    for s in servers:
+        drain = drains.get(s.name)
+        tier = tiers.get(s.name, {}).get(first_tier.get(s.name, ""))
+        if tier is not None and tier.state in ALIVE and drain is None:
+            result.append((s.address, weight(s, drain, factors)))
+    return tuple(result)
+
+
 def load_weights(servers: Iterable[Server], health: Mapping[str, ServerHealth],
                  drains: Mapping[str, ServerDrain]) -> dict[str, int]:
     """Configured weights of the servers in the pool, by address (what a load signal scales)."""

@@ -106,6 +106,13 @@ def _reload(engine: Engine, config_path: Path, ctl: Control, reloads: dict[str, 
     if _kernel(new) != _kernel(engine.config):
         log.warning("reload.partial starting or stopping the kernel data plane (dataplane.mode none, no vip) "
                     "takes effect at the next restart")
+    if (new.fleet.id, new.fleet.tag) != (engine.config.fleet.id, engine.config.fleet.tag):
+        refused = "fleet.id and fleet.tag are how the other PoPs know this one: change them with a restart"
+    else:
+        refused = engine.fleet_refuses(new)
+    if refused:
+        log.error("reload.rejected %s: %s", config_path, refused)
+        return
     ctl.tokens = tokens
     engine.reload(new, checks)
     reloads["refused"] -= 1
@@ -136,6 +143,7 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
         _account(engine, history)
 
     engine = Engine(config, speaker, checks, tier3=tier3, on_announced=announced)
+    engine.fleet_source, speaker.on_fleet = speaker.fleet_paths, engine.fleet_changed
     _restore_drains(engine, runtime / adminstate.FILE_NAME, config)
     engine.on_admin_change = lambda: _save_drains(engine, runtime / adminstate.FILE_NAME)
     stop = asyncio.Event()

@@ -62,13 +62,15 @@ class Snapshot:
     prefixes: tuple[str, ...] = ()  # configured, announced or not
     durations: Mapping[str, Durations] = field(default_factory=dict)  # probe durations per tier
     schedule: Schedule | None = None  # how the probe schedule holds (pop.stretch)
+    fleet: Mapping[str, Any] | None = None  # the fleet guard and view, in a fleet (pop.fleet.summary)
 
 
 def build(config: Config, *, now: float, started: float, verdict: Verdict, pool_view: PoolView, board: Health,
           drains: Mapping[str, ServerDrain], announced: tuple[Announcement, ...], events: tuple[Event, ...],
           applier: Applier, extra: Mapping[str, object], external: Mapping[str, Any] | None = None,
           ladder: Mapping[str, Any] | None = None, durations: Mapping[str, Durations] | None = None,
-          dampening: Mapping[str, Any] | None = None, schedule: Schedule | None = None) -> Snapshot:
+          dampening: Mapping[str, Any] | None = None, schedule: Schedule | None = None,
+          fleet: Mapping[str, Any] | None = None) -> Snapshot:
     """The engine's picture, assembled from its parts (read-only)."""
     servers = tuple(
         ServerSnapshot(s.name, s.address, s.weight, board.servers[s.name], dict(board.tiers[s.name]),
@@ -79,4 +81,4 @@ def build(config: Config, *, now: float, started: float, verdict: Verdict, pool_
                     desired=applier.desired.announcements, announced=announced, events=events,
                     apply=applier.status(), extra=dict(extra), external=external,
                     ladder=ladder, prefixes=tuple(p.prefix for p in config.prefixes), durations=durations or {},
-                    dampening=dampening, schedule=schedule)
+                    dampening=dampening, schedule=schedule, fleet=fleet)

@@ -63,6 +63,7 @@ def to_json(snap: Snapshot, servers: Any = None) -> dict[str, Any]:
                                 if snap.verdict.hold_down_until is not None else None),
         "drained": snap.verdict.drained,
         "dampening": snap.dampening,
+        "fleet": snap.fleet,
         "ladder": snap.ladder,
         "pool": {"healthy": snap.pool.healthy, "total": snap.pool.total,
                  "fraction": round(snap.pool.fraction, 4)},
@@ -164,6 +165,8 @@ def _pop_state(snap: Snapshot) -> str:
         return "draining"
     if snap.verdict.announce:
         return "degraded" if snap.degraded else "announced"
+    if snap.fleet is not None and snap.fleet["holding"]:
+        return "guarded"  # the verdict withdraws; the fleet guard keeps it announced, de-preferenced
     if snap.verdict.hold_down_until is not None and snap.verdict.hold_down_until > snap.at:
         return "hold-down"  # past it, only tier 3 or flap dampening holds the PoP: withdrawn, with their reason
     return "withdrawn"

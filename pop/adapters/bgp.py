@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
+from pop import fleet
 from pop.config import Config
 from pop.desired import Announcement
 from pop.exabgp import (
@@ -83,6 +84,10 @@ class ExaBgpSpeaker:
         self.foreign = 0  # messages about peers that are not ours
         self._eor_ready = False  # End-of-RIB goes out only once the start-up has decided
         self._eor_tasks: set[asyncio.Task[None]] = set()
+        # the fleet's marks on the paths peers send for our prefixes (pop.fleet), per peer and
+        # (prefix, path id); `on_fleet` is called whenever they change
+        self.paths: dict[str, dict[tuple[str, str], fleet.Sighting]] = {}
+        self.on_fleet: Callable[[], None] | None = None
 
     def announced(self) -> tuple[Announcement, ...]:
         """Read-back: what ExaBGP has acknowledged announcing."""
@@ -255,6 +260,7 @@ class ExaBgpSpeaker:
                 old = self.peers[message.peer]
                 received = (old.received - set(message.withdrawn)) | set(message.announced)
                 self.peers[message.peer] = dataclasses.replace(old, received=frozenset(received))
+                self._see_fleet(message)
         elif isinstance(message, EndOfRib):
             if self._ours(message.peer):
                 old = self.peers[message.peer]
@@ -266,6 +272,33 @@ class ExaBgpSpeaker:
             self.closed.set()
         elif isinstance(message, Unparsed):
             self._note_unparsed(message)
+
+    def fleet_paths(self) -> list[tuple[str, fleet.Sighting]]:
+        """Every fleet-marked path the sessions carry now: (prefix, what it says)."""
+        return [(prefix, seen) for paths in self.paths.values() for (prefix, _), seen in paths.items()]
+
+    def _see_fleet(self, message: Update) -> None:
+        tag, watched = self.config.fleet.tag, {p.prefix for p in self.config.prefixes}
+        if not tag:
+            return
+        paths = self.paths.setdefault(message.peer, {})
+        before = dict(paths)
+        for path in message.withdrawn_paths:
+            paths.pop(path, None)
+        seen = fleet.sighting(message.large_communities, tag)
+        for path in message.announced_paths:
+            if path[0] not in watched:
+                continue
+            if seen is None:
+                paths.pop(path, None)  # a path replaced by one without the marks
+            else:
+                paths[path] = seen
+        if paths != before:
+            self._fleet_changed()
+
+    def _fleet_changed(self) -> None:
+        if self.on_fleet is not None:
+            self.on_fleet()
 
     def _ours(self, peer: str) -> bool:
         """Only the configured sessions are tracked: a message about any other peer is counted
@@ -279,6 +312,8 @@ class ExaBgpSpeaker:
     def _set_state(self, peer: str, state: str, since: float, reason: str) -> None:
         old = self.peers.get(peer, PeerView())
         up = state == "up"  # what a peer sent belongs to its session
+        if not up and self.paths.pop(peer, {}):
+            self._fleet_changed()
         self.peers[peer] = PeerView(state, since, reason, old.received if up else frozenset(),
                                     old.eor_received if up else frozenset())
 

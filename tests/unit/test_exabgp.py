@@ -109,7 +109,14 @@ def test_prepend_leads_with_our_as_only_on_ebgp() -> None:
     ('{"type": "update", "neighbor": {"address": {"peer": "10.0.1.1"}, "message": {"update": {'
      '"announce": {"ipv4 unicast": {"10.0.1.1": [{"nlri": "198.51.100.1/32"}]}},'
      '"withdraw": {"ipv4 unicast": [{"nlri": "203.0.113.0/24"}]}}}}}',
-     Update("10.0.1.1", ("198.51.100.1/32",), ("203.0.113.0/24",))),
+     Update("10.0.1.1", ("198.51.100.1/32",), ("203.0.113.0/24",), (("198.51.100.1/32", ""),),
+            (("203.0.113.0/24", ""),))),
+    # ADD-PATH: every path its own id; the fleet's marks come as large communities
+    ('{"type": "update", "neighbor": {"address": {"peer": "10.0.1.1"}, "message": {"update": {'
+     '"attribute": {"origin": "igp", "large-community": [ [ 64496, 1 , 3 ], [ 64496, 2 , 3 ] ]},'
+     '"announce": {"ipv4 unicast": {"10.0.1.1": [{"nlri": "198.51.100.1/32", "path-information": "0.0.0.2"}]}}}}}}',
+     Update("10.0.1.1", ("198.51.100.1/32",), (), (("198.51.100.1/32", "0.0.0.2"),), (),
+            ((64496, 1, 3), (64496, 2, 3)))),
     ('{"type": "keepalive", "neighbor": {}}', Other("keepalive")),
 ])
 def test_parse(line: str, expected: object) -> None:
@@ -119,6 +126,10 @@ def test_parse(line: str, expected: object) -> None:
 @pytest.mark.parametrize("line", [
     "garbage", "{not json", "[1,2]", '{"type": "state"}', '{"type": "update", "neighbor": {"address": 5}}',
     '{"answer": "maybe"}', "[" * 100000,
+    '{"type": "update", "neighbor": {"address": {"peer": "10.0.1.1"}, "message": {"update": {'
+    '"attribute": {"large-community": [[1, 2]]}, "announce": {"ipv4 unicast": {"10.0.1.1": ["192.0.2.0/24"]}}}}}}',
+    '{"type": "update", "neighbor": {"address": {"peer": "10.0.1.1"}, "message": {"update": {'
+    '"announce": {"ipv4 unicast": {"10.0.1.1": [{"nlri": "192.0.2.0/24", "path-information": 7}]}}}}}}',
 ])
 def test_bad_messages_are_values_not_exceptions(line: str) -> None:
     assert isinstance(parse_line(line), Unparsed)
@@ -130,7 +141,7 @@ def captured(name: str) -> str:
 
 @pytest.mark.parametrize(("name", "expected"), [
     ("bird-end-of-rib.json", EndOfRib("10.0.1.1", "ipv4 unicast")),
-    ("frr-update.json", Update("10.0.1.1", ("203.0.113.0/24",), ())),
+    ("frr-update.json", Update("10.0.1.1", ("203.0.113.0/24",), (), (("203.0.113.0/24", ""),))),
     ("show-neighbor-json-up.json", NeighborReport((NeighborSummary("10.0.1.1", "up", 4),))),
     # an idle session's "duration" counts something else (ExaBGP's reset - creation): not kept
     ("show-neighbor-json-down.json", NeighborReport((NeighborSummary("10.0.1.1", "down", 0),))),
