@@ -135,6 +135,7 @@ class BgpConfig:
     maximum_paths: int = 8
     extra_config: str = ""
     graceful_shutdown_in: bool = False  # received 65535:0 -> local-preference 0 (RFC 8326)
+    add_paths: bool = False  # send every path, not only the best, to every neighbor (RFC 7911)
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -188,6 +189,8 @@ class BgpConfig:
             lines += [f"  neighbor {nbr.address} activate" for nbr in peers]
             if self.graceful_shutdown_in:
                 lines += [f"  neighbor {nbr.address} route-map {GSHUT_ROUTE_MAP} in" for nbr in peers]
+            if self.add_paths:
+                lines += [f"  neighbor {nbr.address} addpath-tx-all-paths" for nbr in peers]
             lines += [f"  maximum-paths {self.maximum_paths}",
                       f"  maximum-paths ibgp {self.maximum_paths}",
                       " exit-address-family"]
@@ -202,9 +205,9 @@ class FrrRouter:
     def __init__(self, ns: Netns, name: str, asn: int, router_id: str,  # noqa: PLR0917
                  neighbors: Sequence[BgpNeighbor], networks: Sequence[str] = (), *,
                  workdir: Path, maximum_paths: int = 8, extra_config: str = "",
-                 graceful_shutdown_in: bool = False) -> None:
+                 graceful_shutdown_in: bool = False, add_paths: bool = False) -> None:
         self.config = BgpConfig(name, asn, router_id, tuple(neighbors), tuple(networks),
-                                maximum_paths, extra_config, graceful_shutdown_in)
+                                maximum_paths, extra_config, graceful_shutdown_in, add_paths)
         self.ns = ns
         self.name = name
         self.asn = asn
@@ -217,7 +220,7 @@ class FrrRouter:
     def from_config(cls, ns: Netns, config: BgpConfig, *, workdir: Path) -> FrrRouter:
         return cls(ns, config.name, config.asn, config.router_id, config.neighbors, config.networks,
                    workdir=workdir, maximum_paths=config.maximum_paths, extra_config=config.extra_config,
-                   graceful_shutdown_in=config.graceful_shutdown_in)
+                   graceful_shutdown_in=config.graceful_shutdown_in, add_paths=config.add_paths)
 
     def __repr__(self) -> str:
         return f"FrrRouter({self.name!r}, asn={self.asn}, ns={self.ns.name!r})"

@@ -283,7 +283,7 @@ def parse_frr(text: str, source: str) -> BgpConfig:
     """The BgpConfig whose ``render()`` is exactly ``text``; TopologyError otherwise."""
     name = asn = router_id = None
     maximum_paths = 8
-    graceful_shutdown_in = False
+    graceful_shutdown_in = add_paths = False
     neighbors: dict[str, dict[str, Any]] = {}
     networks: list[str] = []
     family = "ipv4"
@@ -311,6 +311,8 @@ def parse_frr(text: str, source: str) -> BgpConfig:
                 peer["connect_retry"] = int(rest[2])
             elif rest[0] == "timers":
                 peer["keepalive"], peer["hold_time"] = int(rest[1]), int(rest[2])
+        elif line.startswith("  neighbor ") and words[2] == "addpath-tx-all-paths":
+            add_paths = True  # for every neighbor: rendering again checks that
         elif line.startswith("  neighbor ") and words[2] == "activate":
             neighbors.setdefault(words[1], {}).setdefault("families", []).append(family)
         elif line.startswith(" address-family "):
@@ -332,7 +334,7 @@ def parse_frr(text: str, source: str) -> BgpConfig:
             # the neighbor's own family is BgpNeighbor's default: keep the value as one writes it
             parsed.append(BgpNeighbor(address, families=() if families == default else families, **values))
         config = BgpConfig(name, asn, router_id, tuple(parsed), tuple(networks), maximum_paths, extra,
-                           graceful_shutdown_in)
+                           graceful_shutdown_in, add_paths)
     except (TypeError, ValueError) as exc:
         raise TopologyError([f"{source}: {exc}"]) from None
     rendered = config.render()
