@@ -129,3 +129,28 @@ def test_every_pop_failing_tier2_at_once_keeps_min_pops_announced_and_a_dead_pop
             reload(lab, name, {"min_pops": 0})
     lab.wait_converged(timeout=40)
     assert lab.router("r1").kernel_nexthops(ANYCAST) == hops(lab, "r1", "pop1", "pop3")
+
+
+def test_a_reload_removing_a_prefix_the_fleet_cannot_spare_is_refused_and_changes_nothing(lab: Lab) -> None:
+    lab.wait_converged(timeout=30)
+    node, r1 = lab.pop("pop1"), lab.router("r1")
+    peer = lab.pop_address("r1", "pop1")
+    original = node.config_path.read_text()
+    updates = r1.updates_received(peer)
+    try:
+        document = yaml.safe_load(original)
+        document["fleet"]["min_pops"] = 3  # two other PoPs announce the prefix: not enough
+        document["prefixes"][0]["prefix"] = "198.51.100.2/32"
+        node.config_path.write_text(yaml.safe_dump(document, sort_keys=False))
+        refused = lab.pop_status("pop1")["reloads"]["refused"]
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGHUP)
+        node.wait_status(lambda s: s["reloads"]["refused"] == refused + 1, timeout=15)
+        assert f"it removes {ANYCAST}, which only 2 other PoP(s) announce (fleet.min_pops 3)" in node.log_tail(40)
+        status = lab.pop_status("pop1")
+        assert status["state"] == "announced" and status["fleet"]["min_pops"] == 0
+        assert [a["prefix"] for a in status["bgp"]["announced"]] == [ANYCAST]
+        assert r1.updates_received(peer) == updates  # not one UPDATE
+        assert lab.router("r1").kernel_nexthops(ANYCAST) == hops(lab, "r1", "pop1", "pop3")
+    finally:
+        node.config_path.write_text(original)
