@@ -122,6 +122,22 @@ class PopNode:
         self.proc = self.ns.popen(str(pop), "run", "-c", str(self.config_path), log=self.log,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
+    def reload(self, change: Callable[[dict[str, Any]], None], taken: Callable[[dict[str, Any]], bool],
+               timeout: float = 15.0) -> None:
+        """Edit this PoP's pop.yaml with ``change``, SIGHUP `pop run`, and wait until /status
+        says ``taken`` (a restart of `pop run` later reads the edited file too)."""
+        document = yaml.safe_load(self.config_path.read_text())
+        change(document)
+        self.config_path.write_text(yaml.safe_dump(document, sort_keys=False))
+        assert self.proc is not None and self.proc.poll() is None, f"{self.name}: pop run is not running"
+        self.proc.send_signal(signal.SIGHUP)
+        self.wait_status(taken, timeout=timeout)
+
+    def set_fleet(self, **fleet: Any) -> None:
+        """Reload with these keys of the fleet section changed (e.g. ``min_pops=2``)."""
+        self.reload(lambda d: d["fleet"].update(fleet),
+                    lambda s: all(s["fleet"][k] == v for k, v in fleet.items()))
+
     def restart(self) -> float:
         """A planned restart in place (SIGUSR2 to `pop run`: it execs itself, same pid); returns
         the monotonic moment the signal was sent. Needs `exabgp.graceful_restart`."""

@@ -15,9 +15,12 @@ from a seeded random generator, so a run can be repeated), while a monitor threa
   through the whole soak (pop2's: no fault kills it) do not grow beyond a budget;
 - **it comes back**: once the faults are undone, the lab converges again (every PoP announced).
 
-The invariant that needs the fleet guard (at least `min_pops` announce while that many have live
-servers) is not checked yet (issue 11). `summary()` is what bench/soak.py prints and tests/netns/test_soak.py
-asserts on.
+- **the fleet keeps `min_pops`** (the soak turns the fleet guard on in every PoP, pop.fleet): at
+  least min(`MIN_POPS`, PoPs that could announce) PoPs are in their routers' tables, where a PoP
+  could announce while it has a live server, no operator drain and no fault on its processes;
+  after `bound` seconds of grace, as for the dead PoPs.
+
+`summary()` is what bench/soak.py prints and tests/netns/test_soak.py asserts on.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ BOUND = 3.0  # seconds a dead PoP may stay announced: tier 1's worst case (black
 LONG_LIVED = "pop2"  # no fault kills its engine: its memory and descriptors are measured
 RSS_BUDGET_KB = 5 * 1024
 FD_BUDGET = 8
+MIN_POPS = 2  # the fleet guard's min_pops during the soak
+GUARD_PACE = 3.0
+PROCESS_FAULTS = ("engine-kill", "exabgp-kill", "pop-stop")
 # ExaBGP restarts its API process at most 5 times per 64 s: engine kills stay well below that
 ENGINE_KILL_GAP = 30.0
 
@@ -138,14 +144,26 @@ class Soak:
     def _monitor(self, watches: dict[str, RouteWatcher]) -> None:
         dead_since: dict[str, float] = {}
         reported: set[tuple[str, float]] = set()
+        short_since: float | None = None
         while not self._stop.wait(TICK):
             now = time.monotonic()
+            live = {pop: self.live_servers(pop) for pop in self.lab.pops}
+            could, announced = self._fleet(watches, live)
+            if len(announced) >= min(MIN_POPS, len(could)):
+                short_since = None
+            else:
+                short_since = now if short_since is None else short_since
+                if now - short_since > self.bound and ("fleet", short_since) not in reported:
+                    reported.add(("fleet", short_since))
+                    self._violate("fewer than min_pops announced",
+                                  f"{sorted(announced)} announced while {sorted(could)} could, for "
+                                  f"{now - short_since:.1f} s (faults: {self._active()})")
             for pop, ends in list(self._drained.items()):
                 if now > ends + self.bound and self.announced(pop, watches) and (pop, ends) not in reported:
                     reported.add((pop, ends))
                     self._violate("drained PoP announced", f"{pop}: {now - ends:.1f} s past the end of its ladder")
             for pop in self.lab.pops:
-                if self.live_servers(pop):
+                if live[pop]:
                     dead_since.pop(pop, None)
                     continue
                 if pop not in dead_since:
@@ -159,6 +177,14 @@ class Soak:
                         self._violate("dead PoP announced", f"{pop}: no live server for {now - since:.1f} s, "
                                                             f"still announced (faults: {self._active()})")
             self.result.checks += 1
+
+    def _fleet(self, watches: dict[str, RouteWatcher], live: dict[str, int]) -> tuple[set[str], set[str]]:
+        """The PoPs that could announce (a live server, no drain, no fault on their processes),
+        and the PoPs in their routers' tables."""
+        stopped = {f.target for f in self.lab.faults.active() if f.kind in PROCESS_FAULTS}
+        could = {pop for pop in self.lab.pops
+                 if pop not in stopped and pop not in self._drained and live[pop]}
+        return could, {pop for pop in self.lab.pops if self.announced(pop, watches)}
 
     def _active(self) -> str:
         return ", ".join(str(f) for f in self.lab.faults.active()) or "none"
@@ -218,6 +244,8 @@ class Soak:
 
     def run(self, seconds: float) -> SoakResult:
         self.lab.wait_converged(60)
+        for pop in self.lab.pops:
+            self.lab.pop(pop).set_fleet(min_pops=MIN_POPS, pace=GUARD_PACE)
         with self._watching() as watches:
             time.sleep(1.0)  # the watchers' initial dumps
             before = self.resources()

@@ -20,7 +20,7 @@ from pop.hysteresis import State
 from pop.snapshot import Snapshot
 
 GRACEFUL_SHUTDOWN = "65535:0"  # RFC 8326
-POP_STATES = ("announced", "degraded", "draining", "withdrawn", "drained", "hold-down")
+POP_STATES = ("announced", "degraded", "guarded", "draining", "withdrawn", "drained", "hold-down")
 
 Availability = Callable[[], Mapping[str, Any]]  # pop.availability.report, now
 

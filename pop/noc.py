@@ -41,9 +41,9 @@ log = logging.getLogger("pop.noc")
 
 _TOP = {"listen", "port", "interval", "timeout", "pops"}
 _MAX_BODY = 4 * 1024 * 1024  # a PoP's /v1/status with thousands of servers stays well below
-RED = {"withdrawn", "hold-down"}
+RED = {"withdrawn", "hold-down", "guarded"}
 _COLORS = {"announced": "#1a7f37", "degraded": "#bf8700", "draining": "#bf8700", "hold-down": "#cf222e",
-           "withdrawn": "#cf222e",
+           "withdrawn": "#cf222e", "guarded": "#cf222e",
            "drained": "#6e7781", "no answer": "#6e7781"}
 
 
@@ -151,6 +151,7 @@ def fleet(targets: tuple[Target, ...], state: FleetState, now: float) -> dict[st
             "since_seconds": status.get("since_seconds"),
             "pool": status.get("pool"), "drain": drain,
             "external": (status.get("external") or {}).get("reason"),
+            "guard": _guard(status),
             "last_answer_seconds": None if seen.at is None else round(now - seen.at, 1),
         })
         for event in status.get("events", [])[:20]:
@@ -161,6 +162,14 @@ def fleet(targets: tuple[Target, ...], state: FleetState, now: float) -> dict[st
     red = [p for p in pops if p["state"] in RED or not p["answering"]]
     return {"generated_at": now, "pops": pops, "prefixes": prefixes, "red": [p["name"] for p in red],
             "announcing": sum(1 for p in pops if p["announced"]), "transitions": transitions[:30]}
+
+
+def _guard(status: Mapping[str, Any]) -> str | None:
+    """Why the fleet guard holds the PoP (or let it leave), if it does."""
+    shown = status.get("fleet") or {}
+    if not shown.get("holding"):
+        return None
+    return f"held by the fleet guard: {shown.get('reason')}"
 
 
 def _drain(status: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -211,7 +220,8 @@ def render(view: Mapping[str, Any]) -> str:
             f'<td><a href="{cell(pop["url"])}/">{cell(pop["name"])}</a></td>'
             f'<td style="color:{color};font-weight:bold">{cell(pop["state"])}</td>'
             f"<td>{cell(', '.join(pop['announced']) or '-')}</td>"
-            f'<td class="why">{cell(pop["reason"])}{answered}</td>'
+            f'<td class="why">{cell(pop["reason"])}{answered}'
+            + (f'<br><b class="guard">{cell(pop["guard"])}</b>' if pop.get("guard") else "") + "</td>"
             f'<td class="drain">{drained}</td>'
             f"<td>{cell(pop['external'] or '')}</td></tr>")
     prefixes = "".join(f"<li>{cell(prefix)}: {cell(', '.join(names))}</li>"

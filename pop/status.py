@@ -313,6 +313,7 @@ def make_app(source: SnapshotSource, operator: Operator, ctl: Control, *, ready:
 
 
 _COLORS = {"announced": "#1a7f37", "degraded": "#bf8700", "hold-down": "#bf8700", "withdrawn": "#cf222e",
+           "guarded": "#cf222e",
            "drained": "#6e7781", "draining": "#bf8700", "up": "#1a7f37", "falling": "#bf8700", "rising": "#bf8700",
            "init": "#6e7781", "down": "#cf222e", "disabled": "#6e7781"}
 
@@ -353,6 +354,7 @@ h1 .b{{font-size:70%}}</style></head><body>
 {_ladder_line(data['ladder'])}
 {_apply_line(data['apply'])}
 {_external_line(data['external'])}
+{_fleet_line(data.get('fleet'))}
 <p>Pool: {data['pool']['healthy']}/{data['pool']['total']} healthy · up {data['uptime_seconds']:.0f}s</p>
 {_availability_line(data.get("availability"))}
 <h2>Announced</h2><ul>{routes or '<li>nothing</li>'}</ul>
@@ -404,6 +406,20 @@ def _apply_line(apply: dict[str, Any]) -> str:
     errors = "; ".join(e(str(apply[k])) for k in ("bgp_error", "dataplane_error") if apply[k])
     retry = "" if apply["retry_in_seconds"] is None else f" (retry in {apply['retry_in_seconds']:.1f}s)"
     return f'<p style="color:#cf222e"><b>Not applied:</b> {errors}{retry}</p>'
+
+
+def _fleet_line(shown: dict[str, Any] | None) -> str:
+    """The fleet guard: whether it holds this PoP and why, and the other PoPs it sees."""
+    if shown is None:
+        return ""
+    e = html.escape
+    seen = "; ".join(f"{e(p)}: {', '.join(map(str, ids)) or 'none'}" for p, ids in shown["announcing"].items())
+    guard = (f"min_pops {shown['min_pops']}, pace {shown['pace']:g}s" if shown["guarding"] else "off (min_pops 0)")
+    held = ""
+    if shown["holding"] or shown["phase"] == "left":
+        held = f'<br><b style="color:#cf222e">{e(shown["phase"])}</b>: {e(shown["reason"])}'
+    return (f'<p class="fleet"><b>Fleet:</b> PoP id {shown["id"]}, guard {guard}; other PoPs announcing: '
+            f"{seen or 'none seen'}{held}</p>")
 
 
 def _external_line(external: dict[str, Any] | None) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import yaml
@@ -37,17 +36,6 @@ PACE = 3.0
 def lab(needs: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     with running_lab("tfg", tmp_path_factory) as running:
         yield running
-
-
-def reload(lab: Lab, name: str, fleet: dict[str, Any]) -> None:
-    """Merge ``fleet`` into the PoP's fleet section, SIGHUP `pop run`, wait until it took it."""
-    node = lab.pop(name)
-    document = yaml.safe_load(node.config_path.read_text())
-    document["fleet"] = {**document["fleet"], **fleet}
-    node.config_path.write_text(yaml.safe_dump(document, sort_keys=False))
-    assert node.proc is not None
-    node.proc.send_signal(signal.SIGHUP)
-    node.wait_status(lambda s: all(s["fleet"][k] == v for k, v in fleet.items()), timeout=15)
 
 
 def states(lab: Lab) -> dict[str, str]:
@@ -90,7 +78,7 @@ def test_without_the_guard_every_pop_failing_tier2_at_once_withdraws_the_prefix_
 def test_every_pop_failing_tier2_at_once_keeps_min_pops_announced_and_a_dead_pop_still_withdraws(lab: Lab) -> None:
     lab.wait_converged(timeout=30)
     for name in POPS:
-        reload(lab, name, {"min_pops": 2, "pace": PACE})
+        lab.pop(name).set_fleet(min_pops=2, pace=PACE)
     try:
         with lab.watch("r1") as r1:
             began = time.monotonic()
@@ -126,7 +114,7 @@ def test_every_pop_failing_tier2_at_once_keeps_min_pops_announced_and_a_dead_pop
     finally:
         lab.faults.clear()
         for name in POPS:
-            reload(lab, name, {"min_pops": 0})
+            lab.pop(name).set_fleet(min_pops=0)
     lab.wait_converged(timeout=40)
     assert lab.router("r1").kernel_nexthops(ANYCAST) == hops(lab, "r1", "pop1", "pop3")
 

@@ -3,7 +3,7 @@ the wire (scripted checks, a fake speaker, a manual clock; pure wiring, no sleep
 
 import asyncio
 
-from pop import fleet
+from pop import fleet, noc, status
 from pop.config import load
 from pop.engine import Engine
 from pop.fleet import Sighting
@@ -55,6 +55,12 @@ def test_a_tier2_failure_with_the_fleet_short_is_a_de_preference_not_a_withdrawa
         assert [h.address for h in route.nexthops] == ["10.0.2.1", "10.0.2.2"]
         assert engine.snapshot().fleet["holding"] is True  # type: ignore[index]
         assert [e.new for e in engine.events if e.kind == "fleet"] == ["held"]
+        shown = status.to_json(engine.snapshot())
+        assert shown["state"] == "guarded" and shown["fleet"]["announcing"] == {P: [1]}
+        assert "<b style=\"color:#cf222e\">held</b>: fleet guard: de-preferenced instead of withdrawn" in \
+            status.render_page(shown)
+        page = noc.fleet((noc.Target("t1", "http://x"),), noc.FleetState({"t1": noc.Seen(shown, at=1.0)}), 2.0)
+        assert page["red"] == ["t1"] and "held by the fleet guard" in noc.render(page)
         # a second PoP appears: this one leaves, and withdraws once the pace has passed
         others(paths, engine, 1, 3)
         assert engine.guard.phase == fleet.LEAVING_PHASE and engine.desired
