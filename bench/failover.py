@@ -23,6 +23,13 @@ with time.monotonic(), against the monotonic moment the lab's fault took effect 
 - false withdrawals: --loss percent random loss in each direction on pop1's check path for
   --loss-seconds with healthy servers: withdrawals of pop1 at r1.
 
+A fourth tool, `pop (dampening)`, is pop with `dampening.enabled` (flap dampening at the origin,
+docs/decisions.md) and runs the flapping scenarios only (the detection trials would suppress
+it). Both pop tools also run a slow flap (--slow-flap seconds of down 3 s / up 9 s: each up
+phase outlasts the 5 s hold-down, so every cycle is a withdrawal and an announcement at r1),
+where the dampening should suppress pop1 after its fourth withdrawal: route changes at r1 and
+when it was suppressed.
+
     .venv/bin/python bench/failover.py [--trials 20] [--flap 120] [--loss-seconds 120] [--json out.json]
 """
 
@@ -52,10 +59,12 @@ class Tool:
     name: str
     interval: float  # the check period the fault moments are spread over
     healthcheck: str | None  # None: pop; else the healthcheck's tuning arguments
+    damped: bool = False  # pop with flap dampening on, the flapping scenario only
 
 
 TOOLS = (
     Tool("pop (defaults)", 0.2, None),
+    Tool("pop (dampening)", 0.2, None, damped=True),
     Tool("exabgp healthcheck (defaults)", 5.0, ""),
     Tool("exabgp healthcheck (tuned)", 1.0, "--interval 1 --fast-interval 1 --rise 3 --fall 2 --timeout 1"),
 )
@@ -107,9 +116,9 @@ neighbor {n.address} {{
 
 
 class PopTool:
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, damped: bool = False) -> None:
         self.lab = lab
-        lab.restart_pop(POP, L4_ONLY)
+        lab.restart_pop(POP, L4_ONLY | ({"dampening": {"enabled": True}} if damped else {}))
 
     def settled(self) -> None:
         deadline = time.monotonic() + 20
@@ -174,9 +183,10 @@ class Bench:
             state = event.nexthops
         return state
 
-    def flapping(self, watch: RouteWatcher, seconds: float) -> dict[str, float]:
+    def flapping(self, watch: RouteWatcher, seconds: float, period: float = 4.0,
+                 down_for: float = 2.0) -> dict[str, float | None]:
         watch.wait_for(self.announced, timeout=90)
-        fault = self.lab.faults.apply("flap", POP, period=4.0, down=2.0)
+        fault = self.lab.faults.apply("flap", POP, period=period, down=down_for)
         time.sleep(seconds)
         end = self.lab.faults.undo(fault)
         time.sleep(0.5)
@@ -195,7 +205,15 @@ class Bench:
             routed.append((routed_from, end))
         blackhole = sum(max(0.0, min(r_end, d_end) - max(r_start, d_start))
                         for r_start, r_end in routed for d_start, d_end in down)
-        return {"route_changes": len(changes), "blackhole_seconds": blackhole, "cycles": len(down)}
+        result: dict[str, float | None] = {"route_changes": len(changes), "blackhole_seconds": blackhole,
+                                           "cycles": len(down)}
+        status = self.lab.pop_status(POP)
+        if status.get("dampening") is not None:  # when the dampening suppressed pop1, from its events
+            began = time.time() - (time.monotonic() - fault.at)  # the fault's moment on the wall clock
+            first = [e["time"] for e in status["events"] if e["kind"] == "dampening" and e["to"] == "suppressed"][-1:]
+            result["flaps_charged"] = status["dampening"]["flaps"]
+            result["suppressed_after_s"] = round(first[0] - began, 1) if first else None
+        return result
 
     def loss(self, watch: RouteWatcher, seconds: float, percent: int) -> dict[str, float]:
         watch.wait_for(self.announced, timeout=90)
@@ -209,7 +227,7 @@ class Bench:
         print(f"\n== {tool.name}", flush=True)
         runner: PopTool | HealthcheckNode
         if tool.healthcheck is None:
-            runner = PopTool(self.lab)
+            runner = PopTool(self.lab, tool.damped)
         else:
             self.lab.pop(POP).stop()
             slug = "".join(c if c.isalnum() else "-" for c in tool.name)
@@ -217,14 +235,17 @@ class Bench:
         result: dict[str, Any] = {"tool": tool.name}
         try:
             with self.lab.watch(ROUTER) as watch:
-                for kind in ("dead", "blackhole"):
+                for kind in () if tool.damped else ("dead", "blackhole"):
                     detections, recoveries = self.detection_trials(tool, runner, watch, kind=kind,
                                                                    trials=args.trials)
                     result[kind] = {"detection": detections, "recovery": recoveries}
                 if args.flap > 0:
                     result["flapping"] = self.flapping(watch, args.flap)
                     print(f"    flapping: {result['flapping']}", flush=True)
-                if args.loss_seconds > 0:
+                if args.slow_flap > 0 and tool.healthcheck is None:
+                    result["slow_flapping"] = self.flapping(watch, args.slow_flap, period=12.0, down_for=3.0)
+                    print(f"    slow flapping: {result['slow_flapping']}", flush=True)
+                if args.loss_seconds > 0 and not tool.damped:
                     result["loss"] = self.loss(watch, args.loss_seconds, args.loss)
                     print(f"    loss: {result['loss']}", flush=True)
         finally:
@@ -247,12 +268,23 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     for r in results:
         flap = r.get("flapping", {})
         loss = r.get("loss", {})
+        if "dead" not in r:  # the dampening run: flapping only
+            after = flap.get("suppressed_after_s")
+            lines.append(f"{r['tool']:32s} {'-':>21s} {'-':>22s} {'-':>12s} {flap.get('route_changes', '-'):>12} "
+                         f"{flap.get('blackhole_seconds', float('nan')):11.1f} {'-':>8}   suppressed "
+                         + ("never" if after is None else f"{after:g} s into the flapping, after "
+                            f"{flap.get('flaps_charged')} charged withdrawals"))
+            continue
         lines.append(
             f"{r['tool']:32s} {stats(r['dead']['detection']):>21s} {stats(r['blackhole']['detection']):>22s} "
             f"{statistics.median(r['dead']['recovery']):12.2f} {flap.get('route_changes', '-'):>12} "
             f"{flap.get('blackhole_seconds', float('nan')):11.1f} {loss.get('withdrawals', '-'):>8}")
+    slow = [r for r in results if "slow_flapping" in r]
+    if slow:
+        lines += ["", f"slow flapping (down 3 s / up 9 s for {args.slow_flap:g} s): "
+                      + "; ".join(_slow(r) for r in slow)]
     lines.append("")
-    for r in results[1:]:
+    for r in [r for r in results[1:] if "dead" in r]:
         ratio = statistics.median(r["dead"]["detection"]) / statistics.median(results[0]["dead"]["detection"])
         pop_bh = statistics.median(results[0]["blackhole"]["detection"])
         ratio_bh = statistics.median(r["blackhole"]["detection"]) / pop_bh
@@ -260,16 +292,27 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _slow(r: dict[str, Any]) -> str:
+    flap = r["slow_flapping"]
+    after = flap.get("suppressed_after_s")
+    told = "" if "flaps_charged" not in flap else (
+        ", never suppressed" if after is None else f", suppressed {after:g} s in after {flap['flaps_charged']} "
+                                                   f"charged withdrawals")
+    return f"{r['tool']}: {flap['route_changes']} route changes, {flap['blackhole_seconds']:.1f} blackhole s{told}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--flap", type=float, default=120.0, help="seconds of 2 s/2 s flapping (0: skip)")
+    parser.add_argument("--slow-flap", type=float, default=120.0,
+                        help="seconds of 3 s down / 9 s up flapping for the pop tools (0: skip)")
     parser.add_argument("--loss-seconds", type=float, default=120.0, help="seconds of lossy check path (0: skip)")
     parser.add_argument("--loss", type=int, default=10, help="percent loss in each direction")
-    parser.add_argument("--tools", default="all", help="all, or a comma list of: pop,default,tuned")
+    parser.add_argument("--tools", default="all", help="all, or a comma list of: pop,damped,default,tuned")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    wanted = {"pop": TOOLS[0], "default": TOOLS[1], "tuned": TOOLS[2]}
+    wanted = {"pop": TOOLS[0], "damped": TOOLS[1], "default": TOOLS[2], "tuned": TOOLS[3]}
     tools = TOOLS if args.tools == "all" else tuple(wanted[t] for t in args.tools.split(","))
     results = []
     with Lab.from_file() as lab:
