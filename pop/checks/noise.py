@@ -7,7 +7,8 @@ handshake initiation and a `Handshake` whose `validate(datagram)` returns a `Ver
 whatever came back: a valid response, a cookie reply (with the decrypted cookie), a datagram
 meant for another handshake, or the precise reason the response is invalid. No I/O: the
 caller supplies the sender index and the TAI64N timestamp (from a `Tai64nClock`, the one
-stateful piece here).
+stateful piece here). After a valid response the handshake also knows the responder's index
+and, on demand, the session's transport keys (`transport_keys()`, for pop.checks.tunnel).
 
 The wire layout is taken from scapy's WireGuard layers (scapy.contrib.wireguard) once at
 import; the hot path packs and unpacks with `struct`, because building an initiation and

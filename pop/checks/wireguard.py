@@ -25,10 +25,24 @@ Results (`CheckResult.error`), as observed against wireguard-go and the kernel m
   the source port, so it is not kept across probes (each has its own socket);
 - "socket-error": a local socket error (not the target's fault). Not definitive.
 
+With `through` (an Echo: the probe's tunnel address and a target), a valid handshake is
+followed by an ICMP echo through the tunnel (pop.checks.tunnel), sent DATA_SENDS times within
+`data_timeout`, and the result is the tunnel's (`probe_exchange()` also returns both round
+trips, for `pop wg-probe`):
+- ok, latency = handshake round trip + data round trip;
+- "no-data-reply": no reply to any echo, although the handshake just succeeded: "alive but
+  useless" (forwarding, NAT, routing to the target, or the probe peer's allowed-ips).
+  Definitive: loss would have to take every one of the data round trips right after a
+  handshake round trip on the same path got through;
+- "target-unreachable": ICMP unreachable or time exceeded from inside the tunnel. Definitive;
+- "bad-data-reply": an authenticated reply that is not our echo's, or a data message for our
+  session that fails authentication. Definitive.
+
 `timeout` bounds the wait for each answer; a probe sends at most two initiations (the
 second only after a cookie reply), each after its turn from the pacer, so the engine's own
-deadline should allow 2 * timeout + 50 ms (the engine runs one probe per server at a time; a
-second concurrent probe of the same key and server waits for the first one's turn to end).
+deadline should allow 2 * timeout + 50 ms, plus data_timeout with `through` (the engine runs
+one probe per server at a time; a second concurrent probe of the same key and server waits
+for the first one's turn to end).
 
 Two rules of the responder shape the state shared by all checks in this process (and one
 cost: the Initiator of each probe key and server key, with its static-static DH, is computed

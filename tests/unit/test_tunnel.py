@@ -14,12 +14,15 @@ import os
 import struct
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from scapy.layers.inet import ICMP, IP, UDP, ICMPerror, IPerror
 from scapy.packet import Raw
 
+from pop import config as pop_config
 from pop.checks import noise
 from pop.checks.tunnel import PAYLOAD, BadData, Echo, Reply, Session, internet_checksum
 from pop.checks.wireguard import DATA_SENDS, WireGuardCheck
@@ -252,3 +255,32 @@ def test_a_wrong_inner_reply_is_bad_data_reply() -> None:
     result = run_check(wrong)[0].result
     assert (result.ok, result.error, result.definitive) == (False, "bad-data-reply", True), result
     assert "192.0.2.9" in result.detail
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+def _config(**wireguard: object) -> str:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "examples" / "pop.yaml").read_text()
+    document = yaml.safe_load(text)
+    document["checks"]["wireguard"].update(wireguard)
+    return yaml.safe_dump(document)
+
+
+def test_through_and_tunnel_address_are_read() -> None:
+    wg = pop_config.load(_config(through="10.8.255.1", tunnel_address="10.255.255.1", data_timeout=0.5)).checks.wireguard
+    assert (wg.through, wg.tunnel_address, wg.data_timeout) == ("10.8.255.1", "10.255.255.1", 0.5)
+    assert pop_config.load(_config()).checks.wireguard.through is None
+
+
+@pytest.mark.parametrize(("keys", "problem"), [
+    ({"through": "10.8.255.1"}, "checks.wireguard.tunnel_address: required with through"),
+    ({"through": "2001:db8::1", "tunnel_address": "10.255.255.1"}, "checks.wireguard.through: 2001:db8::1 is IPv6"),
+    ({"through": "10.8.255.1", "tunnel_address": "probe"}, "checks.wireguard.tunnel_address: 'probe' is not an IP"),
+    ({"through": "10.8.255.1", "tunnel_address": "10.255.255.1", "data_timeout": 0},
+     "checks.wireguard.data_timeout"),
+])
+def test_bad_tunnel_keys_are_named(keys: dict[str, object], problem: str) -> None:
+    with pytest.raises(pop_config.ConfigError) as caught:
+        pop_config.load(_config(**keys), "pop.yaml")
+    assert any(problem in p for p in caught.value.problems), caught.value.problems
