@@ -227,7 +227,10 @@ class WireGuardCheck:
             if handshake is None or self.through is None:
                 return Exchange(result, result.latency)
             handshake_rtt = result.latency
-            return await self._through(sock, handshake, result)
+            try:
+                return await self._through(sock, handshake, result)
+            finally:
+                self._pacer.answered()
         except OSError as exc:
             return Exchange(self._socket_failure(exc), handshake_rtt)
         finally:
@@ -290,7 +293,11 @@ class WireGuardCheck:
         cookie: bytes | None = None
         ignored = 0
         while True:
-            await self._pacer.wait_turn(self.timeout + MIN_INITIATION_INTERVAL)
+            # with `through` the claim covers the data exchange too: another handshake from
+            # the same key meanwhile would give the responder a newer session, and once that
+            # one is confirmed the reply to our echo would go out in it, to the other socket
+            data_hold = self.data_timeout if self.through is not None else 0.0
+            await self._pacer.wait_turn(self.timeout + MIN_INITIATION_INTERVAL + data_hold)
             message, handshake = self._initiator.initiation(secrets.randbits(32), self._clock.next(), cookie)
             start = time.perf_counter()
             sock.send(message)
@@ -299,8 +306,9 @@ class WireGuardCheck:
                     verdict, rtt, skipped = await _receive(loop, sock, handshake, start)
             except TimeoutError:
                 return self._silence(cookie, ignored), None
-            self._pacer.answered()
             ignored += skipped
+            if verdict.outcome is not Outcome.VALID or self.through is None:
+                self._pacer.answered()  # else once the data exchange is over (probe_exchange)
             if verdict.outcome is Outcome.VALID:
                 detail = "after a cookie reply (responder under load)" if cookie else ""
                 return CheckResult.success(rtt, detail=detail), handshake

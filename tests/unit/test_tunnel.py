@@ -284,3 +284,28 @@ def test_bad_tunnel_keys_are_named(keys: dict[str, object], problem: str) -> Non
     with pytest.raises(pop_config.ConfigError) as caught:
         pop_config.load(_config(**keys), "pop.yaml")
     assert any(problem in p for p in caught.value.problems), caught.value.problems
+
+
+def test_a_concurrent_probe_of_the_same_key_waits_for_the_data_exchange() -> None:
+    """A second handshake mid-exchange would give the responder a newer session for our key."""
+    kinds: list[int] = []
+
+    async def main() -> list[object]:
+        p = pair()
+        answer = tunnel_server(p, lambda pkt: None)
+
+        def recording(data: bytes) -> list[bytes]:
+            kinds.append(data[0])
+            return answer(data)
+
+        server, port = await serve(recording)
+        check = WireGuardCheck("127.0.0.1", port, p.responder.public, p.probe, timeout=1.0,
+                               through=Echo(PROBE, TARGET), data_timeout=0.15)
+        try:
+            return list(await asyncio.gather(check.probe(), check.probe()))
+        finally:
+            server.transport.close()
+
+    results = asyncio.run(main())
+    assert [r.error for r in results] == ["no-data-reply"] * 2, results  # type: ignore[attr-defined]
+    assert kinds == [1, 4, 4, 4, 1, 4, 4, 4], kinds
