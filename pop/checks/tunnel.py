@@ -49,6 +49,7 @@ _NONCE_PREFIX = b"\x00\x00\x00\x00"
 REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
 
 ICMP_ECHO_REPLY, ICMP_UNREACHABLE, ICMP_ECHO_REQUEST, ICMP_TIME_EXCEEDED = 0, 3, 8, 11
+_ECHO_HEADER = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence
 PAYLOAD = b"pop tunnel probe"  # 16 bytes: the whole inner packet is 44 bytes, padded to 48
 
 _UNREACHABLE_CODES = {
@@ -140,7 +141,7 @@ class Echo:
                                / ICMP(type=ICMP_ECHO_REQUEST, id=0, seq=0) / PAYLOAD)
 
     def request(self, ident: int, seq: int) -> bytes:
-        icmp = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, 0, ident, seq) + PAYLOAD
+        icmp = _ECHO_HEADER.pack(ICMP_ECHO_REQUEST, 0, 0, ident, seq) + PAYLOAD
         checksum = internet_checksum(icmp)
         return self._template[:20] + icmp[:2] + checksum.to_bytes(2, "big") + icmp[4:]
 
@@ -155,24 +156,25 @@ class Echo:
             return Judgement(Reply.BAD_REPLY, f"truncated IPv4 packet (header {ihl}, total {total}, "
                                               f"{len(packet)} bytes decrypted)")
         src, dst, proto = packet[12:16], packet[16:20], packet[9]
-        sender = str(ipaddress.IPv4Address(src))
-        if dst != self._source:
-            return Judgement(Reply.BAD_REPLY, f"a packet for {ipaddress.IPv4Address(dst)}, not for the probe's "
-                                              f"tunnel address {self.source}")
-        if proto != 1:
-            return Judgement(Reply.BAD_REPLY, f"IP protocol {proto} from {sender}, not ICMP")
         icmp = packet[ihl:total]
-        kind, code = icmp[0], icmp[1]
-        if kind == ICMP_ECHO_REPLY:
-            _, _, _, their_ident, seq = struct.unpack_from("!BBHHH", icmp)
-            if src != self._target:
-                return Judgement(Reply.BAD_REPLY, f"echo reply from {sender}, not from the target {self.target}")
+        if proto == 1 and icmp[0] == ICMP_ECHO_REPLY and src == self._target and dst == self._source:
+            # the expected answer first, without building any text
+            _, _, _, their_ident, seq = _ECHO_HEADER.unpack_from(icmp)
             if their_ident != ident or seq not in seqs:
                 return Judgement(Reply.BAD_REPLY, f"echo reply with id {their_ident} seq {seq}, "
                                                   f"not id {ident} seq {seqs.start}-{seqs.stop - 1}")
             if icmp[8:] != PAYLOAD:
                 return Judgement(Reply.BAD_REPLY, "echo reply with another payload than the request's")
             return Judgement(Reply.OK, seq=seq)
+        sender = str(ipaddress.IPv4Address(src))
+        if dst != self._source:
+            return Judgement(Reply.BAD_REPLY, f"a packet for {ipaddress.IPv4Address(dst)}, not for the probe's "
+                                              f"tunnel address {self.source}")
+        if proto != 1:
+            return Judgement(Reply.BAD_REPLY, f"IP protocol {proto} from {sender}, not ICMP")
+        kind, code = icmp[0], icmp[1]
+        if kind == ICMP_ECHO_REPLY:
+            return Judgement(Reply.BAD_REPLY, f"echo reply from {sender}, not from the target {self.target}")
         if kind in (ICMP_UNREACHABLE, ICMP_TIME_EXCEEDED):
             if not self._quotes_ours(icmp[8:], ident):
                 return Judgement(Reply.FOREIGN)
