@@ -1,4 +1,4 @@
-"""Benchmark: probe-side CPU per validated WireGuard handshake, against real wireguard-go.
+"""Benchmark: probe-side CPU per validated WireGuard handshake and per full tunnel probe, against real wireguard-go.
 
     sudo .venv/bin/python bench/wg_probe.py [--seconds 5] [--responders 2] [--keys 40]
 
@@ -16,7 +16,11 @@ Prints, side by side:
 - the floor: the cryptographic work alone (the same X25519, ChaCha20-Poly1305 and BLAKE2s
   calls on the same data sizes, no message framing, validation logic or I/O), best of 5
   samples like the other in-process rows;
-- what scapy would add per handshake if it built and parsed the messages in the hot path.
+- what scapy would add per handshake if it built and parsed the messages in the hot path;
+- the full probe (issue 13): a handshake and then one ICMP echo through the tunnel to the
+  responder's own tunnel address, decrypted and judged, end to end like the handshake rows,
+  against its own floor measured in the same run (the handshake floor plus the transport
+  keys' KDF2, one seal of the 48-byte echo and one open of the reply); goal within 1.5x.
 
 Goal (issue 3): <= 0.35 ms probe CPU per validated handshake (>= 2,800/s on one core), within
 2x of the floor. Needs root, ip, wireguard-go and wg; runs in namespaces named twgb-*, which
@@ -48,11 +52,13 @@ from scapy.contrib.wireguard import Wireguard, WireguardInitiation
 from lab.netns import Netns, cleanup_prefix, veth
 from lab.wgserver import WireGuardServer, keypair
 from pop.checks import noise
+from pop.checks.tunnel import Echo
 from pop.checks.wireguard import WireGuardCheck
 
 PREFIX = "twgb-"
 SERVER_IP, CLIENT_IP, BASE_PORT = "10.204.0.1", "10.204.0.2", 51820
 GOAL_CPU = 350e-6
+GOAL_FULL_X_FLOOR = 1.5
 WINDOW = 1.0  # seconds per end-to-end sample
 REPEATS = 5  # samples of each in-process measurement; the best is reported
 
@@ -100,6 +106,20 @@ def crypto_floor(n: int) -> float:
     return (time.process_time() - start) / n
 
 
+def transport_floor(n: int) -> float:
+    """CPU seconds per probe for the data exchange's cryptographic calls alone."""
+    chain, key = os.urandom(32), os.urandom(32)
+    packet = Echo("10.255.255.1", "10.255.0.1").request(1, 1) + bytes(4)  # padded to 48
+    sealed = ChaCha20Poly1305(key).encrypt(bytes(12), packet, None)
+    kdf2 = noise.kdf2
+    start = time.process_time()
+    for _ in range(n):
+        sending, _ = kdf2(chain, b"")
+        ChaCha20Poly1305(sending).encrypt(bytes(12), packet, None)
+        ChaCha20Poly1305(key).decrypt(bytes(12), sealed, None)  # the receiving key costs the same
+    return (time.process_time() - start) / n
+
+
 def scapy_overhead(n: int) -> float:
     """CPU seconds per handshake to build the initiation and parse the response with scapy."""
     init_fields = {"unencrypted_ephemeral": os.urandom(32), "encrypted_static": os.urandom(48)}
@@ -127,11 +147,12 @@ class Lab:
             veth(self.server, "twgb-s", f"{SERVER_IP}/24", self.client, "twgb-c", f"{CLIENT_IP}/24")
             for i in range(responders):
                 # interface names are global through wireguard-go's UAPI socket path
-                server = WireGuardServer(self.server, f"twgb{self.prefix[5:11]}{i}", workdir, BASE_PORT + i)
+                server = WireGuardServer(self.server, f"twgb{self.prefix[5:11]}{i}", workdir, BASE_PORT + i,
+                                         tunnel_address=f"{tunnel_target(i)}/16")
                 self.servers.append(server)
                 server.start()
-                for _, public in self.probe_keys:
-                    server.add_peer(public)
+                for k, (_, public) in enumerate(self.probe_keys):
+                    server.add_peer(public, allowed_ips=f"{tunnel_source(i, k)}/32")
         except BaseException:
             self.close()
             raise
@@ -159,11 +180,22 @@ class Lab:
         return out["value"]
 
 
-def end_to_end(lab: Lab, seconds: float, warmup: float = 0.5) -> dict[str, Any]:
+def tunnel_target(responder: int) -> str:
+    """The responder's own tunnel address: the target of the full probe."""
+    return f"10.{210 + responder}.0.1"
+
+
+def tunnel_source(responder: int, key: int) -> str:
+    """Probe key `key`'s tunnel address on responder `responder` (its allowed-ips there)."""
+    return f"10.{210 + responder}.{1 + key // 250}.{1 + key % 250}"
+
+
+def end_to_end(lab: Lab, seconds: float, warmup: float = 0.5, *, through: bool = False) -> dict[str, Any]:
     checks = [
-        WireGuardCheck(SERVER_IP, server.port, server.public, probe, timeout=1.0)
-        for server in lab.servers
-        for probe, _ in lab.probe_keys
+        WireGuardCheck(SERVER_IP, server.port, server.public, probe, timeout=1.0,
+                       through=Echo(tunnel_source(i, k), tunnel_target(i)) if through else None)
+        for i, server in enumerate(lab.servers)
+        for k, (probe, _) in enumerate(lab.probe_keys)
     ]
 
     async def drive() -> dict[str, Any]:
@@ -175,7 +207,7 @@ def end_to_end(lab: Lab, seconds: float, warmup: float = 0.5) -> dict[str, Any]:
             while not stop:
                 result = await check.probe()
                 if measuring:
-                    outcomes[result.error or ("ok-cookie" if result.detail else "ok")] += 1
+                    outcomes[result.error or ("ok-cookie" if "cookie" in result.detail else "ok")] += 1
 
         tasks = [asyncio.create_task(loop(c)) for c in checks]
         await asyncio.sleep(warmup)
@@ -237,15 +269,37 @@ def main(argv: list[str]) -> int:
     n = 400
     floor = min(crypto_floor(n) for _ in range(REPEATS))
     scapy = min(scapy_overhead(100) for _ in range(REPEATS))
+    transport = min(transport_floor(n) for _ in range(REPEATS))
     with tempfile.TemporaryDirectory(prefix="wg_probe-") as workdir:
         lab = Lab(args.responders, args.keys, Path(workdir))
         try:
             e2e = end_to_end(lab, args.seconds)
             build, validate = min(build_and_validate(lab, n) for _ in range(REPEATS))
+            full = end_to_end(lab, args.seconds, through=True)
         finally:
             lab.close()
     report(args, e2e, floor=floor, scapy=scapy, build=build, validate=validate)
+    report_full(full, floor + transport, transport)
     return 0
+
+
+def report_full(e2e: dict[str, Any], floor: float, transport: float) -> None:
+    windows = e2e["windows"]
+    ok = sum(w[2] for w in windows)
+    mean = sum(w[0] for w in windows) / ok if ok else float("inf")
+    best = min((w[0] / w[2] for w in windows if w[2]), default=float("inf"))
+    system = sum(w[1] for w in windows) / ok if ok else float("inf")
+    us = 1e6
+    print(f"full probe (handshake + ICMP echo through the tunnel): {ok} ok in {e2e['wall']:.2f} s wall "
+          f"({ok / e2e['wall']:.0f}/s), outcomes {dict(e2e['outcomes'])}")
+    print(f"{'':36s}{'CPU/probe':>14s}{'per core':>12s}{'x floor':>9s}")
+    for name, value in (("full probe, end to end, mean", mean), (f"full probe, end to end, best {WINDOW:g} s", best),
+                        ("  of which kernel (sys), mean", system), ("  of which data-exchange floor", transport),
+                        ("full-probe crypto floor", floor)):
+        print(f"{name:36s}{value * us:11.1f} us{1 / value:10.0f}/s{value / floor:8.2f}x")
+    print(f"goal full probe <= {GOAL_FULL_X_FLOOR:g}x its floor: "
+          f"{'met' if mean <= GOAL_FULL_X_FLOOR * floor else 'NOT met'} ({mean / floor:.2f}x mean, "
+          f"{best / floor:.2f}x best)")
 
 
 def report(args: argparse.Namespace, e2e: dict[str, Any], **micro: float) -> None:

@@ -15,6 +15,10 @@ Contract:
   server-down         server target      TCP service and wireguard-go stopped: connections
                                          refused, ICMP port unreachable (both started again)
   wireguard-down      server target      only wireguard-go stopped: "alive but useless"
+  forward-break       server target      the server's forwarding switched off
+                                         (net.ipv4.ip_forward=0): its handshake still
+                                         succeeds, nothing reaches the internet through it
+                                         (forwarding on again)
   loss                link target        ``percent`` (1..100) of packets dropped in each
                                          direction, by nftables ``numgen random`` (rules gone)
   blackhole           link target        every packet dropped silently in each direction
@@ -80,7 +84,7 @@ if TYPE_CHECKING:
     from lab.topology import Topology
 
 PARAMS = {"loss": {"percent"}, "flap": {"period", "down"}}  # every other kind takes none
-KINDS = ("server-down", "wireguard-down", "loss", "blackhole", "flap", "exabgp-kill", "engine-kill",
+KINDS = ("server-down", "wireguard-down", "forward-break", "loss", "blackhole", "flap", "exabgp-kill", "engine-kill",
          "pop-stop", "pop-restart", "router-down", "cut-off", "agent-kill", "agent-blind", "agent-replay",
          "agent-stale", "agent-forged")
 
@@ -98,6 +102,8 @@ class FaultableServer(Protocol):
     def start(self) -> None: ...
 
     def stop(self, *, wireguard_only: bool = False) -> None: ...
+
+    def set_forwarding(self, on: bool) -> None: ...
 
 
 class FaultableAgent(Protocol):
@@ -180,6 +186,7 @@ class Faults:
         handlers: dict[str, Callable[[Fault], Callable[[], float]]] = {
             "server-down": lambda f: self._server_down(f, wireguard_only=False),
             "wireguard-down": lambda f: self._server_down(f, wireguard_only=True),
+            "forward-break": self._forward_break,
             "loss": self._loss, "blackhole": self._loss, "flap": self._flap,
             "exabgp-kill": self._exabgp_kill, "engine-kill": self._engine_kill,
             "pop-stop": self._pop_stop, "pop-restart": self._pop_restart, "router-down": self._router_down,
@@ -248,6 +255,17 @@ class Faults:
         def undo() -> float:
             for server in servers:
                 server.start()
+            return time.monotonic()
+        return undo
+
+    def _forward_break(self, fault: Fault) -> Callable[[], float]:
+        servers = self._servers(fault.target, wireguard=True)
+        for server in servers:
+            server.set_forwarding(False)
+
+        def undo() -> float:
+            for server in servers:
+                server.set_forwarding(True)
             return time.monotonic()
         return undo
 

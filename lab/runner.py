@@ -94,6 +94,15 @@ REPO = Path(__file__).resolve().parent.parent
 WHOAMI = Path(__file__).resolve().parent / "nodes" / "whoami.py"
 WG_KEY = "/etc/pop-lab/wg.key"
 NOC_PORT = 9300  # the fleet page on the host's loopback
+# every server's own address on its WireGuard interface when its PoP's tier 2 goes through the
+# tunnel (as lab/nodes/entrypoint.sh sets it): the route back to the probe's tunnel address
+SERVER_TUNNEL = "10.255.0.1/16"
+MASQUERADE = """table ip poplab_nat {
+  chain post { type nat hook postrouting priority srcnat; policy accept;
+    ip saddr 10.255.0.0/16 ip daddr != 10.255.0.0/16 masquerade
+  }
+}
+"""
 
 
 def new_prefix(kind: str = "plab") -> str:
@@ -134,6 +143,10 @@ class VpnServer:
             self.wireguard.stop()
         if not wireguard_only:
             self.tcp.stop()
+
+    def set_forwarding(self, on: bool) -> None:
+        """What the server forwards for its WireGuard peers (net.ipv4.ip_forward)."""
+        self.ns.run("sysctl", "-qw", f"net.ipv4.ip_forward={int(on)}")
 
 
 class Lab:
@@ -362,14 +375,21 @@ class Lab:
         tcp = TcpService(ns, spec.address, spec.tcp_port, log=workdir / "tcp.log")
         wireguard = None
         if spec.wireguard_port is not None:
-            wireguard = WireGuardServer(ns, self.wg_ifnames[name], workdir, spec.wireguard_port)
+            # a PoP whose tier 2 goes through the tunnel: the server forwards and masquerades
+            # what the probe sends from its tunnel address (the probe peer's allowed-ips)
+            probe_tunnel = self.spec.pops[spec.pop].config.checks.wireguard.tunnel_address
+            wireguard = WireGuardServer(ns, self.wg_ifnames[name], workdir, spec.wireguard_port,
+                                        tunnel_address=SERVER_TUNNEL if probe_tunnel else None)
             key_file = self.topology.nodes[name].bind_source(WG_KEY)
             if key_file is not None:
                 # the node's own key, so that the public key in its PoP's pop.yaml matches
                 wireguard.private = wgkeys.decode_key(key_file.read_text())
                 wireguard.public = wgkeys.public_key_of(wireguard.private)
-            for public in peers:
-                wireguard.add_peer(public)
+            for index, public in enumerate(peers):  # peers[0] is the PoPs' probe key
+                wireguard.add_peer(public, allowed_ips=f"{probe_tunnel}/32" if index == 0 and probe_tunnel else None)
+            if probe_tunnel:
+                ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+                ns.run("nft", "-f", "-", input=MASQUERADE)
         server = VpnServer(name, ns, tcp, wireguard)
         self.vpns[name] = server
         self._start_witness(name)

@@ -16,8 +16,9 @@ Contract:
   for the values read from it, so the runner feeds FRR byte for byte the file containerlab
   mounts. Addresses and routes live in each node's ``exec`` list as ``ip`` commands, which
   containerlab runs in the container and the runner runs in the namespace.
-- Which part a node plays is its label ``pop.lab.role``: router, pop, vpn, client, probe or
-  noc. A vpn node is the server of the same name in some PoP's ``servers``; a probe node that
+- Which part a node plays is its label ``pop.lab.role``: router, pop, vpn, client, probe,
+  noc or internet (what the VPN servers forward their users' traffic to: the target of the
+  PoPs' tunnel checks). A vpn node is the server of the same name in some PoP's ``servers``; a probe node that
   binds an agent.yaml runs a probe agent; a noc node that binds a noc.yaml runs `pop noc`.
 """
 
@@ -40,8 +41,8 @@ from pop import config as pop_config
 from pop import noc
 from pop.agent import config as agent_config
 
-Role = Literal["router", "pop", "vpn", "client", "probe", "noc"]
-ROLES: tuple[Role, ...] = ("router", "pop", "vpn", "client", "probe", "noc")
+Role = Literal["router", "pop", "vpn", "client", "probe", "noc", "internet"]
+ROLES: tuple[Role, ...] = ("router", "pop", "vpn", "client", "probe", "noc", "internet")
 ROLE_LABEL = "pop.lab.role"
 FRR_CONF = "/etc/frr/frr.conf"
 FRR_DAEMONS = "/etc/frr/daemons"

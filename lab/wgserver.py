@@ -3,7 +3,10 @@
 `WireGuardServer(ns, ifname, workdir, port)` runs `wireguard-go -f IFNAME` as a foreground
 child of the harness (or, with `kernel=True`, creates a kernel WireGuard link: the microVM's
 kernel has the module) and configures it with `wg`: a fresh private key, the listen port, and
-peers added with `add_peer()`. `stop()` kills the daemon (the UDP port then answers with ICMP
+peers added with `add_peer()` (each with its allowed-ips: by default a /32 nobody uses; the
+probe peer of a tunnel check gets the probe's tunnel address), and optionally a tunnel
+address of its own on the interface (`tunnel_address`, CIDR: the route back to the peers'
+tunnel addresses, and a target for the tunnel check). `stop()` kills the daemon (the UDP port then answers with ICMP
 port unreachable) and `start()` brings it back with the same key and peers.
 
 wireguard-go's UAPI socket lives in /var/run/wireguard/<ifname>.sock for *every* namespace,
@@ -37,15 +40,17 @@ def write_key(path: Path, raw: bytes) -> Path:
 
 
 class WireGuardServer:
-    def __init__(self, ns: Netns, ifname: str, workdir: Path, port: int = 51820, *, kernel: bool = False) -> None:
+    def __init__(self, ns: Netns, ifname: str, workdir: Path, port: int = 51820, *, kernel: bool = False,
+                 tunnel_address: str | None = None) -> None:
         self.ns = ns
+        self.tunnel_address = tunnel_address
         self.kernel = kernel
         self._up = False
         self.ifname = ifname
         self.workdir = workdir
         self.port = port
         self.private, self.public = keypair()
-        self.peers: list[tuple[bytes, bytes | None]] = []
+        self.peers: list[tuple[bytes, bytes | None, str]] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / f"{ifname}.log"
         workdir.mkdir(parents=True, exist_ok=True)
@@ -79,19 +84,27 @@ class WireGuardServer:
         self._up = True
         key = write_key(self.workdir / f"{self.ifname}.key", self.private)
         self.ns.run("wg", "set", self.ifname, "listen-port", str(self.port), "private-key", str(key))
+        if self.tunnel_address is not None:
+            self.ns.run("ip", "addr", "add", self.tunnel_address, "dev", self.ifname)
         self.ns.run("ip", "link", "set", self.ifname, "up")
-        for public, psk in self.peers:
-            self._set_peer(public, psk)
+        for public, psk, allowed in self.peers:
+            self._set_peer(public, psk, allowed)
 
-    def add_peer(self, public: bytes, psk: bytes | None = None) -> None:
-        self.peers.append((public, psk))
+    def add_peer(self, public: bytes, psk: bytes | None = None, allowed_ips: str | None = None) -> None:
+        # by default a /32 nobody uses: a peer that only proves the handshake sends no data
+        allowed = allowed_ips or f"10.255.{len(self.peers) + 1}.1/32"
+        self.peers.append((public, psk, allowed))
         if self.running:
-            self._set_peer(public, psk)
+            self._set_peer(public, psk, allowed)
 
-    def _set_peer(self, public: bytes, psk: bytes | None) -> None:
-        # a /32 nobody uses: the probe peer never sends data, it only proves the handshake
-        args = ["wg", "set", self.ifname, "peer", wgkeys.encode_key(public), "allowed-ips",
-                f"10.255.{len(self.peers)}.1/32"]
+    def set_allowed_ips(self, public: bytes, allowed_ips: str) -> None:
+        """Change a peer's allowed-ips (kept across restarts)."""
+        self.peers = [(p, psk, allowed_ips if p == public else allowed) for p, psk, allowed in self.peers]
+        if self.running:
+            self.ns.run("wg", "set", self.ifname, "peer", wgkeys.encode_key(public), "allowed-ips", allowed_ips)
+
+    def _set_peer(self, public: bytes, psk: bytes | None, allowed: str) -> None:
+        args = ["wg", "set", self.ifname, "peer", wgkeys.encode_key(public), "allowed-ips", allowed]
         if psk is not None:
             args += ["preshared-key", str(write_key(self.workdir / f"{self.ifname}.psk", psk))]
         self.ns.run(*args)

@@ -288,14 +288,24 @@ def _checks(r: Reader, value: Any, path: str) -> Checks:
         l4 = L4Check(kind=kind, port=port, **_timing(r, l4_data, l4_path, l4))
     wg = WireGuardCheck()
     wg_data = r.mapping(data.get("wireguard"), join(path, "wireguard"),
-                        _TIMING_KEYS | {"enabled", "probe_key_file", "psk_file"})
+                        _TIMING_KEYS | {"enabled", "probe_key_file", "psk_file", "through", "tunnel_address",
+                                        "data_timeout"})
     if wg_data is not None:
         wg_path = join(path, "wireguard")
+        through = r.optional(wg_data, "through", wg_path, lambda v, p: r.address(v, p, 4), None)
+        tunnel_address = r.optional(wg_data, "tunnel_address", wg_path, lambda v, p: r.address(v, p, 4), None)
+        if through is not None and tunnel_address is None and "tunnel_address" not in wg_data:
+            r.error(join(wg_path, "tunnel_address"), "required with through: the probe's own IPv4 address inside "
+                                                     "the tunnel (in the servers' allowed-ips for the probe peer)")
         wg = WireGuardCheck(
             enabled=r.optional(wg_data, "enabled", wg_path, r.boolean, False),
             probe_key_file=r.optional(wg_data, "probe_key_file", wg_path, r.absolute_path,
                                       wg.probe_key_file),
             psk_file=r.optional(wg_data, "psk_file", wg_path, r.absolute_path, None),
+            through=through,
+            tunnel_address=tunnel_address,
+            data_timeout=r.optional(wg_data, "data_timeout", wg_path, lambda v, p: r.number(v, p, 0.01, 60),
+                                    wg.data_timeout),
             **_timing(r, wg_data, wg_path, wg),
         )
     return Checks(l4=l4, wireguard=wg)

@@ -92,6 +92,9 @@ class WireGuardCheck:
     enabled: bool = False
     probe_key_file: str = "/etc/pop/probe.key"
     psk_file: str | None = None
+    through: str | None = None  # IPv4 target of an ICMP echo through the tunnel after the handshake
+    tunnel_address: str | None = None  # the probe's IPv4 address inside the tunnel (required with through)
+    data_timeout: float = 0.3  # wait for the data reply; the echo is sent 3 times within it
     interval: float = 2.0
     fast_interval: float = 0.5
     timeout: float = 1.0

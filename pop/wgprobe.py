@@ -2,9 +2,13 @@
 
     pop wg-probe HOST[:PORT] --server-key KEY --probe-key-file FILE [--psk-file FILE]
                  [--count N] [--interval S] [--timeout S]
+                 [--through TARGET --tunnel-address ADDR [--data-timeout S]]
 
 Sends N handshake initiations from the probe key (the same WireGuardCheck the engine runs),
-prints one line per handshake with its result and round trip, then a summary.
+prints one line per handshake with its result and round trip, then a summary. With
+`--through`, each handshake is followed by an ICMP echo to TARGET inside the tunnel, from
+the probe's tunnel address (`--tunnel-address`, in the server's allowed-ips for the probe
+peer), and each line shows the handshake time, the data round trip and the outcome.
 
 Exit status: 0 when every handshake succeeded; 1 when at least one failed (the summary says
 how many; an interrupted run counts the handshakes completed, and none completed is a
@@ -27,7 +31,8 @@ import time
 
 from pop import wgkeys
 from pop.checks.base import CheckResult
-from pop.checks.wireguard import WireGuardCheck
+from pop.checks.tunnel import Echo
+from pop.checks.wireguard import Exchange, WireGuardCheck
 
 DEFAULT_PORT = 51820
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -61,15 +66,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--count", "-c", type=int, default=3, help="handshakes to send (default 3)")
     p.add_argument("--interval", "-i", type=float, default=1.0, help="seconds between handshakes (default 1)")
     p.add_argument("--timeout", "-W", type=float, default=1.0, help="seconds to wait for each (default 1)")
+    p.add_argument("--through", metavar="TARGET", help="after each handshake, ping TARGET (IPv4) through the tunnel")
+    p.add_argument("--tunnel-address", metavar="ADDR",
+                   help="the probe's IPv4 address inside the tunnel (needed with --through)")
+    p.add_argument("--data-timeout", type=float, default=0.3,
+                   help="seconds to wait for the reply through the tunnel (default 0.3)")
     return p
 
 
 def main(argv: list[str]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.count < 1 or args.interval < 0 or args.timeout <= 0:
-        parser.error("--count must be >= 1, --interval >= 0 and --timeout > 0")
+    if args.count < 1 or args.interval < 0 or args.timeout <= 0 or args.data_timeout <= 0:
+        parser.error("--count must be >= 1, --interval >= 0, --timeout and --data-timeout > 0")
+    if args.through and not args.tunnel_address:
+        parser.error("--through needs --tunnel-address (the probe peer's address inside the tunnel)")
     try:
+        echo = Echo(args.tunnel_address, args.through) if args.through else None
         host, port = parse_target(args.target)
         try:
             server_key = wgkeys.parse_public_key(args.server_key)
@@ -77,13 +90,15 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--server-key: {exc}") from None
         probe_key = wgkeys.read_private_key(args.probe_key_file)
         psk = wgkeys.read_psk(args.psk_file) if args.psk_file else None
-        check = WireGuardCheck(host, port, server_key, probe_key, psk=psk, timeout=args.timeout)
+        check = WireGuardCheck(host, port, server_key, probe_key, psk=psk, timeout=args.timeout, through=echo,
+                               data_timeout=args.data_timeout)
     except ValueError as exc:
         print(f"pop wg-probe: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(
         f"WG-PROBE {host}:{port}: server key {wgkeys.encode_key(server_key)}, "
-        f"probe key {wgkeys.encode_key(wgkeys.public_key_of(probe_key))}, psk {'yes' if psk else 'no'}",
+        f"probe key {wgkeys.encode_key(wgkeys.public_key_of(probe_key))}, psk {'yes' if psk else 'no'}"
+        + (f", through {echo.target} from {echo.source}" if echo else ""),
         flush=True,
     )
     results: list[CheckResult] = []
@@ -99,9 +114,12 @@ def main(argv: list[str]) -> int:
 async def _run(check: WireGuardCheck, count: int, interval: float, results: list[CheckResult]) -> None:
     for seq in range(1, count + 1):
         started = time.monotonic()
-        result = await check.probe()
-        results.append(result)
-        print(format_result(seq, f"{check.host}:{check.port}", result), flush=True)
+        exchange = await check.probe_exchange()
+        results.append(exchange.result)
+        target = f"{check.host}:{check.port}"
+        line = (format_exchange(seq, target, check.through.target, exchange) if check.through
+                else format_result(seq, target, exchange.result))
+        print(line, flush=True)
         if seq < count:
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
@@ -113,6 +131,17 @@ def format_result(seq: int, target: str, result: CheckResult) -> str:
         return f"handshake ok from {target}: seq={seq} time={result.latency * 1000:.2f} ms{note}"
     kind = "definitive" if result.definitive else "not definitive"
     return f"handshake FAILED to {target}: seq={seq} {result.error} ({kind}): {result.detail}"
+
+
+def format_exchange(seq: int, server: str, through: str, exchange: Exchange) -> str:
+    """One line per attempt, like ping: the handshake time, the data round trip, the outcome."""
+    result = exchange.result
+    times = "".join(f" {name}={value * 1000:.2f} ms" for name, value in
+                    (("handshake", exchange.handshake_rtt), ("data", exchange.data_rtt)) if value is not None)
+    if result.ok:
+        return f"tunnel ok to {through} via {server}: seq={seq}{times} sent={exchange.data_sent}"
+    kind = "definitive" if result.definitive else "not definitive"
+    return f"tunnel FAILED to {through} via {server}: seq={seq}{times} {result.error} ({kind}): {result.detail}"
 
 
 def _summary(target: str, results: list[CheckResult], elapsed: float) -> str:

@@ -23,7 +23,17 @@ vpn)
         wg set wg0 peer "$(cat "$pub")" allowed-ips "10.255.$n.1/32"
         n=$((n + 1))
     done
+    # the tunnel check: the probe (10.255.255.1) pings inet1 through wg0, forwarded and masqueraded
+    ip addr add 10.255.0.1/16 dev wg0
     ip link set wg0 up
+    sysctl -qw net.ipv4.ip_forward=1
+    nft -f - <<'NFT'
+table ip poplab_nat {
+  chain post { type nat hook postrouting priority srcnat; policy accept;
+    ip saddr 10.255.0.0/16 ip daddr != 10.255.0.0/16 masquerade
+  }
+}
+NFT
     # the servers of a PoP in mode ecmp hold the VIP on lo and answer on it, and say who
     # they are there for the agents' catchment map
     python3 /opt/pop/lab/nodes/whoami.py "$VIP" 8080 "$(hostname)" &
@@ -43,11 +53,11 @@ noc)
     # host with `docker exec` or a port mapping you add)
     exec pop noc -c /etc/pop/noc.yaml
     ;;
-client)
+client|internet)
     exec sleep infinity
     ;;
 *)
-    echo "pop-lab: set POP_LAB_ROLE to pop, vpn, client, probe or noc" >&2
+    echo "pop-lab: set POP_LAB_ROLE to pop, vpn, client, probe, noc or internet" >&2
     exit 2
     ;;
 esac

@@ -1,6 +1,7 @@
 """The cascade: every server's checks, each with the hysteresis policy of its tier.
 
-Tier 1 (L4: TCP connect or ICMP echo) always, tier 2 (a WireGuard handshake) when enabled.
+Tier 1 (L4: TCP connect or ICMP echo) always, tier 2 (a WireGuard handshake, and with
+`through` an ICMP echo through the tunnel after it) when enabled.
 `build()` reads the probe key files, so it is where a missing, malformed or world-readable key
 is found; its errors are ConfigError problems named by the config key path, like the loader's.
 """
@@ -26,7 +27,10 @@ def build(config: Config) -> dict[str, list[tuple[Check, Policy]]]:
     if wg.enabled:
         # scapy and the handshake crypto load only when the tier is in use
         from pop import wgkeys
+        from pop.checks.tunnel import Echo
         from pop.checks.wireguard import WireGuardCheck
+
+        echo = Echo(wg.tunnel_address, wg.through) if wg.through and wg.tunnel_address else None
 
         problems = []
         probe_key = psk = None
@@ -48,7 +52,7 @@ def build(config: Config) -> dict[str, list[tuple[Check, Policy]]]:
                 continue
             if probe_key is not None:
                 tier2 = WireGuardCheck(server.address, server.wireguard.port, server_key, probe_key, psk=psk,
-                                       timeout=wg.timeout)
+                                       timeout=wg.timeout, through=echo, data_timeout=wg.data_timeout)
                 result[server.name].append((tier2, Policy.of(wg)))
         if problems:
             raise ConfigError(problems)

@@ -7,7 +7,8 @@ handshake initiation and a `Handshake` whose `validate(datagram)` returns a `Ver
 whatever came back: a valid response, a cookie reply (with the decrypted cookie), a datagram
 meant for another handshake, or the precise reason the response is invalid. No I/O: the
 caller supplies the sender index and the TAI64N timestamp (from a `Tai64nClock`, the one
-stateful piece here).
+stateful piece here). After a valid response the handshake also knows the responder's index
+and, on demand, the session's transport keys (`transport_keys()`, for pop.checks.tunnel).
 
 The wire layout is taken from scapy's WireGuard layers (scapy.contrib.wireguard) once at
 import; the hot path packs and unpacks with `struct`, because building an initiation and
@@ -312,7 +313,8 @@ _CHAIN0 = hash_(CONSTRUCTION)
 class Handshake:
     """One initiation in flight: validates what comes back for it."""
 
-    __slots__ = ("_chain", "_ephemeral", "_hash", "_initiator", "mac1", "sender_index")
+    __slots__ = ("_chain", "_ephemeral", "_final_chain", "_hash", "_initiator", "mac1", "responder_index",
+                 "sender_index")
 
     def __init__(
         self,
@@ -330,6 +332,18 @@ class Handshake:
         self._chain = chain
         self._hash = h
         self.mac1 = mac1
+        self.responder_index: int | None = None  # set by a valid response: where data goes
+        self._final_chain = b""
+
+    def transport_keys(self) -> tuple[bytes, bytes]:
+        """(sending key, receiving key) of the session a valid response established.
+
+        Whitepaper 5.4.5: (T_send, T_recv) = KDF2(C, empty) for the initiator. Computed on
+        demand: a check that stops at the handshake never pays for it.
+        """
+        if not self._final_chain:
+            raise ValueError("no valid response yet: no transport keys")
+        return kdf2(self._final_chain, b"")
 
     def validate(self, data: bytes) -> Verdict:
         if len(data) == RESPONSE.size and data[0] == TYPE_RESPONSE:
@@ -342,7 +356,7 @@ class Handshake:
         )
 
     def _validate_response(self, data: bytes) -> Verdict:
-        _, reserved, _, receiver, e_pub, empty, mac1, mac2 = RESPONSE.unpack(data)
+        _, reserved, responder, receiver, e_pub, empty, mac1, mac2 = RESPONSE.unpack(data)
         if receiver != self.sender_index:
             return FOREIGN
         if reserved != _RESERVED:
@@ -362,7 +376,8 @@ class Handshake:
         except ValueError:
             return Verdict(Outcome.BAD_RESPONSE, "responder ephemeral is a low-order point")
         h = hash_(self._hash, e_pub)
-        if _open_empty(chain, h, ini._psk, empty):
+        if final := _open_empty(chain, h, ini._psk, empty):
+            self._final_chain, self.responder_index = final, responder
             return VALID
         # Intact (mac1) and addressed to us, yet the AEAD fails: the responder consumed our
         # initiation (it had to, to answer) and keyed the reply with a different preshared key.
@@ -388,10 +403,11 @@ class Handshake:
         return Verdict(Outcome.COOKIE, "responder under load sent a cookie reply", cookie)
 
 
-def _open_empty(chain: bytes, h: bytes, psk: bytes, sealed: bytes) -> bool:
-    _, tau, key = kdf3(chain, psk)
+def _open_empty(chain: bytes, h: bytes, psk: bytes, sealed: bytes) -> bytes:
+    """The final chaining key when the empty payload opens, else b""."""
+    chain, tau, key = kdf3(chain, psk)
     try:
         ChaCha20Poly1305(key).decrypt(_ZERO_NONCE, sealed, hash_(h, tau))
     except InvalidTag:
-        return False
-    return True
+        return b""
+    return chain

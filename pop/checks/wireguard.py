@@ -25,10 +25,24 @@ Results (`CheckResult.error`), as observed against wireguard-go and the kernel m
   the source port, so it is not kept across probes (each has its own socket);
 - "socket-error": a local socket error (not the target's fault). Not definitive.
 
+With `through` (an Echo: the probe's tunnel address and a target), a valid handshake is
+followed by an ICMP echo through the tunnel (pop.checks.tunnel), sent DATA_SENDS times within
+`data_timeout`, and the result is the tunnel's (`probe_exchange()` also returns both round
+trips, for `pop wg-probe`):
+- ok, latency = handshake round trip + data round trip;
+- "no-data-reply": no reply to any echo, although the handshake just succeeded: "alive but
+  useless" (forwarding, NAT, routing to the target, or the probe peer's allowed-ips).
+  Definitive: loss would have to take every one of the data round trips right after a
+  handshake round trip on the same path got through;
+- "target-unreachable": ICMP unreachable or time exceeded from inside the tunnel. Definitive;
+- "bad-data-reply": an authenticated reply that is not our echo's, or a data message for our
+  session that fails authentication. Definitive.
+
 `timeout` bounds the wait for each answer; a probe sends at most two initiations (the
 second only after a cookie reply), each after its turn from the pacer, so the engine's own
-deadline should allow 2 * timeout + 50 ms (the engine runs one probe per server at a time; a
-second concurrent probe of the same key and server waits for the first one's turn to end).
+deadline should allow 2 * timeout + 50 ms, plus data_timeout with `through` (the engine runs
+one probe per server at a time; a second concurrent probe of the same key and server waits
+for the first one's turn to end).
 
 Two rules of the responder shape the state shared by all checks in this process (and one
 cost: the Initiator of each probe key and server key, with its static-static DH, is computed
@@ -47,10 +61,16 @@ import secrets
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from pop.checks.base import CheckResult
 from pop.checks.noise import Handshake, Initiator, Outcome, Tai64nClock, Verdict
+from pop.checks.tunnel import BadData, Echo, Reply, Session
+
+# data messages sent within `data_timeout` after a valid handshake: each a fresh counter and
+# echo sequence number, any answer counts, so loss must take all of them (see NO_DATA_REPLY)
+DATA_SENDS = 3
 
 # wireguard-go and the kernel drop an initiation that arrives within 20 ms (50 per second)
 # of the last one they *consumed* from the same peer, and one whose timestamp is not newer
@@ -70,6 +90,12 @@ _UNREACHABLE = {
     errno.EHOSTUNREACH: "host unreachable (ICMP or failed neighbour resolution) for {host}",
     errno.ENETUNREACH: "network unreachable for {host}",
 }
+
+NO_DATA_REPLY = (
+    "alive but useless: {handshake} ok, then no answer through the tunnel to {sends} echo requests "
+    "to {target} within {wait:g} s (the server's forwarding, NAT, routing to the target or the "
+    "allowed-ips of the probe peer)"
+)
 
 _SILENCE = (
     "no handshake response within {timeout:g} s: loss, a daemon that does not answer, a wrong "
@@ -135,6 +161,16 @@ def initiator_for(probe_private_key: bytes, server_public_key: bytes, psk: bytes
     return initiator
 
 
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One probe as a person reads it: the handshake, then the data round trip (if any)."""
+
+    result: CheckResult
+    handshake_rtt: float | None = None  # None: no valid handshake
+    data_rtt: float | None = None  # None: no tunnel exchange, or no answer to it
+    data_sent: int = 0
+
+
 class WireGuardCheck:
     """A Noise_IKpsk2 handshake initiation from the probe key, validated end to end."""
 
@@ -147,10 +183,14 @@ class WireGuardCheck:
         *,
         psk: bytes | None = None,
         timeout: float = 1.0,
+        through: Echo | None = None,
+        data_timeout: float = 0.3,
     ) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
+        self.through = through
+        self.data_timeout = data_timeout
         self._initiator = initiator_for(probe_private_key, server_public_key, psk)
         self._clock = clock_for(self._initiator.public_key)
         self._pacer = pacer_for(self._initiator.public_key, host, port)
@@ -165,30 +205,99 @@ class WireGuardCheck:
         return 2
 
     def __repr__(self) -> str:
-        return f"WireGuardCheck({self.host}:{self.port})"
+        through = f" through {self.through.target}" if self.through else ""
+        return f"WireGuardCheck({self.host}:{self.port}{through})"
 
     async def probe(self) -> CheckResult:
+        return (await self.probe_exchange()).result
+
+    async def probe_exchange(self) -> Exchange:
+        """The handshake and, with `through`, the data exchange after it."""
         try:
             family, address = self._numeric or await self._resolve()
         except OSError as exc:
-            return CheckResult.failure("socket-error", detail=f"cannot resolve {self.host}: {exc}")
+            return Exchange(CheckResult.failure("socket-error", detail=f"cannot resolve {self.host}: {exc}"))
         sock = socket.socket(family, socket.SOCK_DGRAM)
+        handshake_rtt: float | None = None
         try:
             sock.setblocking(False)
             # a connected socket receives only the server's datagrams and its ICMP errors
             sock.connect(address)
-            return await self._handshake(sock)
+            result, handshake = await self._handshake(sock)
+            if handshake is None or self.through is None:
+                return Exchange(result, result.latency)
+            handshake_rtt = result.latency
+            try:
+                return await self._through(sock, handshake, result)
+            finally:
+                self._pacer.answered()
         except OSError as exc:
-            return self._socket_failure(exc)
+            return Exchange(self._socket_failure(exc), handshake_rtt)
         finally:
             sock.close()
 
-    async def _handshake(self, sock: socket.socket) -> CheckResult:
+    async def _through(self, sock: socket.socket, handshake: Handshake, shook: CheckResult) -> Exchange:
+        """Send an ICMP echo through the session the handshake established; judge the reply."""
+        assert self.through is not None and shook.latency is not None
+        loop = asyncio.get_running_loop()
+        session = Session.of(handshake)
+        echo, ident = self.through, secrets.randbits(16)
+        first = 1 + secrets.randbelow(0x8000)
+        seqs = range(first, first + DATA_SENDS)
+        sent_at: dict[int, float] = {}
+        handshake_ms = f"handshake {shook.latency * 1000:.2f} ms"
+        deadline = loop.time() + self.data_timeout
+        foreign = 0
+        for n, seq in enumerate(seqs):
+            sent_at[seq] = time.perf_counter()
+            sock.send(session.seal(echo.request(ident, seq)))
+            # the next send goes out at its share of the wait, unless an answer comes first
+            next_send = deadline - self.data_timeout * (DATA_SENDS - 1 - n) / DATA_SENDS
+            while (left := next_send - loop.time()) > 0:
+                try:
+                    async with asyncio.timeout(left):
+                        await _readable(loop, sock.fileno())
+                except TimeoutError:
+                    break
+                for data in _drain(sock):
+                    try:
+                        plain = session.open(data)
+                    except BadData as exc:
+                        return Exchange(_bad_data(str(exc), handshake_ms), shook.latency, None, n + 1)
+                    if plain is None:
+                        foreign += 1
+                        continue
+                    judged = echo.judge(plain, ident, range(seqs.start, seq + 1))
+                    if judged.reply is Reply.OK:
+                        rtt = time.perf_counter() - sent_at[judged.seq]
+                        detail = f"{handshake_ms}, data {rtt * 1000:.2f} ms through {echo.target}"
+                        if shook.detail:
+                            detail += f"; {shook.detail}"
+                        return Exchange(CheckResult.success(shook.latency + rtt, detail), shook.latency, rtt, n + 1)
+                    if judged.reply is Reply.UNREACHABLE:
+                        result = CheckResult.failure(judged.reply.value, definitive=True,
+                                                     detail=f"{handshake_ms}, then {judged.detail}")
+                        return Exchange(result, shook.latency, None, n + 1)
+                    if judged.reply is Reply.BAD_REPLY:
+                        return Exchange(_bad_data(judged.detail, handshake_ms), shook.latency, None, n + 1)
+                    foreign += 1  # a keepalive, or an ICMP error about another packet
+        detail = NO_DATA_REPLY.format(handshake=handshake_ms, sends=DATA_SENDS, wait=self.data_timeout,
+                                      target=echo.target)
+        if foreign:
+            detail += f"; ignored {foreign} datagram(s) for another session or packet"
+        return Exchange(CheckResult.failure("no-data-reply", definitive=True, detail=detail), shook.latency, None,
+                        DATA_SENDS)
+
+    async def _handshake(self, sock: socket.socket) -> tuple[CheckResult, Handshake | None]:
         loop = asyncio.get_running_loop()
         cookie: bytes | None = None
         ignored = 0
         while True:
-            await self._pacer.wait_turn(self.timeout + MIN_INITIATION_INTERVAL)
+            # with `through` the claim covers the data exchange too: another handshake from
+            # the same key meanwhile would give the responder a newer session, and once that
+            # one is confirmed the reply to our echo would go out in it, to the other socket
+            data_hold = self.data_timeout if self.through is not None else 0.0
+            await self._pacer.wait_turn(self.timeout + MIN_INITIATION_INTERVAL + data_hold)
             message, handshake = self._initiator.initiation(secrets.randbits(32), self._clock.next(), cookie)
             start = time.perf_counter()
             sock.send(message)
@@ -196,16 +305,18 @@ class WireGuardCheck:
                 async with asyncio.timeout(self.timeout):
                     verdict, rtt, skipped = await _receive(loop, sock, handshake, start)
             except TimeoutError:
-                return self._silence(cookie, ignored)
-            self._pacer.answered()
+                return self._silence(cookie, ignored), None
             ignored += skipped
+            if verdict.outcome is not Outcome.VALID or self.through is None:
+                self._pacer.answered()  # else once the data exchange is over (probe_exchange)
             if verdict.outcome is Outcome.VALID:
-                return CheckResult.success(rtt, detail="after a cookie reply (responder under load)" if cookie else "")
+                detail = "after a cookie reply (responder under load)" if cookie else ""
+                return CheckResult.success(rtt, detail=detail), handshake
             if verdict.outcome is not Outcome.COOKIE:
-                return CheckResult.failure(verdict.outcome.value, definitive=True, detail=verdict.detail)
+                return CheckResult.failure(verdict.outcome.value, definitive=True, detail=verdict.detail), None
             if cookie is not None:
                 detail = "responder under load: cookie reply again to the retry with mac2"
-                return CheckResult.failure("cookie", detail=detail)
+                return CheckResult.failure("cookie", detail=detail), None
             # Under load the responder wants mac2 keyed by this cookie before it spends a DH
             # on us; the cookie is bound to our source address and port, i.e. to this socket.
             cookie = verdict.cookie
@@ -259,6 +370,19 @@ async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
         await ready
     finally:
         loop.remove_reader(fd)
+
+
+def _drain(sock: socket.socket) -> list[bytes]:
+    datagrams = []
+    while True:
+        try:
+            datagrams.append(sock.recv(2048))
+        except BlockingIOError:
+            return datagrams
+
+
+def _bad_data(detail: str, handshake_ms: str) -> CheckResult:
+    return CheckResult.failure(Reply.BAD_REPLY.value, definitive=True, detail=f"{handshake_ms}, then {detail}")
 
 
 def _wake(ready: asyncio.Future[None]) -> None:

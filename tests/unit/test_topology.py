@@ -286,12 +286,13 @@ def test_wireguard_interface_names_are_unique_and_fit(spec: LabSpec) -> None:
 
 def test_no_default_route_anywhere(spec: LabSpec) -> None:
     """Under containerlab eth0's default route leads out of the lab: lab routes stay specific."""
-    anycast_range, clients, lab = "198.51.100.0/24", "10.9.0.0/16", "10.0.0.0/12"
+    anycast_range, clients, lab, internet = "198.51.100.0/24", "10.9.0.0/16", "10.0.0.0/12", "10.8.255.1/32"
     for node in spec.topology.nodes.values():
         routes = [argv for argv in node.exec if argv[1] == "route"]
         for argv in routes:
-            assert argv[3] in (anycast_range, clients, lab), (node.name, argv)
-        # a probe agent also reaches the PoPs' beacons and links (the lab's 10.0.0.0/12), the noc their links
+            assert argv[3] in (anycast_range, clients, lab, internet), (node.name, argv)
+        # a probe agent also reaches the PoPs' beacons and links (the lab's 10.0.0.0/12), the noc their links,
+        # a VPN server the internet node behind it (the tunnel checks' target)
         wanted = {"client": [anycast_range], "probe": [anycast_range, lab], "noc": [lab], "pop": [clients],
-                  "vpn": [clients]}.get(node.role, [])
+                  "vpn": [clients, internet]}.get(node.role, [])
         assert [argv[3] for argv in routes] == wanted, node.name

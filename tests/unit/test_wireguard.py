@@ -109,6 +109,8 @@ class Responder:
     cookie: bytes = field(default_factory=lambda: os.urandom(16))
     last_timestamp: dict[bytes, bytes] = field(default_factory=dict)
     consumed: list[tuple[bytes, bytes]] = field(default_factory=list)  # (peer, timestamp)
+    # (our index, the initiator's index, receiving key, sending key) of the latest session
+    sessions: list[tuple[bytes, bytes, bytes, bytes]] = field(default_factory=list)
 
     @property
     def public(self) -> bytes:
@@ -150,7 +152,10 @@ class Responder:
         c, tau, k = kdf_ref(3, c, self.peers[peer] or bytes(32))
         hh = h(hh, tau)
         empty = ChaCha20Poly1305(k).encrypt(ZERO12, b"", hh)
-        body = b"\x02\x00\x00\x00" + os.urandom(4) + sender + e_r_pub + empty
+        index = os.urandom(4)
+        receiving, sending = kdf_ref(2, c, b"")  # 5.4.5: the responder's (T_recv, T_send)
+        self.sessions.append((index, sender, receiving, sending))
+        body = b"\x02\x00\x00\x00" + index + sender + e_r_pub + empty
         return body + mac_ref(h(b"mac1----", peer), body) + bytes(16)
 
 
