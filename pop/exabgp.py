@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,14 +87,17 @@ def _graceful_restart(config: Config) -> str:
     router keeps the routes of a planned restart as stale until then (docs/decisions.md).
 
     In a fleet, ADD-PATH receive (RFC 7911): a router that sends every path it holds shows
-    this PoP every other PoP announcing the same prefix, not only its best (pop.fleet).
+    this PoP every other PoP announcing the same prefix, not only its best (pop.fleet); and
+    ExaBGP keeps what it received (adj-rib-in), which a respawned or restarted engine reads
+    back (`SHOW_ADJ_RIB_IN`): ExaBGP passes on nothing it received before the engine started.
     """
     seconds = config.exabgp.graceful_restart
     lines = ([f"        graceful-restart {seconds};\n"] if seconds else []) + \
         (["        add-path receive;\n"] if config.fleet.id else [])
     if not lines:
         return ""
-    return "    capability {\n" + "".join(lines) + "    }\n" + ("    manual-eor true;\n" if seconds else "")
+    return ("    capability {\n" + "".join(lines) + "    }\n" + ("    manual-eor true;\n" if seconds else "")
+            + ("    adj-rib-in true;\n" if config.fleet.id else ""))
 
 
 def _comment(text: str) -> str:
@@ -200,6 +204,16 @@ class Update:
 
 
 @dataclass(frozen=True, slots=True)
+class RibEntry:
+    """One path ExaBGP holds as received (its answer to `SHOW_ADJ_RIB_IN`, a text line)."""
+
+    peer: str
+    prefix: str
+    path_id: str  # "" without ADD-PATH
+    large_communities: tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class EndOfRib:
     """The peer has sent its whole table for one family (RFC 4724 section 2).
 
@@ -238,12 +252,20 @@ class Unparsed:
     problem: str
 
 
-Message = Ack | Shutdown | NeighborState | Update | EndOfRib | NeighborReport | Other | Unparsed
+Message = Ack | Shutdown | NeighborState | Update | RibEntry | EndOfRib | NeighborReport | Other | Unparsed
 
 # ExaBGP 5 (reactor/api/command/neighbor.py) answers with one line, a JSON array with one
 # object per configured neighbor, then the ack. Neighbor changes are reported only when they
 # happen, so this is how an engine started while sessions are up learns their state.
 SHOW_NEIGHBORS = "show neighbor json"
+# ExaBGP 5 (reactor/api/command/rib.py) answers with one text line per path it holds as
+# received, then the ack: "neighbor <peer> <its settings> ipv4 unicast <prefix>[ path-information
+# <id>] next-hop ... large-community <one or [ several ]>". Its JSON forms drop the path id or the
+# attributes. Needs `adj-rib-in true` on the neighbor.
+SHOW_ADJ_RIB_IN = "show adj-rib in extensive"
+_RIB_LINE = re.compile(r"neighbor (?P<peer>\S+) .*? (?:ipv4|ipv6) unicast (?P<prefix>\S+)"
+                       r"(?: path-information (?P<id>\S+))?(?P<attributes>.*)")
+_LARGE = re.compile(r" large-community (?:\[ (?P<several>[^\]]*) \]|(?P<one>\S+))")
 
 _ACKS: dict[str, Ack | Shutdown] = {"done": Ack(True), "error": Ack(False), "shutdown": Shutdown()}
 
@@ -252,6 +274,8 @@ def parse_line(line: str) -> Message:
     text = line.strip()
     if text in _ACKS:
         return _ACKS[text]
+    if text.startswith("neighbor "):
+        return _rib_entry(text)
     if not text.startswith(("{", "[")):
         return Unparsed(text[:200], "neither an ack nor a JSON message")
     try:
@@ -311,6 +335,19 @@ def _nlri_path(nlri: Any) -> tuple[str, str]:
 
 
 U32 = 2**32 - 1
+
+
+def _rib_entry(text: str) -> Message:
+    match = _RIB_LINE.fullmatch(text)
+    if match is None:
+        return Unparsed(text[:200], "a line of ExaBGP's adj-rib-in that is not a unicast path")
+    large = _LARGE.search(match["attributes"])
+    words = [] if large is None else (large["several"] or large["one"]).split()
+    try:
+        communities = tuple(_large([int(n) for n in word.split(":")]) for word in words)
+    except ValueError as exc:
+        return Unparsed(text[:200], f"adj-rib-in: {exc}")
+    return RibEntry(match["peer"], match["prefix"], match["id"] or "", communities)
 
 
 def _large(value: Any) -> tuple[int, int, int]:

@@ -172,6 +172,7 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
                                                   shown=_Endpoint(history, reloads, serving)), name="status")
     try:
         await speaker.refresh_sessions()  # ExaBGP reports changes only: learn the sessions as they are
+        await speaker.read_fleet()  # ... and passes on no route it received before: the other PoPs
         await _start(engine, speaker, config, runtime / handover.FILE_NAME)
         # the kernel's adapters (pyroute2) load after the routers were told what the round found
         dataplane, errors = _dataplane(config)

@@ -24,12 +24,14 @@ from pop import fleet
 from pop.config import Config
 from pop.desired import Announcement
 from pop.exabgp import (
+    SHOW_ADJ_RIB_IN,
     SHOW_NEIGHBORS,
     Ack,
     EndOfRib,
     Message,
     NeighborReport,
     NeighborState,
+    RibEntry,
     Shutdown,
     Unparsed,
     Update,
@@ -214,6 +216,21 @@ class ExaBgpSpeaker:
         if not ok:
             log.warning("bgp.sessions_unknown error=ExaBGP refused %r", SHOW_NEIGHBORS)
 
+    async def read_fleet(self) -> None:
+        """In a fleet, read back every path ExaBGP holds as received (adj-rib-in): ExaBGP passes a
+        respawned or restarted engine nothing it received before, and without them the engine
+        would see no other PoP (pop.fleet) until their routes change. The answer's lines arrive
+        before the ack and go through `handle()` like UPDATEs; a refusal is logged, not raised."""
+        if not self.config.fleet.id:
+            return
+        try:
+            ok = await self._send(SHOW_ADJ_RIB_IN)
+        except (ChannelError, OSError) as exc:
+            log.warning("bgp.fleet_unknown error=%s", exc)
+            return
+        if not ok:
+            log.warning("bgp.fleet_unknown error=ExaBGP refused %r", SHOW_ADJ_RIB_IN)
+
     async def read_forever(self) -> None:
         """Consume ExaBGP's stdin stream until EOF. Must always run: ExaBGP blocks otherwise."""
         try:
@@ -261,6 +278,10 @@ class ExaBgpSpeaker:
                 received = (old.received - set(message.withdrawn)) | set(message.announced)
                 self.peers[message.peer] = dataclasses.replace(old, received=frozenset(received))
                 self._see_fleet(message)
+        elif isinstance(message, RibEntry):
+            if self._ours(message.peer):
+                self._see_fleet(Update(message.peer, (message.prefix,), (), ((message.prefix, message.path_id),), (),
+                                       message.large_communities))
         elif isinstance(message, EndOfRib):
             if self._ours(message.peer):
                 old = self.peers[message.peer]

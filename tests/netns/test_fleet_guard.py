@@ -59,6 +59,19 @@ def test_every_pop_sees_the_others_through_its_sessions(lab: Lab) -> None:
         assert fleet["announcing"] == {ANYCAST: [i for i in (1, 2, 3) if i != index]}, (name, fleet)
 
 
+def test_an_engine_exabgp_respawns_learns_the_fleet_again(lab: Lab) -> None:
+    """ExaBGP hands a new engine no routes it received before: the engine asks the routers to
+    send them again (route refresh), or it would see no other PoP until they change."""
+    lab.wait_converged(timeout=30)
+    fault = lab.faults.apply("engine-kill", "pop1")
+    try:
+        status = lab.pop("pop1").wait_status(lambda s: s["fleet"]["announcing"].get(ANYCAST) == [2, 3], timeout=10)
+        print(f"\nMEASURED a respawned engine sees the other PoPs again {status['uptime_seconds']:.1f} s after "
+              f"its start")
+    finally:
+        lab.faults.undo(fault)
+
+
 def test_without_the_guard_every_pop_failing_tier2_at_once_withdraws_the_prefix_everywhere(lab: Lab) -> None:
     """The scenario the guard is for, with the guard off: the prefix leaves the routers."""
     lab.wait_converged(timeout=30)

@@ -148,3 +148,13 @@ def test_pop_run_names_a_config_path_exabgp_cannot_read(tmp_path: Path, capsys: 
     path.write_text(yaml.safe_dump(data))
     assert run(path) == 2
     assert f"the engine command cannot name {str(path)!r}: it may not contain '\"'" in capsys.readouterr().err
+
+
+def test_exabgp_accepts_the_fleet_capabilities_with_graceful_restart(tmp_path: Path) -> None:
+    """A PoP in a fleet offers ADD-PATH receive and keeps an adj-rib-in (pop.fleet); ExaBGP's
+    own validator reads them, next to graceful restart."""
+    text = document(["r1"]) + "fleet: {id: 1, tag: 64496}\nexabgp: {graceful_restart: 30}\n"
+    config = load(text)
+    rendered = render_config(config, ENGINE)
+    assert "add-path receive;" in rendered and "adj-rib-in true;" in rendered and "graceful-restart 30;" in rendered
+    assert parsed_by_exabgp(config, tmp_path) == configured(config)

@@ -16,6 +16,7 @@ from pop.exabgp import (
     NeighborState,
     NeighborSummary,
     Other,
+    RibEntry,
     Shutdown,
     Unparsed,
     Update,
@@ -118,6 +119,15 @@ def test_prepend_leads_with_our_as_only_on_ebgp() -> None:
      Update("10.0.1.1", ("198.51.100.1/32",), (), (("198.51.100.1/32", "0.0.0.2"),), (),
             ((64496, 1, 3), (64496, 2, 3)))),
     ('{"type": "keepalive", "neighbor": {}}', Other("keepalive")),
+    # the answer to SHOW_ADJ_RIB_IN: one text line per path held as received
+    ("neighbor 10.0.1.1 local-ip 10.0.1.2 local-as 65101 peer-as 65000 router-id 192.0.2.1 family-allowed in-open "
+     "ipv4 unicast 198.51.100.1/32 path-information 0.0.0.3 next-hop 10.0.1.1 origin igp as-path [ 65000 65103 ] "
+     "community 65103:1 large-community [ 64496:1:3 64496:2:3 ]",
+     RibEntry("10.0.1.1", "198.51.100.1/32", "0.0.0.3", ((64496, 1, 3), (64496, 2, 3)))),
+    ("neighbor 10.0.1.1 local-ip 10.0.1.2 family-allowed in-open ipv4 unicast 198.51.100.1/32 next-hop 10.0.1.1 "
+     "large-community 64496:1:2", RibEntry("10.0.1.1", "198.51.100.1/32", "", ((64496, 1, 2),))),
+    ("neighbor 10.0.1.1 family-allowed in-open ipv4 unicast 10.9.1.0/24 next-hop 10.0.1.1 origin igp",
+     RibEntry("10.0.1.1", "10.9.1.0/24", "", ())),
 ])
 def test_parse(line: str, expected: object) -> None:
     assert parse_line(line) == expected
@@ -125,7 +135,9 @@ def test_parse(line: str, expected: object) -> None:
 
 @pytest.mark.parametrize("line", [
     "garbage", "{not json", "[1,2]", '{"type": "state"}', '{"type": "update", "neighbor": {"address": 5}}',
-    '{"answer": "maybe"}', "[" * 100000,
+    '{"answer": "maybe"}', "[" * 100000, "neighbor 10.0.1.1 with no family",
+    "neighbor 10.0.1.1 x ipv4 unicast 192.0.2.0/24 large-community 1:2",
+    "neighbor 10.0.1.1 x ipv4 unicast 192.0.2.0/24 large-community 1:2:99999999999",
     '{"type": "update", "neighbor": {"address": {"peer": "10.0.1.1"}, "message": {"update": {'
     '"attribute": {"large-community": [[1, 2]]}, "announce": {"ipv4 unicast": {"10.0.1.1": ["192.0.2.0/24"]}}}}}}',
     '{"type": "update", "neighbor": {"address": {"peer": "10.0.1.1"}, "message": {"update": {'
