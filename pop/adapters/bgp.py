@@ -208,28 +208,25 @@ class ExaBgpSpeaker:
         (counted as unparsed); a refusal or a broken channel is logged, never raised: the
         commands that follow find out about the channel themselves.
         """
+        await self._ask(SHOW_NEIGHBORS, "bgp.sessions_unknown")
+
+    async def _ask(self, command: str, event: str) -> None:
+        """Send a question whose answer `handle()` takes in; log, never raise, when it fails."""
         try:
-            ok = await self._send(SHOW_NEIGHBORS)
+            ok = await self._send(command)
         except (ChannelError, OSError) as exc:
-            log.warning("bgp.sessions_unknown error=%s", exc)
+            log.warning("%s error=%s", event, exc)
             return
         if not ok:
-            log.warning("bgp.sessions_unknown error=ExaBGP refused %r", SHOW_NEIGHBORS)
+            log.warning("%s error=ExaBGP refused %r", event, command)
 
     async def read_fleet(self) -> None:
         """In a fleet, read back every path ExaBGP holds as received (adj-rib-in): ExaBGP passes a
         respawned or restarted engine nothing it received before, and without them the engine
         would see no other PoP (pop.fleet) until their routes change. The answer's lines arrive
         before the ack and go through `handle()` like UPDATEs; a refusal is logged, not raised."""
-        if not self.config.fleet.id:
-            return
-        try:
-            ok = await self._send(SHOW_ADJ_RIB_IN)
-        except (ChannelError, OSError) as exc:
-            log.warning("bgp.fleet_unknown error=%s", exc)
-            return
-        if not ok:
-            log.warning("bgp.fleet_unknown error=ExaBGP refused %r", SHOW_ADJ_RIB_IN)
+        if self.config.fleet.id:
+            await self._ask(SHOW_ADJ_RIB_IN, "bgp.fleet_unknown")
 
     async def read_forever(self) -> None:
         """Consume ExaBGP's stdin stream until EOF. Must always run: ExaBGP blocks otherwise."""
