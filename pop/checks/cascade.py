@@ -1,6 +1,6 @@
 """The cascade: every server's checks, each with the hysteresis policy of its tier.
 
-Tier 1 (L4: TCP connect or ICMP echo) always, tier 2 (a WireGuard handshake) when enabled.
+Tier 1 (L4: TCP connect, TCP SYN from a raw socket, or ICMP echo) always, tier 2 (a WireGuard handshake) when enabled.
 `build()` reads the probe key files, so it is where a missing, malformed or world-readable key
 is found; its errors are ConfigError problems named by the config key path, like the loader's.
 """
@@ -8,8 +8,12 @@ is found; its errors are ConfigError problems named by the config key path, like
 
 from __future__ import annotations
 
+import ipaddress
+
+from pop.checks import syn
 from pop.checks.base import Check
 from pop.checks.l4 import IcmpCheck, TcpCheck
+from pop.checks.syn import SynCheck
 from pop.config import Config, ConfigError
 from pop.hysteresis import Policy
 
@@ -17,10 +21,25 @@ from pop.hysteresis import Policy
 def build(config: Config) -> dict[str, list[tuple[Check, Policy]]]:
     """The checks of every server, each with the hysteresis policy of its tier."""
     l4 = config.checks.l4
+    kind = l4.kind
+    if kind in ("syn", "auto"):
+        if syn.available():
+            kind = "syn"
+        elif kind == "syn":
+            raise ConfigError([f"{config.source}: checks.l4.kind: syn needs CAP_NET_RAW for its raw socket "
+                               f"(run as root, or use kind: auto to fall back to tcp)"])
+        else:
+            kind = "tcp"
     result: dict[str, list[tuple[Check, Policy]]] = {}
     for server in config.servers:
-        tier1: Check = (IcmpCheck(server.address, l4.timeout) if l4.kind == "icmp"
-                        else TcpCheck(server.address, server.port or l4.port, l4.timeout))
+        port = server.port or l4.port
+        tier1: Check
+        if kind == "icmp":
+            tier1 = IcmpCheck(server.address, l4.timeout)
+        elif kind == "syn" and ipaddress.ip_address(server.address).version == 4:
+            tier1 = SynCheck(server.address, port, l4.timeout)
+        else:  # an IPv6 server keeps the connect: the SYN codec is IPv4's
+            tier1 = TcpCheck(server.address, port, l4.timeout)
         result[server.name] = [(tier1, Policy.of(l4))]
     wg = config.checks.wireguard
     if wg.enabled:
