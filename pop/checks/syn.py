@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 from pop.checks import tcpwire
 from pop.checks.base import TIMEOUT, CheckResult
-from pop.checks.l4 import Deadlines, os_failure, probe_by_begin
+from pop.checks.l4 import Deadlines, PerLoop, os_failure, probe_by_begin
 
 PORTS = 16  # source ports per prober: a server sees the same one again only every PORTS probes
 _SO_ATTACH_FILTER = 26  # linux/asm-generic/socket.h; the socket module does not name it
@@ -77,7 +77,7 @@ class SynCheck:
         """Send one SYN; `done(result)` is called once, from the event loop, unless the returned
         function cancels the probe first."""
         try:
-            prober = _prober()
+            prober = _probers.get()
         except PermissionError:
             return _answer_soon(done, CheckResult.failure("error", detail="SYN probing needs CAP_NET_RAW"))
         except OSError as exc:
@@ -134,9 +134,6 @@ class _Prober:
     """The raw sockets, the bound source ports and the probes in flight of one event loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        # weakly: the loop's readers hold the prober, and a closed loop must let it go (its
-        # sockets are closed when the loop is collected)
-        self.loop = weakref.ref(loop)
         self.holders, self.base = _hold_ports()
         self.tcp = _raw(socket.IPPROTO_TCP, tcpwire.tcp_filter(self.base, self.base + PORTS - 1))
         self.icmp = _raw(socket.IPPROTO_ICMP, tcpwire.icmp_filter())
@@ -145,6 +142,7 @@ class _Prober:
         self.sequence = random.getrandbits(32)
         loop.add_reader(self.tcp.fileno(), self._read, self.tcp, tcpwire.read_tcp)
         loop.add_reader(self.icmp.fileno(), self._read, self.icmp, tcpwire.read_icmp)
+        # the prober keeps no reference to its loop: once the loop is gone, so are its sockets
         weakref.finalize(loop, _close, [self.tcp, self.icmp, *self.holders])
 
     def send(self, check: SynCheck, source: bytes, turn: int,
@@ -227,16 +225,4 @@ def _hold_ports() -> tuple[list[socket.socket], int]:
     raise OSError(errno.EADDRINUSE, f"no {PORTS} consecutive free TCP ports for SYN probes")
 
 
-_PROBERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Prober] = weakref.WeakKeyDictionary()
-_last: list[_Prober] = []  # the prober used last: nearly always the one wanted
-
-
-def _prober() -> _Prober:
-    loop = asyncio.get_running_loop()
-    if _last and _last[0].loop() is loop:
-        return _last[0]
-    prober = _PROBERS.get(loop)
-    if prober is None:
-        prober = _PROBERS[loop] = _Prober(loop)
-    _last[:] = [prober]
-    return prober
+_probers = PerLoop(_Prober)
