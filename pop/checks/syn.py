@@ -66,7 +66,7 @@ class SynCheck:
         self.port = port
         self.timeout = timeout
         self.packed = socket.inet_aton(host)  # IPv4 only: the loader and the cascade see to it
-        self._source: bytes | None = None
+        self._fixed: int | None = None  # the checksum's share of what every SYN to the server has
         self._ports = itertools.cycle(range(PORTS))
 
     @property
@@ -82,12 +82,12 @@ class SynCheck:
             return _answer_soon(done, CheckResult.failure("error", detail="SYN probing needs CAP_NET_RAW"))
         except OSError as exc:
             return _answer_soon(done, os_failure(exc))
-        if self._source is None:
+        if self._fixed is None:
             try:
-                self._source = _source_for(self.host)
+                self._fixed = tcpwire.fixed_sum(_source_for(self.host), self.packed, self.port)
             except OSError as exc:
                 return _answer_soon(done, os_failure(exc))
-        return prober.send(self, self._source, next(self._ports), done)
+        return prober.send(self, self._fixed, next(self._ports), done)
 
     async def probe(self) -> CheckResult:
         return await probe_by_begin(self.begin)
@@ -145,7 +145,7 @@ class _Prober:
         # the prober keeps no reference to its loop: once the loop is gone, so are its sockets
         weakref.finalize(loop, _close, [self.tcp, self.icmp, *self.holders])
 
-    def send(self, check: SynCheck, source: bytes, turn: int,
+    def send(self, check: SynCheck, fixed: int, turn: int,
              done: Callable[[CheckResult], None]) -> Callable[[], None]:
         # an odd step through the sequence space: every probe of the prober has its own
         self.sequence = sequence = (self.sequence + 0x9E3779B1) & 0xFFFFFFFF
@@ -154,7 +154,7 @@ class _Prober:
         started = time.monotonic()
         probe = _Syn(self, check, key, done, started)
         try:
-            self.tcp.sendto(tcpwire.syn(source, check.packed, source_port, check.port, sequence), (check.host, 0))
+            self.tcp.sendto(tcpwire.syn_from(fixed, source_port, check.port, sequence), (check.host, 0))
         except OSError as exc:  # a local route saying unreachable, or a full send buffer
             return _answer_soon(done, os_failure(exc) if exc.errno != errno.EAGAIN else TIMEOUT)
         self.pending[key] = probe

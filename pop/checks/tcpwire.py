@@ -57,10 +57,24 @@ def checksum(data: bytes) -> int:
 
 def syn(source: bytes, server: bytes, source_port: int, port: int, sequence: int) -> bytes:
     """A TCP SYN with an MSS option, its checksum over the IPv4 pseudo-header (RFC 793 3.1)."""
-    pseudo = source + server + struct.pack("!BBH", 0, PROTO_TCP, SYN_LENGTH)
-    segment = _HEADER.pack(source_port, port, sequence, 0, _OFFSET_FLAGS, _WINDOW, 0, 0) + _OPTIONS
-    total = checksum(pseudo + segment)
-    return segment[:16] + struct.pack("!H", total) + segment[18:]
+    return syn_from(fixed_sum(source, server, port), source_port, port, sequence)
+
+
+def fixed_sum(source: bytes, server: bytes, port: int) -> int:
+    """The ones' complement sum of what every SYN to one server shares: the pseudo-header, the
+    port, the flags, the window and the options (a probe adds its source port and sequence)."""
+    fixed = (source + server + struct.pack("!BBH", 0, PROTO_TCP, SYN_LENGTH)
+             + _HEADER.pack(0, port, 0, 0, _OFFSET_FLAGS, _WINDOW, 0, 0) + _OPTIONS)
+    return ~checksum(fixed) & 0xFFFF
+
+
+def syn_from(fixed: int, source_port: int, port: int, sequence: int) -> bytes:
+    """The SYN of `syn()`, its checksum completed from `fixed_sum()` (RFC 1624's incremental
+    update): a few additions instead of summing 36 bytes for every probe."""
+    total = fixed + source_port + (sequence >> 16) + (sequence & 0xFFFF)
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return _HEADER.pack(source_port, port, sequence, 0, _OFFSET_FLAGS, _WINDOW, ~total & 0xFFFF, 0) + _OPTIONS
 
 
 def read_tcp(packet: bytes) -> Answer | None:

@@ -58,3 +58,11 @@ def test_the_filters_are_classic_bpf_programs_ending_in_a_return() -> None:
         for index, (code, jt, jf, _) in enumerate(instructions):
             if code & 0x07 == 0x05:  # a jump stays inside the program
                 assert index + 1 + max(jt, jf) < len(instructions)
+
+
+@pytest.mark.parametrize(("source_port", "sequence"), [(0, 0), (65535, 0xFFFFFFFF), (50963, 1000), (1, 0xFFFF0000)])
+def test_the_incremental_checksum_is_the_whole_one(source_port: int, sequence: int) -> None:
+    source, server = bytes([192, 0, 2, 1]), bytes([198, 51, 100, 255])
+    segment = tcpwire.syn_from(tcpwire.fixed_sum(source, server, 443), source_port, 443, sequence)
+    pseudo = source + server + bytes([0, 6]) + struct.pack("!H", len(segment))
+    assert tcpwire.checksum(pseudo + segment) == 0
