@@ -94,8 +94,8 @@ class Probes:
         self._timer_at = _NEVER
         self._serving: asyncio.Task[None] | None = None
         self._failed: asyncio.Future[None] | None = None
-        self._cancels: dict[int, Callable[[], None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._cancels: dict[int, tuple[_Slot, Callable[[], None]]] = {}  # the probes in flight, by sequence
+        self._tasks: dict[asyncio.Task[None], _Slot] = {}
         self._sequence = itertools.count(1)
         self._generation = 0
         self.lateness = stretch.Lateness()
@@ -110,14 +110,7 @@ class Probes:
         """Put every enabled server's every tier on the schedule (stops the previous generation first)."""
         self.stop()
         now = self.clock()
-        tiers = collections.Counter(check.name for server in enabled for check, _ in checks.get(server, ()))
-        for server in enabled:
-            for check, policy in checks.get(server, ()):
-                slot = _Slot(server, check, policy, self._generation)
-                self._slots.setdefault(server, []).append(slot)
-                # no thundering herd at the start (pop.stretch.first_spread)
-                spread = stretch.first_spread(tiers[check.name], policy.interval, policy.fast_interval)
-                self._push(slot, now + random.uniform(0, spread))
+        self._add([(server, check, policy) for server in enabled for check, policy in checks.get(server, ())], now)
         self._window_end, self._window_cpu = now + stretch.WINDOW, time.thread_time()
         self._serving = group.create_task(self._serve(self._generation), name="probe schedule")
         # Everything built before the first start (the libraries, the configuration, the checks,
@@ -132,6 +125,44 @@ class Probes:
             gc.freeze()
             _frozen.append(True)
 
+    def _add(self, wanted: Sequence[tuple[str, Check, Policy]], now: float) -> None:
+        tiers = collections.Counter(check.name for _, check, _ in wanted)
+        for server, check, policy in wanted:
+            slot = _Slot(server, check, policy, self._generation)
+            self._slots.setdefault(server, []).append(slot)
+            # no thundering herd at the start (pop.stretch.first_spread)
+            spread = stretch.first_spread(tiers[check.name], policy.interval, policy.fast_interval)
+            self._push(slot, now + random.uniform(0, spread))
+
+    def update(self, checks: Mapping[str, Sequence[tuple[Check, Policy]]], enabled: Sequence[str]) -> None:
+        """Take a reloaded configuration's checks without touching what did not change: a tier
+        whose check is the very object it had (pop.checks.cascade hands unchanged servers
+        theirs again) keeps its place on the schedule and its probes in flight; every other
+        tier is dropped with its probes, whose answers no longer count, and the new ones start
+        as at start(). Nothing happens before start()."""
+        if self._serving is None:
+            return
+        wanted = {(server, id(check)): (server, check, policy) for server in enabled
+                  for check, policy in checks.get(server, ())}
+        gone: set[_Slot] = set()
+        for server, slots in list(self._slots.items()):
+            kept = [slot for slot in slots if wanted.pop((server, id(slot.check)), None) is not None]
+            gone.update(slot for slot in slots if slot not in kept)
+            if kept:
+                self._slots[server] = kept
+            else:
+                del self._slots[server]
+        for slot in gone:
+            slot.generation = -1  # its entries on the heap and its answers are ignored from now on
+        for sequence, (slot, cancel) in list(self._cancels.items()):
+            if slot in gone:
+                del self._cancels[sequence]
+                cancel()
+        for task, slot in list(self._tasks.items()):
+            if slot in gone:
+                task.cancel()
+        self._add(list(wanted.values()), self.clock())
+
     def stop(self) -> None:
         if self._serving is not None:
             self._serving.cancel()
@@ -142,7 +173,7 @@ class Probes:
         self._generation += 1
         self._disarm()
         cancels, self._cancels = self._cancels, {}
-        for cancel in cancels.values():
+        for _, cancel in cancels.values():
             cancel()
         for task in self._tasks:
             task.cancel()
@@ -255,11 +286,14 @@ class Probes:
         sequence = next(self._sequence)
         slot.in_flight += 1
         if slot.begin is not None:
-            self._cancels[sequence] = slot.begin(lambda result: self._done(slot, sequence, now, result))
+            self._cancels[sequence] = (slot, slot.begin(lambda result: self._done(slot, sequence, now, result)))
         else:
             task = asyncio.create_task(self._once(slot, sequence, now))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks[task] = slot
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
 
     async def _once(self, slot: _Slot, sequence: int, started: float) -> None:
         result = await _probe(slot.check, _deadline(slot.check), slot.server)
