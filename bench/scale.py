@@ -336,11 +336,14 @@ def _reload(engine: Any, directory: Path, build: Any, load: Any) -> dict[str, An
     before = {name: dict(tiers) for name, tiers in engine.tiers.items() if name != "s0"}
     started = time.perf_counter()
     config = load((directory / "pop2.yaml").read_text(), "pop2.yaml")
+    loaded = time.perf_counter()
     checks = build(config)
+    built = time.perf_counter()
     engine.reload(config, checks)
     took = time.perf_counter() - started
     kept = sum(all(engine.tiers[name][t] is state for t, state in tiers.items()) for name, tiers in before.items())
-    return {"reload_seconds": took, "others": len(before), "others_kept": kept,
+    return {"reload_seconds": took, "load_seconds": loaded - started, "build_seconds": built - loaded,
+            "engine_seconds": took - (built - started), "others": len(before), "others_kept": kept,
             "s0": engine.tiers["s0"]["tcp"].state.value}
 
 
@@ -450,12 +453,15 @@ def one_size(n: int, seconds: float, trials: int, kind: str = "syn", profile: Pa
                 engine.ask("profile start")
                 time.sleep(seconds)
                 engine.ask(f"profile {profile}.{n}")
+                engine.ask("profile start")  # and the window with the status load, below
             load = subprocess.run([sys.executable, str(Path(__file__).with_name("api.py")), "--client", str(port),
                                    "--clients", str(CLIENTS), "--seconds", str(seconds)],
                                   capture_output=True, text=True, check=False)
             if load.returncode != 0:
                 raise RuntimeError(f"the /v1/status load process failed: {load.stderr.strip()[-2000:]}")
             latencies = json.loads(load.stdout)
+            if profile is not None:
+                engine.ask(f"profile {profile}.{n}.status")
             loaded = json.loads(engine.ask("lateness"))
             detection = []
             for trial in range(trials):
@@ -546,6 +552,8 @@ def table(results: list[dict[str, Any]], apply: dict[str, Any]) -> str:
              row("TCP probe jitter p50 / p99 under that load, ms", lambda r: quantiles(r["jitter_loaded"])),
              row("config load (YAML to checks), ms", lambda r: f(r["load_seconds"] * 1000)),
              row("reload, one server changed, ms", lambda r: f(r["reload"]["reload_seconds"] * 1000)),
+             row("of which YAML and validation / checks / engine, ms", lambda r: " / ".join(
+                 f(r["reload"][k] * 1000) for k in ("load_seconds", "build_seconds", "engine_seconds"))),
              row("others kept their state", lambda r: f"{r['reload']['others_kept']}/{r['reload']['others']}"),
              row("data plane: one server leaves, ms (p50)",
                  lambda r: "-" if apply.get(str(r["servers"])) is None else f(apply[str(r["servers"])]["median"], 2))]
@@ -562,7 +570,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--l4-kind", default="syn", choices=("syn", "tcp"),
                         help="how tier 1 probes: a SYN from one raw socket (needs root) or a connect")
-    parser.add_argument("--profile", type=Path, help="cProfile the engine's loop for --seconds to PROFILE.N")
+    parser.add_argument("--profile", type=Path, help="cProfile the engine's loop for --seconds to PROFILE.N, and "
+                                                     "under the status load to PROFILE.N.status")
     parser.add_argument("--servers", type=Path, help=argparse.SUPPRESS)  # child: the servers
     parser.add_argument("--engine", type=Path, help=argparse.SUPPRESS)  # child: the engine
     args = parser.parse_args()

@@ -4,10 +4,11 @@ One schedule for every server and tier: a heap of the times each probe is due, s
 one timer on the event loop (the earliest due first, so when the engine falls behind every
 probe is late by the same amount and none is skipped). Probes run on a schedule, not back to
 back: a new probe starts every interval even while an earlier one waits for its timeout, so
-silence is detected at the pace of the interval rather than of the timeout. The pace is asked
-anew when a probe is scheduled (`pace(server, tier)`: fast while the server's state is
-changing) and `wake(server)` re-reads it for that server's tiers at once. A result older than
-one already handed on is dropped as stale.
+silence is detected at the pace of the interval rather than of the timeout. The pace
+(`pace(server, tier)`: fast while the server's state is changing) depends on nothing but the
+server's state, so it is asked once and again whenever `wake(server)` says that state changed,
+which re-schedules that server's tiers at once (and a reload). A result older than one already
+handed on is dropped as stale.
 
 A check that offers `begin(done)` (the TCP check: a non-blocking connect driven by loop
 callbacks) is started without a task; any other check runs as one task per probe, under a
@@ -59,6 +60,7 @@ _TICK = 0.001
 # served in between however far behind the schedule is.
 _BATCH = 256
 _NEVER = float("inf")
+_YOUNG = 20_000
 _frozen: list[bool] = []  # whether this process froze its heap for the collector (Probes.start)
 
 
@@ -66,7 +68,7 @@ class _Slot:
     """One server's one tier on the schedule."""
 
     __slots__ = ("begin", "check", "due", "generation", "in_flight", "last_due", "latest", "limit", "name",
-                 "server", "waiting")
+                 "pace", "server", "waiting")
 
     def __init__(self, server: str, check: Check, policy: Policy, generation: int) -> None:
         self.server, self.check, self.name, self.generation = server, check, check.name, generation
@@ -79,6 +81,7 @@ class _Slot:
         self.last_due: float | None = None  # when the last probe started was due
         self.latest = 0  # sequence number of the newest result handed on
         self.waiting = False  # due, but held back by `limit` until a probe in flight returns
+        self.pace: float | None = None  # the interval as last asked (None: ask)
 
 
 class Probes:
@@ -120,9 +123,13 @@ class Probes:
         # schedule's p99 lateness (issue 12). Frozen, it is no longer walked; what a reload drops
         # is still freed by reference counting. Once per process, collected first: no garbage is
         # frozen.
+        # The young generation is collected every _YOUNG allocations instead of every 700: the
+        # probes' garbage is freed by reference counting, the collector only finds cycles, and
+        # at 700 it ran ~30 times a second for nothing (issue 12).
         if not _frozen:
             gc.collect()
             gc.freeze()
+            gc.set_threshold(_YOUNG, *gc.get_threshold()[1:])
             _frozen.append(True)
 
     def _add(self, wanted: Sequence[tuple[str, Check, Policy]], now: float) -> None:
@@ -147,6 +154,8 @@ class Probes:
         gone: set[_Slot] = set()
         for server, slots in list(self._slots.items()):
             kept = [slot for slot in slots if wanted.pop((server, id(slot.check)), None) is not None]
+            for slot in kept:
+                slot.pace = None  # the new configuration's state table may say otherwise
             gone.update(slot for slot in slots if slot not in kept)
             if kept:
                 self._slots[server] = kept
@@ -184,10 +193,15 @@ class Probes:
     def wake(self, server: str) -> None:
         """Re-read the pace of the server's tiers now (its state changed)."""
         for slot in self._slots.get(server, ()):
+            slot.pace = None
             if slot.last_due is not None and not slot.waiting:
-                due = slot.last_due + self._pace(slot.server, slot.name) * self.stretch
+                due = slot.last_due + self._ask_pace(slot) * self.stretch
                 if due != slot.due:
                     self._push(slot, due)
+
+    def _ask_pace(self, slot: _Slot) -> float:
+        slot.pace = pace = self._pace(slot.server, slot.name)
+        return pace
 
     def schedule(self) -> stretch.Schedule:
         """How the schedule holds: the stretch in force, the last window, lateness since start."""
@@ -257,7 +271,7 @@ class Probes:
                 # started: a late start does not shift the server's phase, so servers spread
                 # over the interval stay spread. After a stall of more than an interval they
                 # are spread anew instead of all starting at once, forever in step.
-                interval = self._pace(slot.server, slot.name) * self.stretch
+                interval = (slot.pace or self._ask_pace(slot)) * self.stretch
                 slot.due = due + interval if due + interval > now else now + random.uniform(0, interval)
                 heapq.heappush(heap, (slot.due, next(self._order), slot))
             if now >= self._window_end:

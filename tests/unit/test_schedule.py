@@ -165,3 +165,26 @@ def test_a_thousand_servers_first_probes_start_over_one_interval() -> None:
     asyncio.run(run())
     assert len(starts) == 1000
     assert max(starts) > 0.8 * POLICY.interval and max(starts) <= POLICY.interval
+
+
+def test_the_pace_is_asked_again_only_when_the_server_wakes() -> None:
+    """The pace depends on the server's state alone, so it is not asked for every probe."""
+    async def main() -> None:
+        check = Counting()
+        asked: list[str] = []
+
+        def pace(server: str, _tier: str) -> float:
+            asked.append(server)
+            return 0.01
+
+        probes = Probes(lambda *_: None, pace, clock=asyncio.get_running_loop().time)
+        async with asyncio.TaskGroup() as group:
+            probes.start(group, {"a": [(check, POLICY)]}, ["a"])
+            await until(lambda: check.probes >= 5)
+            assert asked == ["a"]
+            probes.wake("a")
+            await until(lambda: check.probes >= 10)
+            probes.stop()
+        assert asked == ["a", "a"]
+
+    asyncio.run(main())
