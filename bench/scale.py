@@ -1,10 +1,10 @@
 """One PoP's engine with N servers: what it costs and whether it keeps its times (issue 12).
 
-    .venv/bin/python bench/scale.py --no-dataplane --json bench/results/scale.json \
-        [--sizes 2,10,100,1000,5000] [--seconds 10] [--trials 10]       # ~10 min, no root
-    flock /tmp/pop-netns.lock .venv/bin/python bench/scale.py --dataplane-into bench/results/scale.json  # root
+    flock /tmp/pop-netns.lock .venv/bin/python bench/scale.py --json bench/results/scale.json \
+        [--sizes 2,10,100,1000,5000] [--seconds 10] [--trials 10] [--l4-kind syn|tcp] [--profile FILE]
 
-(or both in one run, under the lock, without the flags)
+(~10 min, root: the default tier 1 is `checks.l4.kind: syn`, a raw socket; `--l4-kind tcp
+--no-dataplane` runs without root, `--dataplane-into JSON` adds the ECMP step to a run)
 
 For each N, side by side in one run:
 
@@ -17,9 +17,9 @@ For each N, side by side in one run:
   and 1,000 of them do not fit on this machine). A dead server is both closed: the kernel
   answers its SYNs with RST and its UDP port with ICMP port unreachable.
 - the engine: `pop.engine.Engine` in a process of its own (`--engine`), with the real checks
-  from the configuration (pop.checks.cascade: the TCP check every 0.2 s, the WireGuard
-  handshake every 5 s), the /v1 status endpoint on the same event loop as `pop run` serves
-  it, and a fake BGP speaker that holds what it is told.
+  from the configuration (pop.checks.cascade: the TCP check every 0.2 s, a SYN from one raw
+  socket or a connect, the WireGuard handshake every 5 s), the /v1 status endpoint on the same
+  event loop as `pop run` serves it, and a fake BGP speaker that holds what it is told.
 
 Measured per N: the engine process's CPU (% of one core, utime + stime from /proc over
 --seconds of steady state, the kernel's side of the probes' connects included) and RSS;
