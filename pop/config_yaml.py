@@ -7,7 +7,8 @@ directly: mappings and sequences with the standard tags, strings, decimal intege
 other scalar goes to the SafeConstructor's own method for its tag (YAML 1.1's octal and
 sexagesimal integers, floats, booleans, nulls, timestamps). Anything less common (a merge
 key, a set, an explicit or local tag, a recursive alias, a non-scalar key) is handed to the
-SafeConstructor whole, so the result is always the safe loader's.
+SafeConstructor whole, so the result is always the safe loader's. The composer resolves each
+distinct plain scalar's tag once per document.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ DOCUMENTS = [
     "1: int key\n2.5: float key\nnull: null key\ntrue: bool key\n",
     "servers:\n  - {name: s0, address: 10.0.0.1, port: 443, wireguard: {public_key: 'abc=', port: 51820}}\n",
     "s: !!str 12\ni: !!int '12'\n",
+    "a: 1\nb: '1'\nc: \"1\"\nd: 1\ne: yes\nf: 'yes'\n",  # one text plain and quoted: only plain is remembered
 ]
 
 
