@@ -22,7 +22,8 @@ answer never meets the next probe's SYN.
 
 IPv4 only; a server with an IPv6 address keeps the connect check (pop.checks.cascade). The
 raw sockets need CAP_NET_RAW. The SYN's checksum covers the source address, which is the
-one the kernel's routing picks for the server, asked once per check.
+one the kernel's routing picks for the server, asked at the first probe and again after
+every probe that timed out.
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ class SynCheck:
     def refused(self) -> CheckResult:
         return CheckResult.failure("refused", definitive=True, detail=f"port {self.port} refused (RST)")
 
+    def forget_source(self) -> None:
+        """Ask the routing for the source address again at the next probe."""
+        self._fixed = None
+
 
 def _source_for(host: str) -> bytes:
     """The address the kernel would send from to host: a connected UDP socket sends nothing."""
@@ -123,6 +128,9 @@ class _Syn:
             self.done(result)
 
     def expire(self) -> None:
+        # a SYN whose checksum names a source address the host no longer sends from is
+        # dropped in silence: ask the routing again for the next probe
+        self.check.forget_source()
         self.finish(TIMEOUT)
 
     def cancel(self) -> None:

@@ -26,8 +26,10 @@ def test_syn_open_refused_dropped_and_rejected(netns_factory: NsFactory) -> None
     refused = probe_in(pop, lambda: SynCheck("10.7.0.2", 443, timeout=0.5).probe())
     assert (refused.ok, refused.error, refused.definitive) == (False, "refused", True), refused
     server.run("nft", DROP)
-    silent = probe_in(pop, lambda: SynCheck("10.7.0.2", 443, timeout=0.3).probe())
+    check = SynCheck("10.7.0.2", 443, timeout=0.3)
+    silent = probe_in(pop, check.probe)
     assert (silent.ok, silent.error, silent.definitive) == (False, "timeout", False), silent
+    assert check._fixed is None  # after silence the source address is asked again
     server.run("nft", "flush chain inet t in; add rule inet t in tcp dport 443 reject with icmpx admin-prohibited")
     rejected = probe_in(pop, lambda: SynCheck("10.7.0.2", 443, timeout=0.5).probe())
     assert (rejected.ok, rejected.error, rejected.definitive) == (False, "unreachable", True), rejected
