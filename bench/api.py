@@ -157,7 +157,8 @@ async def client_load(port: int, clients: int, seconds: float) -> dict[str, Any]
             try:
                 async with session.get(url) as response:
                     body = await response.read()
-            except aiohttp.ClientError as exc:  # counted and shown, not a reason to lose the run
+            # counted and shown, not a reason to lose the run
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 errors[type(exc).__name__] += 1
                 continue
             if response.status != 200:

@@ -1,10 +1,10 @@
 """One PoP's engine with N servers: what it costs and whether it keeps its times (issue 12).
 
-    .venv/bin/python bench/scale.py --no-dataplane --json bench/results/scale.json \
-        [--sizes 2,10,100,1000,5000] [--seconds 10] [--trials 10]       # ~10 min, no root
-    flock /tmp/pop-netns.lock .venv/bin/python bench/scale.py --dataplane-into bench/results/scale.json  # root
+    flock /tmp/pop-netns.lock .venv/bin/python bench/scale.py --json bench/results/scale.json \
+        [--sizes 2,10,100,1000,5000] [--seconds 10] [--trials 10] [--l4-kind syn|tcp] [--profile FILE]
 
-(or both in one run, under the lock, without the flags)
+(~10 min, root: the default tier 1 is `checks.l4.kind: syn`, a raw socket; `--l4-kind tcp
+--no-dataplane` runs without root, `--dataplane-into JSON` adds the ECMP step to a run)
 
 For each N, side by side in one run:
 
@@ -17,9 +17,9 @@ For each N, side by side in one run:
   and 1,000 of them do not fit on this machine). A dead server is both closed: the kernel
   answers its SYNs with RST and its UDP port with ICMP port unreachable.
 - the engine: `pop.engine.Engine` in a process of its own (`--engine`), with the real checks
-  from the configuration (pop.checks.cascade: the TCP check every 0.2 s, the WireGuard
-  handshake every 5 s), the /v1 status endpoint on the same event loop as `pop run` serves
-  it, and a fake BGP speaker that holds what it is told.
+  from the configuration (pop.checks.cascade: the TCP check every 0.2 s, a SYN from one raw
+  socket or a connect, the WireGuard handshake every 5 s), the /v1 status endpoint on the same
+  event loop as `pop run` serves it, and a fake BGP speaker that holds what it is told.
 
 Measured per N: the engine process's CPU (% of one core, utime + stime from /proc over
 --seconds of steady state, the kernel's side of the probes' connects included) and RSS;
@@ -71,7 +71,7 @@ def address(i: int) -> str:
     return f"127.20.{i // 250}.{i % 250 + 1}"
 
 
-def config_text(n: int, keys: list[bytes], probe_key_file: Path, changed: bool = False) -> str:
+def config_text(n: int, keys: list[bytes], probe_key_file: Path, changed: bool = False, kind: str = "syn") -> str:
     """N servers; `changed`: server s0 replaced by the spare (another address and key)."""
     rows = []
     for i in range(n):
@@ -84,6 +84,7 @@ pop: {{name: scale, asn: 65101, router_id: 192.0.2.1}}
 neighbors: [{{address: 10.255.0.1, peer_as: 65000}}]
 prefixes: [198.51.100.1/32]
 checks:
+  l4: {{kind: {kind}}}
   wireguard: {{enabled: true, probe_key_file: {probe_key_file}, interval: 5.0}}
 status: {{enabled: false}}
 servers:
@@ -210,15 +211,14 @@ class Starts:
     def install(self, engine: Any) -> None:
         from pop.checks.l4 import TcpCheck
 
-        starts = self.starts
-        method = "begin" if hasattr(TcpCheck, "begin") else "probe"
-        original = getattr(TcpCheck, method)
-
-        def recorded(check: Any, *args: Any) -> Any:
-            starts.setdefault(check.host, []).append(time.monotonic())
-            return original(check, *args)
-
-        setattr(TcpCheck, method, recorded)
+        kinds: list[Any] = [TcpCheck]
+        try:
+            from pop.checks.syn import SynCheck
+            kinds.append(SynCheck)
+        except ImportError:  # an engine from before SYN probing
+            pass
+        for kind in kinds:
+            self._record(kind)
         book = getattr(engine.probes, "lateness", None)
         if book is not None:
             original_observe = book.observe
@@ -229,11 +229,39 @@ class Starts:
 
             book.observe = observe
 
+    def _record(self, kind: Any) -> None:
+        starts = self.starts
+        method = "begin" if hasattr(kind, "begin") else "probe"
+        original = getattr(kind, method)
+
+        def recorded(check: Any, *args: Any) -> Any:
+            starts.setdefault(check.host, []).append(time.monotonic())
+            return original(check, *args)
+
+        setattr(kind, method, recorded)
+
     def take(self, interval: float) -> dict[str, Any]:
         jitter = [b - a - interval for times in self.starts.values() for a, b in itertools.pairwise(times)]
         lateness, self.lateness = self.lateness, []
+        pauses, self.gc_pauses = self.gc_pauses, []
         self.starts.clear()
-        return {"jitter": _quantiles(jitter), "lateness": _quantiles(lateness) if lateness else None}
+        return {"jitter": _quantiles(jitter), "lateness": _quantiles(lateness) if lateness else None,
+                "gc": {"collections": len(pauses), "seconds": sum(pauses), "max_ms": max(pauses, default=0.0) * 1000}}
+
+    def watch_gc(self) -> None:
+        """The garbage collector's pauses: a full collection of a big heap stops the loop."""
+        import gc
+
+        self.gc_pauses: list[float] = []
+        began = [0.0]
+
+        def callback(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                began[0] = time.perf_counter()
+            else:
+                self.gc_pauses.append(time.perf_counter() - began[0])
+
+        gc.callbacks.append(callback)
 
 
 class Events(logging.Handler):
@@ -266,6 +294,7 @@ async def engine_process(directory: Path) -> None:
     engine = Engine(config, Speaker(), checks)  # type: ignore[arg-type]  # the fake holds what it is told
     starts = Starts()
     starts.install(engine)
+    starts.watch_gc()
     runner, port = await serve_status(engine)
     running = asyncio.create_task(engine.run())
     loop = asyncio.get_running_loop()
@@ -280,21 +309,42 @@ async def engine_process(directory: Path) -> None:
                 _say({**starts.take(config.checks.l4.interval), "stretch": getattr(engine.probes, "stretch", 1.0)})
             elif line == "reload":
                 _say(_reload(engine, directory, cascade.build, load))
+            elif line.startswith("profile "):  # profile start | profile FILE: the loop thread's calls
+                _profile(line.split(maxsplit=1)[1])
+                _say({"profile": line})
     finally:
         running.cancel()
         await runner.cleanup()
 
 
+_profiler: list[Any] = []
+
+
+def _profile(what: str) -> None:
+    import cProfile
+
+    if what == "start":
+        _profiler[:] = [cProfile.Profile()]
+        _profiler[0].enable()
+    elif _profiler:
+        _profiler[0].disable()
+        _profiler.pop().dump_stats(what)
+
+
 def _reload(engine: Any, directory: Path, build: Any, load: Any) -> dict[str, Any]:
     """The SIGHUP path with s0 replaced: its time, and whether every other server kept its state."""
     before = {name: dict(tiers) for name, tiers in engine.tiers.items() if name != "s0"}
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.thread_time()
     config = load((directory / "pop2.yaml").read_text(), "pop2.yaml")
+    loaded = time.perf_counter()
     checks = build(config)
+    built = time.perf_counter()
     engine.reload(config, checks)
-    took = time.perf_counter() - started
+    took, cpu = time.perf_counter() - started, time.thread_time() - cpu
     kept = sum(all(engine.tiers[name][t] is state for t, state in tiers.items()) for name, tiers in before.items())
-    return {"reload_seconds": took, "others": len(before), "others_kept": kept,
+    return {"reload_seconds": took, "reload_cpu_seconds": cpu, "load_seconds": loaded - started,
+            "build_seconds": built - loaded, "engine_seconds": took - (built - started), "others": len(before),
+            "others_kept": kept,
             "s0": engine.tiers["s0"]["tcp"].state.value}
 
 
@@ -361,7 +411,7 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def one_size(n: int, seconds: float, trials: int) -> dict[str, Any]:
+def one_size(n: int, seconds: float, trials: int, kind: str = "syn", profile: Path | None = None) -> dict[str, Any]:
     from pop import wgkeys
 
     with tempfile.TemporaryDirectory(prefix="pop-scale-") as tmp:
@@ -371,8 +421,8 @@ def one_size(n: int, seconds: float, trials: int) -> dict[str, Any]:
         probe_key = directory / "probe.key"
         probe_key.write_text(wgkeys.encode_key(X25519PrivateKey.generate().private_bytes_raw()) + "\n")
         probe_key.chmod(0o600)
-        (directory / "pop.yaml").write_text(config_text(n, keys, probe_key))
-        (directory / "pop2.yaml").write_text(config_text(n, keys, probe_key, changed=True))
+        (directory / "pop.yaml").write_text(config_text(n, keys, probe_key, kind=kind))
+        (directory / "pop2.yaml").write_text(config_text(n, keys, probe_key, changed=True, kind=kind))
         servers = Child("--servers", str(directory / "keys.json"))
         engine: Child | None = None
         try:
@@ -400,10 +450,19 @@ def one_size(n: int, seconds: float, trials: int) -> dict[str, Any]:
             cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - wall0)
             idle = json.loads(engine.ask("lateness"))
             rss = rss_mb(pid)
+            if profile is not None:  # after the CPU window: the profiler's own cost is not counted
+                engine.ask("profile start")
+                time.sleep(seconds)
+                engine.ask(f"profile {profile}.{n}")
+                engine.ask("profile start")  # and the window with the status load, below
             load = subprocess.run([sys.executable, str(Path(__file__).with_name("api.py")), "--client", str(port),
                                    "--clients", str(CLIENTS), "--seconds", str(seconds)],
-                                  capture_output=True, text=True, check=True)
+                                  capture_output=True, text=True, check=False)
+            if load.returncode != 0:
+                raise RuntimeError(f"the /v1/status load process failed: {load.stderr.strip()[-2000:]}")
             latencies = json.loads(load.stdout)
+            if profile is not None:
+                engine.ask(f"profile {profile}.{n}.status")
             loaded = json.loads(engine.ask("lateness"))
             detection = []
             for trial in range(trials):
@@ -420,6 +479,7 @@ def one_size(n: int, seconds: float, trials: int) -> dict[str, Any]:
                 "steady_seconds": steady_seconds,
                 "cpu_percent": cpu * 100, "rss_mb": rss,
                 "lateness_idle": idle["lateness"], "jitter_idle": idle["jitter"], "stretch_idle": idle["stretch"],
+                "gc_idle": idle.get("gc"),
                 "lateness_loaded": loaded["lateness"], "jitter_loaded": loaded["jitter"],
                 "stretch_loaded": loaded["stretch"],
                 "status": {**_quantiles(latencies["latencies"]), "requests_per_second": latencies["rate"],
@@ -482,6 +542,8 @@ def table(results: list[dict[str, Any]], apply: dict[str, Any]) -> str:
              row("probe lateness p50 / p99, ms", lambda r: quantiles(r["lateness_idle"])),
              row("TCP probe jitter p50 / p99, ms", lambda r: quantiles(r["jitter_idle"])),
              row("schedule stretch (1 = as configured)", lambda r: f(r["stretch_idle"], 2)),
+             row("GC collections / longest pause ms, in that window", lambda r: f"{r['gc_idle']['collections']:,} / "
+                 f"{f(r['gc_idle']['max_ms'])}"),
              row("one dead server detected, p50 / p95 ms", lambda r: f"{f(r['detection']['p50_ms'], 0)} / "
                  f"{f(r['detection']['p95_ms'], 0)}"),
              row(f"/v1/status p50 / p99 ms ({CLIENTS} clients)", lambda r: f"{f(r['status']['p50_ms'])} / "
@@ -491,6 +553,10 @@ def table(results: list[dict[str, Any]], apply: dict[str, Any]) -> str:
              row("TCP probe jitter p50 / p99 under that load, ms", lambda r: quantiles(r["jitter_loaded"])),
              row("config load (YAML to checks), ms", lambda r: f(r["load_seconds"] * 1000)),
              row("reload, one server changed, ms", lambda r: f(r["reload"]["reload_seconds"] * 1000)),
+             row("reload's CPU time (the rest of its time the machine ran others), ms",
+                 lambda r: f(r["reload"]["reload_cpu_seconds"] * 1000)),
+             row("of which YAML and validation / checks / engine, ms", lambda r: " / ".join(
+                 f(r["reload"][k] * 1000) for k in ("load_seconds", "build_seconds", "engine_seconds"))),
              row("others kept their state", lambda r: f"{r['reload']['others_kept']}/{r['reload']['others']}"),
              row("data plane: one server leaves, ms (p50)",
                  lambda r: "-" if apply.get(str(r["servers"])) is None else f(apply[str(r["servers"])]["median"], 2))]
@@ -505,6 +571,10 @@ def main() -> int:
     parser.add_argument("--no-dataplane", action="store_true", help="skip the ECMP step (it needs root)")
     parser.add_argument("--dataplane-into", type=Path, help="only the ECMP step, added to this JSON of a run")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--l4-kind", default="syn", choices=("syn", "tcp"),
+                        help="how tier 1 probes: a SYN from one raw socket (needs root) or a connect")
+    parser.add_argument("--profile", type=Path, help="cProfile the engine's loop for --seconds to PROFILE.N, and "
+                                                     "under the status load to PROFILE.N.status")
     parser.add_argument("--servers", type=Path, help=argparse.SUPPRESS)  # child: the servers
     parser.add_argument("--engine", type=Path, help=argparse.SUPPRESS)  # child: the engine
     args = parser.parse_args()
@@ -522,12 +592,13 @@ def main() -> int:
         return 0
     results = []
     for n in sizes:
-        results.append(one_size(n, args.seconds, args.trials))
+        results.append(one_size(n, args.seconds, args.trials, args.l4_kind, args.profile))
         print(json.dumps(results[-1]), flush=True)
     apply = {} if args.no_dataplane else asyncio.run(dataplane(sizes, 20))
     print(table(results, apply))
     if args.json:
-        args.json.write_text(json.dumps({"sizes": results, "dataplane": apply, "goals": GOALS}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"sizes": results, "dataplane": apply, "goals": GOALS, "l4_kind": args.l4_kind},
+                                        indent=1) + "\n")
     return 0
 
 

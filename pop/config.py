@@ -282,8 +282,9 @@ def _checks(r: Reader, value: Any, path: str) -> Checks:
     l4_data = r.mapping(data.get("l4"), join(path, "l4"), _TIMING_KEYS | {"kind", "port"})
     if l4_data is not None:
         l4_path = join(path, "l4")
-        kind = r.optional(l4_data, "kind", l4_path, lambda v, p: r.string(v, p, pattern=re.compile(r"^(tcp|icmp)$"),
-                                                                          what="a check kind (tcp or icmp)"), "tcp")
+        kinds, what = re.compile(r"^(tcp|syn|auto|icmp)$"), "a check kind (tcp, syn, auto or icmp)"
+        kind = r.optional(l4_data, "kind", l4_path,
+                          lambda v, p: r.string(v, p, pattern=kinds, what=what), "tcp")
         port = r.optional(l4_data, "port", l4_path, lambda v, p: r.integer(v, p, 1, U16), l4.port)
         l4 = L4Check(kind=kind, port=port, **_timing(r, l4_data, l4_path, l4))
     wg = WireGuardCheck()

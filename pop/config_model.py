@@ -75,7 +75,7 @@ class L4Check:
     (TCP RST, ICMP unreachable) cannot be caused by loss, so `fall_definitive` suffices.
     """
 
-    kind: str = "tcp"  # "tcp" | "icmp"
+    kind: str = "tcp"  # "tcp" (connect) | "syn" (raw SYN, pop.checks.syn) | "auto" (syn where allowed) | "icmp"
     port: int = 443
     interval: float = 0.2
     fast_interval: float = 0.05  # while a server is rising or falling

@@ -236,14 +236,17 @@ def parse_yaml(text: str | bytes, source: str) -> Any:
     """The YAML document, or ConfigError naming where it is not valid YAML."""
     import yaml
 
+    from pop import config_yaml
+
     # libyaml's parser where PyYAML was built with it: four times faster, which a configuration
-    # of a thousand servers, read again on every reload, needs (bench/scale.py); a document it
-    # refuses is parsed again by the pure-Python parser, whose messages are the ones we quote
+    # of a thousand servers, read again on every reload, needs (bench/scale.py), and a quicker
+    # construction of the values (pop.config_yaml); a document it refuses is parsed again by
+    # the pure-Python parser, whose messages are the ones we quote
     fast = getattr(yaml, "CSafeLoader", None)
     try:
         if fast is not None:
             try:
-                return yaml.load(text, Loader=fast)
+                return config_yaml.load(text, fast)
             except yaml.YAMLError:
                 pass
         return yaml.safe_load(text)

@@ -423,18 +423,18 @@ class Engine:
     def reload(self, config: Config, checks: Checks) -> None:
         """Take a new configuration without losing health state or flapping routes.
 
-        Servers whose identity is unchanged keep their state (pop.health); probes of the old
-        configuration, in flight or not, are cancelled and their results dropped. The verdict
+        Servers whose identity is unchanged keep their state (pop.health), and those whose checks
+        are unchanged keep their probes on the schedule (pop.probes.update); the probes of the
+        others, in flight or not, are cancelled and their results dropped. The verdict
         is kept, so unchanged prefixes stay announced; the applier is reconfigured and sends
         only what differs.
         """
-        self.probes.stop()
         self._configure(config, checks)
         self.applier.reconfigure(config)
         self._record("admin", config.name, "", "reloaded", f"configuration reloaded from {config.source}")
         log.info("engine.reloaded servers=%d prefixes=%d", len(config.servers), len(config.prefixes))
         if self._group is not None:
-            self.probes.start(self._group, checks, self._enabled)
+            self.probes.update(checks, self._enabled)
         self.reevaluate()
 
     def _pace(self, server: str, tier: str) -> float:

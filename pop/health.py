@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pop import hysteresis
 from pop.checks.base import CheckResult
 from pop.config import Server
-from pop.hysteresis import Policy, ServerHealth, TierState
+from pop.hysteresis import Policy, ServerHealth, State, TierState
 
 Policies = Mapping[str, Mapping[str, Policy]]
 """Per server name, per tier name (the check's name), the hysteresis policy of that tier."""
@@ -61,6 +61,9 @@ class Health:
         old = self.tiers[server][tier]
         new = self.tiers[server][tier] = hysteresis.step(old, result, self._policies[server][tier], now)
         before = self.servers[server]
+        if old.state is new.state is State.UP:
+            # nearly every probe: combine() reads no more of an UP tier than its state
+            return Moved((old, new), (before, before))
         after = self.servers[server] = hysteresis.combine(self.tiers[server], self._servers[server].enabled)
         return Moved((old, new), (before, after))
 

@@ -4,10 +4,11 @@ One schedule for every server and tier: a heap of the times each probe is due, s
 one timer on the event loop (the earliest due first, so when the engine falls behind every
 probe is late by the same amount and none is skipped). Probes run on a schedule, not back to
 back: a new probe starts every interval even while an earlier one waits for its timeout, so
-silence is detected at the pace of the interval rather than of the timeout. The pace is asked
-anew when a probe is scheduled (`pace(server, tier)`: fast while the server's state is
-changing) and `wake(server)` re-reads it for that server's tiers at once. A result older than
-one already handed on is dropped as stale.
+silence is detected at the pace of the interval rather than of the timeout. The pace
+(`pace(server, tier)`: fast while the server's state is changing) depends on nothing but the
+server's state, so it is asked once and again whenever `wake(server)` says that state changed,
+which re-schedules that server's tiers at once (and a reload). A result older than one already
+handed on is dropped as stale.
 
 A check that offers `begin(done)` (the TCP check: a non-blocking connect driven by loop
 callbacks) is started without a task; any other check runs as one task per probe, under a
@@ -26,6 +27,8 @@ can be folded into a server's fresh state.
 from __future__ import annotations
 
 import asyncio
+import collections
+import gc
 import heapq
 import itertools
 import logging
@@ -57,13 +60,15 @@ _TICK = 0.001
 # served in between however far behind the schedule is.
 _BATCH = 256
 _NEVER = float("inf")
+_YOUNG = 20_000
+_frozen: list[bool] = []  # whether this process froze its heap for the collector (Probes.start)
 
 
 class _Slot:
     """One server's one tier on the schedule."""
 
     __slots__ = ("begin", "check", "due", "generation", "in_flight", "last_due", "latest", "limit", "name",
-                 "server", "waiting")
+                 "pace", "server", "waiting")
 
     def __init__(self, server: str, check: Check, policy: Policy, generation: int) -> None:
         self.server, self.check, self.name, self.generation = server, check, check.name, generation
@@ -76,6 +81,7 @@ class _Slot:
         self.last_due: float | None = None  # when the last probe started was due
         self.latest = 0  # sequence number of the newest result handed on
         self.waiting = False  # due, but held back by `limit` until a probe in flight returns
+        self.pace: float | None = None  # the interval as last asked (None: ask)
 
 
 class Probes:
@@ -91,8 +97,8 @@ class Probes:
         self._timer_at = _NEVER
         self._serving: asyncio.Task[None] | None = None
         self._failed: asyncio.Future[None] | None = None
-        self._cancels: dict[int, Callable[[], None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._cancels: dict[int, tuple[_Slot, Callable[[], None]]] = {}  # the probes in flight, by sequence
+        self._tasks: dict[asyncio.Task[None], _Slot] = {}
         self._sequence = itertools.count(1)
         self._generation = 0
         self.lateness = stretch.Lateness()
@@ -107,14 +113,64 @@ class Probes:
         """Put every enabled server's every tier on the schedule (stops the previous generation first)."""
         self.stop()
         now = self.clock()
-        for server in enabled:
-            for check, policy in checks.get(server, ()):
-                slot = _Slot(server, check, policy, self._generation)
-                self._slots.setdefault(server, []).append(slot)
-                # spread the first probes over one interval: no thundering herd at start
-                self._push(slot, now + random.uniform(0, policy.fast_interval))
+        self._add([(server, check, policy) for server in enabled for check, policy in checks.get(server, ())], now)
         self._window_end, self._window_cpu = now + stretch.WINDOW, time.thread_time()
         self._serving = group.create_task(self._serve(self._generation), name="probe schedule")
+        # Everything built before the first start (the libraries, the configuration, the checks,
+        # the state tables) mostly lives as long as the process. The probes allocate thousands of
+        # short-lived objects a second, so the collector runs hundreds of times a second, and
+        # every full collection walked that whole heap: 75 ms pauses at 1,000 servers, the
+        # schedule's p99 lateness (issue 12). Frozen, it is no longer walked; what a reload drops
+        # is still freed by reference counting. Once per process, collected first: no garbage is
+        # frozen.
+        # The young generation is collected every _YOUNG allocations instead of every 700: the
+        # probes' garbage is freed by reference counting, the collector only finds cycles, and
+        # at 700 it ran ~30 times a second for nothing (issue 12).
+        if not _frozen:
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(_YOUNG, *gc.get_threshold()[1:])
+            _frozen.append(True)
+
+    def _add(self, wanted: Sequence[tuple[str, Check, Policy]], now: float) -> None:
+        tiers = collections.Counter(check.name for _, check, _ in wanted)
+        for server, check, policy in wanted:
+            slot = _Slot(server, check, policy, self._generation)
+            self._slots.setdefault(server, []).append(slot)
+            # no thundering herd at the start (pop.stretch.first_spread)
+            spread = stretch.first_spread(tiers[check.name], policy.interval, policy.fast_interval)
+            self._push(slot, now + random.uniform(0, spread))
+
+    def update(self, checks: Mapping[str, Sequence[tuple[Check, Policy]]], enabled: Sequence[str]) -> None:
+        """Take a reloaded configuration's checks without touching what did not change: a tier
+        whose check is the very object it had (pop.checks.cascade hands unchanged servers
+        theirs again) keeps its place on the schedule and its probes in flight; every other
+        tier is dropped with its probes, whose answers no longer count, and the new ones start
+        as at start(). Nothing happens before start()."""
+        if self._serving is None:
+            return
+        wanted = {(server, id(check)): (server, check, policy) for server in enabled
+                  for check, policy in checks.get(server, ())}
+        gone: set[_Slot] = set()
+        for server, slots in list(self._slots.items()):
+            kept = [slot for slot in slots if wanted.pop((server, id(slot.check)), None) is not None]
+            for slot in kept:
+                slot.pace = None  # the new configuration's state table may say otherwise
+            gone.update(slot for slot in slots if slot not in kept)
+            if kept:
+                self._slots[server] = kept
+            else:
+                del self._slots[server]
+        for slot in gone:
+            slot.generation = -1  # its entries on the heap and its answers are ignored from now on
+        for sequence, (slot, cancel) in list(self._cancels.items()):
+            if slot in gone:
+                del self._cancels[sequence]
+                cancel()
+        for task, slot in list(self._tasks.items()):
+            if slot in gone:
+                task.cancel()
+        self._add(list(wanted.values()), self.clock())
 
     def stop(self) -> None:
         if self._serving is not None:
@@ -126,7 +182,7 @@ class Probes:
         self._generation += 1
         self._disarm()
         cancels, self._cancels = self._cancels, {}
-        for cancel in cancels.values():
+        for _, cancel in cancels.values():
             cancel()
         for task in self._tasks:
             task.cancel()
@@ -137,10 +193,15 @@ class Probes:
     def wake(self, server: str) -> None:
         """Re-read the pace of the server's tiers now (its state changed)."""
         for slot in self._slots.get(server, ()):
+            slot.pace = None
             if slot.last_due is not None and not slot.waiting:
-                due = slot.last_due + self._pace(slot.server, slot.name) * self.stretch
+                due = slot.last_due + self._ask_pace(slot) * self.stretch
                 if due != slot.due:
                     self._push(slot, due)
+
+    def _ask_pace(self, slot: _Slot) -> float:
+        slot.pace = pace = self._pace(slot.server, slot.name)
+        return pace
 
     def schedule(self) -> stretch.Schedule:
         """How the schedule holds: the stretch in force, the last window, lateness since start."""
@@ -210,7 +271,7 @@ class Probes:
                 # started: a late start does not shift the server's phase, so servers spread
                 # over the interval stay spread. After a stall of more than an interval they
                 # are spread anew instead of all starting at once, forever in step.
-                interval = self._pace(slot.server, slot.name) * self.stretch
+                interval = (slot.pace or self._ask_pace(slot)) * self.stretch
                 slot.due = due + interval if due + interval > now else now + random.uniform(0, interval)
                 heapq.heappush(heap, (slot.due, next(self._order), slot))
             if now >= self._window_end:
@@ -239,11 +300,14 @@ class Probes:
         sequence = next(self._sequence)
         slot.in_flight += 1
         if slot.begin is not None:
-            self._cancels[sequence] = slot.begin(lambda result: self._done(slot, sequence, now, result))
+            self._cancels[sequence] = (slot, slot.begin(lambda result: self._done(slot, sequence, now, result)))
         else:
             task = asyncio.create_task(self._once(slot, sequence, now))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks[task] = slot
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
 
     async def _once(self, slot: _Slot, sequence: int, started: float) -> None:
         result = await _probe(slot.check, _deadline(slot.check), slot.server)

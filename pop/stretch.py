@@ -28,6 +28,7 @@ GROW = 1.25
 SHRINK = 1.2
 MAX_STRETCH = 10.0
 WINDOW = 1.0  # seconds of probe starts judged together
+SPREAD = 100  # servers of a tier whose first probes start within one fast interval; more spread further
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -82,6 +83,19 @@ def stretch(current: float, window: Window) -> float:
     if (window.p50 <= CAUGHT_UP or window.busy < IDLE) and current > 1.0:
         return max(1.0, current / SHRINK)
     return current
+
+
+def first_spread(servers: int, interval: float, fast_interval: float) -> float:
+    """Over how many seconds the first probes of a tier's `servers` start.
+
+    At the start every server is INIT and probes at the fast pace until it has risen. A few
+    servers may all do that at once; a thousand would demand four times the steady rate of
+    probes (twenty times for WireGuard) and rise in one burst, each rise a decision of its
+    own. Beyond SPREAD servers the first probes spread further, up to one interval: the
+    demand at the start stays near the steady one, and the rise takes at most one interval
+    longer.
+    """
+    return min(interval, max(fast_interval, fast_interval * servers / SPREAD))
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,19 +6,19 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from lab.netns import Netns, veth
 from lab.popnode import TcpService
-from pop.checks.base import CheckResult
 from pop.checks.l4 import IcmpCheck, TcpCheck
 
 NsFactory = Callable[[str], Netns]
+T = TypeVar("T")
 
 
-def probe_in(ns: Netns, make: Callable[[], Coroutine[Any, Any, CheckResult]]) -> CheckResult:
-    """Run one probe on an event loop in a thread that lives in `ns`."""
-    out: list[CheckResult] = []
+def probe_in(ns: Netns, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run one probe (or any coroutine) on an event loop in a thread that lives in `ns`."""
+    out: list[T] = []
 
     def worker() -> None:
         with ns.enter():

@@ -102,7 +102,7 @@ def test_not_a_config_at_all(text: str, expected: str) -> None:
     ({"servers": "vpn1"}, "pop.yaml: servers: must be a list, not a string"),
     ({"checks": {"l4": {"fast_interval": 2.0}}},
      "pop.yaml: checks.l4.fast_interval: 2.0 is longer than interval 0.2; it is the faster pace while a state changes"),
-    ({"checks": {"l4": {"kind": "udp"}}}, "pop.yaml: checks.l4.kind: 'udp' is not a check kind (tcp or icmp)"),
+    ({"checks": {"l4": {"kind": "udp"}}}, "pop.yaml: checks.l4.kind: 'udp' is not a check kind (tcp, syn, auto or icmp)"),
     ({"checks": {"l4": {"timeout": float("nan")}}},
      "pop.yaml: checks.l4.timeout: nan is out of range (at least 0.01 and at most 60)"),
     ({"checks": {"wireguard": {"enabled": True}}},

@@ -22,10 +22,15 @@ class Held(Scripted):
         self.timeout = 5.0
         self.release = asyncio.Event()
         self.started = 0
+        self.cancelled = 0
 
     async def probe(self) -> CheckResult:
         self.started += 1
-        await self.release.wait()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         return self.result
 
 
@@ -98,5 +103,32 @@ def test_one_round_probes_every_enabled_server_once() -> None:
         results = await probes.round({"a": [(a, POLICY)], "b": [(b, POLICY)]}, ["a", "b"])
         assert results == {("a", "tcp"): OK, ("b", "tcp"): DOWN}
         assert (a.probes, b.probes) == (1, 1)
+
+    asyncio.run(main())
+
+
+def test_reload_keeps_the_probes_of_an_unchanged_server_in_flight_and_counts_their_answers() -> None:
+    """One changed server among many: the others' probes are neither cancelled nor restarted."""
+    async def main() -> None:
+        a_old, b = Held(), Held()
+        engine = Engine(load(CONFIG_TEXT), FakeSpeaker(), {"a": [(a_old, POLICY)], "b": [(b, POLICY)]},
+                        clock=asyncio.get_running_loop().time)
+        task = asyncio.create_task(engine.run())
+        try:
+            await until(lambda: a_old.started >= 1 and b.started >= 1)  # a probe of each in flight
+            before = engine.tiers["b"]["tcp"]
+            a_new = Held()
+            engine.reload(load(CONFIG_TEXT.replace("10.0.2.1", "10.0.2.9")), {"a": [(a_new, POLICY)], "b": [(b, POLICY)]})
+            await asyncio.sleep(0)  # a cancelled task learns it at its next turn
+            assert engine.tiers["b"]["tcp"] is before
+            assert a_old.cancelled == a_old.started and b.cancelled == 0
+            a_old.release.set()
+            b.release.set()  # both answer now: only b's answer is b's
+            await until(lambda: engine.tiers["b"]["tcp"].successes > before.successes)
+            assert (engine.tiers["a"]["tcp"].successes, engine.tiers["a"]["tcp"].failures) == (0, 0)
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
 
     asyncio.run(main())

@@ -135,3 +135,56 @@ def test_tcp_begin_answers_from_the_loop_and_a_cancelled_probe_never_answers() -
         assert twin[0].error == "timeout" and late == []
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("servers", "interval", "fast", "expected"), [
+    (2, 0.2, 0.05, 0.05),       # a few servers rise as fast as ever
+    (100, 0.2, 0.05, 0.05),
+    (200, 0.2, 0.05, 0.1),
+    (1000, 0.2, 0.05, 0.2),     # a thousand: over one interval, no further
+    (5000, 0.2, 0.05, 0.2),
+    (1000, 5.0, 0.5, 5.0),      # WireGuard's handshakes at 1,000 servers: over its 5 s interval
+    (0, 0.2, 0.05, 0.05),
+])
+def test_the_first_probes_spread_further_the_more_servers_start(servers: int, interval: float, fast: float,
+                                                                 expected: float) -> None:
+    assert stretch.first_spread(servers, interval, fast) == pytest.approx(expected)
+
+
+def test_a_thousand_servers_first_probes_start_over_one_interval() -> None:
+    starts: list[float] = []
+
+    async def run() -> None:
+        checks = {f"s{i}": [(Counting(), POLICY)] for i in range(1000)}
+        probes = Probes(lambda *_: None, lambda *_: POLICY.fast_interval, clock=lambda: 100.0)
+        probes._push = lambda slot, due: starts.append(due - 100.0)  # type: ignore[method-assign]
+        async with asyncio.TaskGroup() as group:
+            probes.start(group, checks, list(checks))
+            probes.stop()
+
+    asyncio.run(run())
+    assert len(starts) == 1000
+    assert max(starts) > 0.8 * POLICY.interval and max(starts) <= POLICY.interval
+
+
+def test_the_pace_is_asked_again_only_when_the_server_wakes() -> None:
+    """The pace depends on the server's state alone, so it is not asked for every probe."""
+    async def main() -> None:
+        check = Counting()
+        asked: list[str] = []
+
+        def pace(server: str, _tier: str) -> float:
+            asked.append(server)
+            return 0.01
+
+        probes = Probes(lambda *_: None, pace, clock=asyncio.get_running_loop().time)
+        async with asyncio.TaskGroup() as group:
+            probes.start(group, {"a": [(check, POLICY)]}, ["a"])
+            await until(lambda: check.probes >= 5)
+            assert asked == ["a"]
+            probes.wake("a")
+            await until(lambda: check.probes >= 10)
+            probes.stop()
+        assert asked == ["a", "a"]
+
+    asyncio.run(main())
