@@ -334,8 +334,9 @@ class Probes:
 
 def _deadline(check: Check) -> float:
     # the check keeps its own timeout; this deadline is the backstop for a check that does
-    # not, so that a hung probe can never hold a server's state hostage
-    return float(getattr(check, "timeout", 1.0)) * 2 + 0.5
+    # not, so that a hung probe can never hold a server's state hostage; a WireGuard check
+    # through the tunnel adds its data exchange to the handshake's (a cookie retry) time
+    return float(getattr(check, "timeout", 1.0)) * 2 + float(getattr(check, "data_timeout", 0.0)) + 0.5
 
 
 async def _probe(check: Check, deadline: float, server: str = "") -> CheckResult:

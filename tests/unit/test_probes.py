@@ -132,3 +132,16 @@ def test_reload_keeps_the_probes_of_an_unchanged_server_in_flight_and_counts_the
                 await task
 
     asyncio.run(main())
+
+
+def test_the_backstop_deadline_leaves_a_tunnel_check_its_data_exchange() -> None:
+    from pop.probes import _deadline
+
+    class Tunnel:
+        timeout, data_timeout = 1.0, 0.3
+
+    class Plain:
+        timeout = 1.0
+
+    assert _deadline(Tunnel()) == 2.8  # type: ignore[arg-type]
+    assert _deadline(Plain()) == 2.5  # type: ignore[arg-type]
