@@ -11,6 +11,8 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from pop.dampening import Policy as DampeningPolicy
+from pop.load import Policy as LoadPolicy
+from pop.tails import Policy as TailsPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,5 +259,7 @@ class Config:
     drain: Drain = field(default_factory=Drain)
     availability: Availability = field(default_factory=Availability)
     dampening: DampeningPolicy = field(default_factory=lambda: DampeningPolicy(enabled=False))
+    load: LoadPolicy = field(default_factory=LoadPolicy)  # weights from the servers' node exporters
+    tails: TailsPolicy = field(default_factory=TailsPolicy)  # latency tails, the degraded mark
     runtime_dir: str = "/run/pop"
     source: str = "pop.yaml"

@@ -172,6 +172,8 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
             background.append(asyncio.create_task(_diagnose(dataplane, diagnostics, errors), name="diagnostics"))
             if config.dataplane.load_weights:
                 engine.load_signal = _connection_load(dataplane, engine)
+            elif config.load.enabled:
+                _telemetry_load(engine)
         if tier3 is not None:
             background.append(asyncio.create_task(_pull_agents(config, tier3, engine), name="agents"))
         identities += await _identity(config)
@@ -288,6 +290,17 @@ def _connection_load(dataplane: KernelDataplane, engine: Engine) -> Callable[[],
         return load.connection_factors(await dataplane.connections(), engine.pool_weights())
 
     return factors
+
+
+def _telemetry_load(engine: Engine) -> None:
+    """The load signal from the servers' node exporters (pop.adapters.telemetry): it smooths
+    the CPU itself, so the engine takes its factors as they are."""
+    from pop.adapters.telemetry import NodeExporterLoad
+
+    signal = NodeExporterLoad(lambda: engine.config)
+    engine.load_signal = signal
+    engine.load_smoothing = 1.0
+    engine.load_view = signal.view
 
 
 def _channel_error(failure: BaseException) -> ChannelError | None:
