@@ -74,13 +74,14 @@ from typing import Any
 
 import yaml
 
-from lab import datapath, prometheus, state
+from lab import datapath, nodeexporter, prometheus, state
 from lab import status as lab_status
 from lab.agentnode import AgentNode
 from lab.datapath import WHOAMI_PORT
 from lab.faults import Faults
 from lab.frr import FrrRouter
 from lab.netns import IFNAMSIZ, Netns, veth
+from lab.nodeexporter import NodeExporter
 from lab.popnode import PopNode, TcpService, write_token
 from lab.prometheus import PrometheusNode
 from lab.routewatch import RouteWatcher, read_nexthops
@@ -146,6 +147,7 @@ class Lab:
         self.routers: dict[str, FrrRouter] = {}
         self.pops: dict[str, PopNode] = {}
         self.vpns: dict[str, VpnServer] = {}
+        self.exporters: dict[str, NodeExporter] = {}  # servers of PoPs with the load signal on
         self.agents: dict[str, AgentNode] = {}
         self.nocs: dict[str, tuple[socket.socket, subprocess.Popen[bytes]]] = {}
         self.prometheus: PrometheusNode | None = None  # in the noc node, when Debian's prometheus is installed
@@ -374,6 +376,10 @@ class Lab:
         self.vpns[name] = server
         self._start_witness(name)
         server.start()
+        load = self.spec.pops[spec.pop].config.load
+        if load.enabled:
+            exporter = self.exporters[name] = NodeExporter(ns, name, spec.address, load.port, workdir)
+            exporter.start()
 
     def _pop_document(self, name: str, changes: Mapping[str, Any] | None) -> dict[str, Any]:
         """The PoP's pop.yaml as written, with the run's paths (and ``changes``) merged in."""
@@ -528,15 +534,18 @@ class Lab:
             list(pool.map(lambda node: node.stop(timeout=5), list(self.pops.values())))
             list(pool.map(lambda router: router.stop(), list(self.routers.values())))
             list(pool.map(lambda vpn: vpn.stop(), list(self.vpns.values())))
+            list(pool.map(lambda exporter: exporter.stop(), list(self.exporters.values())))
             list(pool.map(lambda ns: ns.close(), list(self.namespaces.values())))
         self.pops.clear()
         self.routers.clear()
         self.vpns.clear()
+        self.exporters.clear()
         self.agents.clear()
         self.nocs.clear()
         self.whoami.clear()
         self.namespaces.clear()
         state.remove_leftovers(self.prefix, self.wg_ifnames.values(), self.statedir)
+        nodeexporter.remove_cgroups(self.prefix)
         self._up = False
 
 

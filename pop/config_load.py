@@ -9,7 +9,8 @@
       steps:               # CPU percent -> percent of the configured weight (default below)
         - {cpu: 75, weight: 80}
         - {cpu: 85, weight: 50}
-      smoothing: 0.8       # weight of the newest CPU reading (1: no smoothing)
+      smoothing: 0.5       # weight of the newest CPU reading when it falls (a rise counts at
+                           # once: busy servers shed at once, calm ones come back gradually)
       margin: 5            # CPU points below a step's threshold before a server leaves it
       floor: 25            # percent of the configured weight a busy server keeps at least
 

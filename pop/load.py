@@ -57,7 +57,7 @@ class Policy:
     period: float = 5.0  # one scrape per period: the weights change at most once per period
     timeout: float = 1.0  # per scrape
     steps: tuple[tuple[float, float], ...] = DEFAULT_STEPS  # (cpu 0..1, factor), ascending cpu
-    smoothing: float = 0.8  # weight of the newest CPU reading (1 = none)
+    smoothing: float = 0.5  # weight of the newest CPU reading when it falls (rises count at once; 1 = none)
     margin: float = 0.05  # a server leaves a step only this far below its threshold
     floor: float = 0.25  # never below this factor (and never weight 0)
 

@@ -6,8 +6,9 @@ server exports them, its WireGuard peers (`wireguard_peers`, or the number of
 `wireguard_latest_handshake_seconds` series) and handshakes. `busy(previous, current)` is the
 CPU utilisation between two scrapes (0..1: every mode but idle and iowait, over all modes;
 a counter that went back, a rebooted server, gives None). `Reading` keeps the previous
-scrape and the smoothed utilisation per server (exponential smoothing, `alpha` on the
-newest reading).
+scrape and the smoothed utilisation per server: a rise is taken at once (a busy server sheds
+new clients within one period), a fall is smoothed exponentially (`alpha` on the newest
+reading), so a server's weight comes back gradually and does not see-saw.
 
 The I/O (one HTTP GET per server and period, bounded in time and size) is
 pop/adapters/telemetry.py; the weights are pop/load.py's step table.
@@ -106,5 +107,7 @@ def fold(reading: Reading, scrape: Scrape | None, error: str, alpha: float) -> R
     raw = busy(reading.scrape, scrape) if reading.scrape is not None else None
     if raw is None:
         return Reading(scrape, reading.cpu if reading.scrape is not None else None, None)
-    cpu = raw if reading.cpu is None else reading.cpu + alpha * (raw - reading.cpu)
+    # busier: taken at once, so a server sheds new clients within the period; calmer: believed
+    # gradually, so its weight does not see-saw
+    cpu = raw if reading.cpu is None or raw >= reading.cpu else reading.cpu + alpha * (raw - reading.cpu)
     return Reading(scrape, cpu, raw)

@@ -129,13 +129,15 @@ def test_busy_between_two_scrapes(before: telemetry.Scrape, after: telemetry.Scr
     assert telemetry.busy(before, after) == (None if expected is None else pytest.approx(expected))
 
 
-def test_fold_smooths_and_forgets_on_failure() -> None:
+def test_fold_takes_a_rise_at_once_smooths_a_fall_and_forgets_on_failure() -> None:
     reading = telemetry.fold(telemetry.Reading(), cpu_scrape(0, 0, 0), "", alpha=0.5)
     assert reading.cpu is None  # one scrape is no rate
     reading = telemetry.fold(reading, cpu_scrape(1, 0, 1), "", alpha=0.5)
     assert (reading.cpu, reading.raw) == (1.0, 1.0)  # the first rate is taken as it is
     reading = telemetry.fold(reading, cpu_scrape(2, 1, 1), "", alpha=0.5)
-    assert (reading.cpu, reading.raw) == (0.5, 0.0)
+    assert (reading.cpu, reading.raw) == (0.5, 0.0)  # a fall is smoothed
+    reading = telemetry.fold(reading, cpu_scrape(3, 1.1, 1.9), "", alpha=0.5)
+    assert reading.cpu == pytest.approx(0.9)  # a rise is taken at once
     reading = telemetry.fold(reading, None, "connection refused", alpha=0.5)
     assert (reading.cpu, reading.error) == (None, "connection refused")
 
@@ -222,7 +224,7 @@ neighbors: [{{address: 10.0.0.1, peer_as: 65000}}]
 prefixes: [198.51.100.1/32]
 servers: [{{name: a, address: 127.0.0.1, weight: 10}}, {{name: b, address: 127.0.0.2, weight: 10}}]
 dataplane: {{mode: ipvs}}
-load: {{enabled: true, port: {exporter.port}, smoothing: 1, timeout: 0.5}}
+load: {{enabled: true, port: {exporter.port}, timeout: 0.5}}
 """)
     now = [0.0]
     signal = NodeExporterLoad(lambda: config, clock=lambda: now[0])
@@ -234,7 +236,7 @@ load: {{enabled: true, port: {exporter.port}, smoothing: 1, timeout: 0.5}}
 
     async def main() -> list[dict[str, int]]:
         try:
-            return [await read(busy) for busy in (0.0, 0.5, 0.8, 0.9, 0.5)]
+            return [await read(busy) for busy in (0.0, 0.5, 0.8, 0.9, 0.6, 0.1)]
         finally:
             await signal.close()
 
@@ -245,7 +247,8 @@ load: {{enabled: true, port: {exporter.port}, smoothing: 1, timeout: 0.5}}
     # b (127.0.0.2) has no exporter: it keeps its configured weight throughout (fail-open)
     assert seen == [{"127.0.0.1": 10, "127.0.0.2": 10}, {"127.0.0.1": 10, "127.0.0.2": 10},
                     {"127.0.0.1": 8, "127.0.0.2": 10}, {"127.0.0.1": 5, "127.0.0.2": 10},
+                    {"127.0.0.1": 8, "127.0.0.2": 10},  # 0.9 -> 0.6 smoothed by half: 0.75
                     {"127.0.0.1": 10, "127.0.0.2": 10}]
     view = signal.view()
-    assert view["a"]["cpu"] == pytest.approx(0.5) and view["a"]["error"] is None
+    assert view["a"]["cpu"] == pytest.approx(0.425) and view["a"]["error"] is None
     assert view["b"]["cpu"] is None and "127.0.0.2" in str(view["b"]["error"])
