@@ -64,15 +64,16 @@ def stat_text(user: float, system: float, idle: float, cpus: int) -> str:
     return "\n".join([*lines, "btime 1700000000", ""])
 
 
-def view(cgroup: Path, procfs: Path, cpus: int, interval: float = 0.2) -> None:
-    """Write ``procfs``/stat from the cgroup's usage every ``interval``, forever."""
+def view(cgroup: Path, procfs: Path, cpus: int, interval: float = 0.2, share: float = 1.0) -> None:
+    """Write ``procfs``/stat from the cgroup's usage every ``interval``, forever. The node has
+    ``cpus`` CPUs, of which it may use ``share`` (like a container's CPU quota)."""
     user = system = idle = 0.0
     last_at, (last_user, last_system) = time.monotonic(), usage(cgroup)
     while True:
         _write(procfs / "stat", stat_text(user, system, idle, cpus))
         time.sleep(interval)
         now, (u, s) = time.monotonic(), usage(cgroup)
-        capacity = cpus * (now - last_at)
+        capacity = cpus * share * (now - last_at)
         du, ds = max(0.0, u - last_user), max(0.0, s - last_system)
         scale = min(1.0, capacity / (du + ds)) if du + ds > 0 else 1.0
         user, system = user + du * scale, system + ds * scale
@@ -87,8 +88,10 @@ def _write(path: Path, text: str) -> None:
 
 
 class NodeExporter:
-    def __init__(self, ns: Netns, name: str, address: str, port: int, workdir: Path, *, cpus: int = 1) -> None:
+    def __init__(self, ns: Netns, name: str, address: str, port: int, workdir: Path, *, cpus: int = 1,
+                 share: float = 1.0) -> None:
         self.ns, self.name, self.address, self.port, self.cpus = ns, name, address, port, cpus
+        self.share = share  # of its CPUs the node may use: a quota, for hosts with few CPUs to burn
         self.procfs = workdir / "proc"
         self.log = workdir / "node-exporter.log"
         self.cgroup = cgroup_dir(f"{ns.name}")
@@ -109,10 +112,10 @@ class NodeExporter:
         _write(self.procfs / "stat", stat_text(0.0, 0.0, 0.0, self.cpus))
         # on the host: `ip netns exec` mounts a fresh /sys, without the cgroup hierarchies
         with self.log.open("ab") as log:
-            self.viewer = subprocess.Popen([sys.executable, "-m", "lab.nodeexporter", "view", str(self.cgroup),
-                                            str(self.procfs), str(self.cpus)], stdin=subprocess.DEVNULL,
-                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                           cwd=Path(__file__).resolve().parents[1])
+            argv = [sys.executable, "-m", "lab.nodeexporter", "view", str(self.cgroup), str(self.procfs),
+                    str(self.cpus), str(self.share)]
+            self.viewer = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True, cwd=Path(__file__).resolve().parents[1])
         self.exporter = self.ns.popen(binary, f"--web.listen-address={self.address}:{self.port}",
                                       f"--path.procfs={self.procfs}", "--collector.disable-defaults",
                                       "--collector.cpu", log=self.log)
@@ -122,10 +125,10 @@ class NodeExporter:
                 raise RuntimeError(f"node-exporter on {self.name} did not start: {self.log.read_text()[-2000:]}")
             time.sleep(0.05)
 
-    def burn(self, loops: int = 2) -> list[subprocess.Popen[bytes]]:
+    def burn(self, loops: int = 2, nice: int = 19) -> list[subprocess.Popen[bytes]]:
         """Busy loops in the server's cgroup (they show in its CPU), until unburn() or stop()."""
         for _ in range(loops):
-            proc = self.ns.popen("nice", "-n", "19", sys.executable, "-c", BUSY_LOOP)
+            proc = self.ns.popen("nice", "-n", str(nice), sys.executable, "-c", BUSY_LOOP)
             (self.cgroup / "cgroup.procs").write_text(f"{proc.pid}\n")
             self.burners.append(proc)
         return self.burners
@@ -136,8 +139,8 @@ class NodeExporter:
         self.burners.clear()
 
     @contextlib.contextmanager
-    def burning(self, loops: int = 2) -> Iterator[None]:
-        self.burn(loops)
+    def burning(self, loops: int = 2, nice: int = 19) -> Iterator[None]:
+        self.burn(loops, nice)
         try:
             yield
         finally:
@@ -161,10 +164,10 @@ def remove_cgroups(prefix: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 4 and argv[0] == "view":
+    if len(argv) == 5 and argv[0] == "view":
         os.nice(-5)  # the view's clock must not lag behind the burn it measures
-        view(Path(argv[1]), Path(argv[2]), int(argv[3]))
-    print("usage: python -m lab.nodeexporter view CGROUP PROCFS CPUS", file=sys.stderr)
+        view(Path(argv[1]), Path(argv[2]), int(argv[3]), share=float(argv[4]))
+    print("usage: python -m lab.nodeexporter view CGROUP PROCFS CPUS SHARE", file=sys.stderr)
     return 2
 
 

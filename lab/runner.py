@@ -378,7 +378,8 @@ class Lab:
         server.start()
         load = self.spec.pops[spec.pop].config.load
         if load.enabled:
-            exporter = self.exporters[name] = NodeExporter(ns, name, spec.address, load.port, workdir)
+            # half a CPU per server: a burn reaches the top step even while the host is busy
+            exporter = self.exporters[name] = NodeExporter(ns, name, spec.address, load.port, workdir, share=0.5)
             exporter.start()
 
     def _pop_document(self, name: str, changes: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -234,6 +234,7 @@ class Engine:
         after = pool.members(self._servers, self.health, self.server_drains, self.factors())
         if after != before:
             log.info("dataplane.weights %s", " ".join(f"{a}={w}" for a, w in after))
+            self.revision += 1  # the weights are on /v1/status: a status built before is stale
             self.reevaluate()
 
     def factors(self) -> dict[str, float]:

@@ -38,15 +38,14 @@ class NodeExporterLoad:
         self.clock = clock
         self.readings: dict[str, telemetry.Reading] = {}  # by server name
         self.factors: dict[str, float] = {}  # by server address, as last handed to the engine
-        self._session: aiohttp.ClientSession | None = None
 
     async def __call__(self) -> Mapping[str, float]:
         config = self._config()
         policy = config.load
-        if self._session is None:
-            self._session = aiohttp.ClientSession(trust_env=False)
         servers = [s for s in config.servers if s.enabled]
-        results = await asyncio.gather(*(self._scrape(s.address, policy) for s in servers))
+        # a session per round (one every few seconds): nothing to close when the engine stops
+        async with aiohttp.ClientSession(trust_env=False) as session:
+            results = await asyncio.gather(*(self._scrape(session, s.address, policy) for s in servers))
         cpu: dict[str, float | None] = {}
         readings: dict[str, telemetry.Reading] = {}
         for server, (scrape, error) in zip(servers, results, strict=True):
@@ -63,11 +62,11 @@ class NodeExporterLoad:
         self.factors = load.telemetry_factors(cpu, self.factors, policy.steps, policy.floor, policy.margin)
         return self.factors
 
-    async def _scrape(self, address: str, policy: load.Policy) -> tuple[telemetry.Scrape | None, str]:
-        assert self._session is not None
+    async def _scrape(self, session: aiohttp.ClientSession, address: str,
+                      policy: load.Policy) -> tuple[telemetry.Scrape | None, str]:
         try:
             async with asyncio.timeout(policy.timeout):
-                async with self._session.get(url(address, policy), allow_redirects=False) as response:
+                async with session.get(url(address, policy), allow_redirects=False) as response:
                     if response.status != 200:
                         return None, f"HTTP {response.status}"
                     body = await response.content.read(MAX_BODY + 1)
@@ -76,11 +75,6 @@ class NodeExporterLoad:
             return telemetry.parse(body.decode("utf-8", "replace"), self.clock()), ""
         except (OSError, TimeoutError, aiohttp.ClientError, telemetry.ParseError) as exc:
             return None, str(exc) or type(exc).__name__
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     def view(self) -> dict[str, dict[str, object]]:
         """Per server: CPU (smoothed and last), WireGuard peers, the factor, the last error."""

@@ -5,7 +5,7 @@ back after the burn.
 pop1 (lab/nodes/pop1/pop.yaml) reads each server's prometheus-node-exporter every 2 s with
 the default steps (-20 % at 75 % CPU, -50 % at 85 %); its servers have weight 10. Each server's
 exporter reports that server's own CPU (lab/nodeexporter.py: the server's cgroup, as lxcfs
-would); the burn is two busy loops in vpn11's namespace and cgroup.
+would; each server has half a CPU); the burn is two busy loops in vpn11's namespace and cgroup.
 """
 
 from __future__ import annotations

@@ -235,10 +235,7 @@ load: {{enabled: true, port: {exporter.port}, timeout: 0.5}}
         return {address: weighted(10, factor) for address, factor in factors.items()}
 
     async def main() -> list[dict[str, int]]:
-        try:
-            return [await read(busy) for busy in (0.0, 0.5, 0.8, 0.9, 0.6, 0.1)]
-        finally:
-            await signal.close()
+        return [await read(busy) for busy in (0.0, 0.5, 0.8, 0.9, 0.6, 0.1)]
 
     try:
         seen = asyncio.run(main())
