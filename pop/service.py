@@ -103,6 +103,8 @@ def _reload(engine: Engine, config_path: Path, ctl: Control, reloads: dict[str, 
                 log.error("reload.rejected %s", problem)
             return
         engine.tier3.reconfigure(new.name, _external_policy(new), key)
+    if new.load.enabled and not engine.config.load.enabled and engine.load_signal is None:
+        log.warning("reload.partial turning the load signal on takes effect at the next restart")
     if _kernel(new) != _kernel(engine.config):
         log.warning("reload.partial starting or stopping the kernel data plane (dataplane.mode none, no vip) "
                     "takes effect at the next restart")

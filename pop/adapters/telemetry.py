@@ -42,6 +42,9 @@ class NodeExporterLoad:
     async def __call__(self) -> Mapping[str, float]:
         config = self._config()
         policy = config.load
+        if not policy.enabled:  # turned off by a reload: every server back to its configured weight
+            self.readings, self.factors = {}, {}
+            return self.factors
         servers = [s for s in config.servers if s.enabled]
         # a session per round (one every few seconds): nothing to close when the engine stops
         async with aiohttp.ClientSession(trust_env=False) as session:

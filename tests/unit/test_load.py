@@ -249,3 +249,10 @@ load: {{enabled: true, port: {exporter.port}, timeout: 0.5}}
     view = signal.view()
     assert view["a"]["cpu"] == pytest.approx(0.425) and view["a"]["error"] is None
     assert view["b"]["cpu"] is None and "127.0.0.2" in str(view["b"]["error"])
+
+
+def test_a_load_signal_turned_off_by_a_reload_hands_back_the_configured_weights() -> None:
+    config = load_config(CONFIG_TEXT_NO_HOLD_DOWN + "load: {enabled: false}")
+    signal = NodeExporterLoad(lambda: config)
+    signal.factors = {"10.0.2.1": 0.5}
+    assert asyncio.run(signal()) == {} and signal.view() == {}
