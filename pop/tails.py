@@ -16,9 +16,10 @@ Time is an argument everywhere: the tests pass it in.
 
 from __future__ import annotations
 
-import collections
+import array
+import bisect
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pop.checks.base import CheckResult
@@ -59,7 +60,7 @@ class Tail:
 EMPTY = Tail(0, 0, None, None, None)
 
 
-def percentile(ordered: list[float], q: float) -> float | None:
+def percentile(ordered: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile (q in 0..100) of an ascending list."""
     if not ordered:
         return None
@@ -67,35 +68,68 @@ def percentile(ordered: list[float], q: float) -> float | None:
     return ordered[rank - 1]
 
 
+REFRESH = 1.0  # seconds a window's summary is reused: percentiles of 1,000 servers' windows cost CPU
+
+
 class Window:
-    """The results of one server's one tier over the last `span` seconds."""
+    """The results of one server's one tier over the last `span` seconds, at most `max_samples`.
 
-    __slots__ = ("_cached", "_samples", "span")
+    A ring of two arrays of doubles (16 bytes a result: 1,000 servers probed every 0.2 s keep
+    ~7 MB, where tuples would take ~40 MB), grown up to `max_samples` as results come. The
+    summary is computed at most once per `refresh` seconds (a sort of the window), so neither
+    the degraded mark nor /v1/status sorts on every probe result.
+    """
 
-    def __init__(self, span: float, max_samples: int) -> None:
-        self.span = span
-        self._samples: collections.deque[tuple[float, float | None]] = collections.deque(maxlen=max_samples)
+    __slots__ = ("_at", "_cached", "_cached_at", "_count", "_rtt", "_start", "max_samples", "refresh", "span")
+
+    def __init__(self, span: float, max_samples: int, refresh: float = REFRESH) -> None:
+        self.span, self.max_samples, self.refresh = span, max_samples, refresh
+        self._at = array.array("d")  # when
+        self._rtt = array.array("d")  # the RTT; _FAILED or _NO_RTT (a success without a measured RTT)
+        self._start = 0  # index of the oldest result
+        self._count = 0
         self._cached: Tail | None = None
+        self._cached_at = -math.inf
 
     def add(self, now: float, result: CheckResult) -> None:
-        self._samples.append((now, result.latency if result.ok and result.latency is not None else
-                              (0.0 if result.ok else None)))
+        value = _FAILED if not result.ok else _NO_RTT if result.latency is None else result.latency
+        size = len(self._at)
+        if size < self.max_samples:  # still growing: the ring has not wrapped, the next slot is the end
+            self._at.append(now)
+            self._rtt.append(value)
+            self._count += 1
+        else:
+            slot = (self._start + self._count) % size
+            self._at[slot], self._rtt[slot] = now, value
+            if self._count == size:
+                self._start = (self._start + 1) % size  # full: the oldest result is overwritten
+            else:
+                self._count += 1
         self._expire(now)
-        self._cached = None
 
     def _expire(self, now: float) -> None:
-        while self._samples and self._samples[0][0] <= now - self.span:
-            self._samples.popleft()
-            self._cached = None
+        size = len(self._at)
+        while self._count and self._at[self._start] <= now - self.span:
+            self._start = (self._start + 1) % size
+            self._count -= 1
 
     def summary(self, now: float) -> Tail:
+        if self._cached is not None and now - self._cached_at < self.refresh:
+            return self._cached
         self._expire(now)
-        if self._cached is None:
-            rtts = sorted(rtt for _, rtt in self._samples if rtt is not None)
-            count = len(self._samples)
-            self._cached = Tail(count, count - len(rtts), percentile(rtts, 50), percentile(rtts, 95),
-                                percentile(rtts, 99))
+        end = self._start + self._count
+        values = self._rtt[self._start:end] + self._rtt[:max(0, end - len(self._rtt))]
+        ordered = sorted(values)  # no RTT (-1) first, failures (inf) last: C speed, no Python loop
+        low, high = bisect.bisect_left(ordered, 0.0), bisect.bisect_left(ordered, math.inf)
+        rtts = ordered[low:high]
+        self._cached = Tail(self._count, len(ordered) - high, percentile(rtts, 50), percentile(rtts, 95),
+                            percentile(rtts, 99))
+        self._cached_at = now
         return self._cached
+
+
+_FAILED = math.inf
+_NO_RTT = -1.0
 
 
 def passes(tail: Tail, policy: Policy, scale: float = 1.0) -> str:

@@ -30,7 +30,7 @@ def test_percentile_is_nearest_rank(values: list[float], q: float, expected: flo
 
 
 def test_window_summarises_rtts_and_failures() -> None:
-    window = Window(span=10.0, max_samples=100)
+    window = Window(span=10.0, max_samples=100, refresh=0)
     for i in range(1, 11):
         window.add(float(i) * 0.1, OK(i / 1000))
     window.add(1.05, FAIL)
@@ -39,7 +39,7 @@ def test_window_summarises_rtts_and_failures() -> None:
 
 
 def test_window_forgets_what_is_older_than_its_span() -> None:
-    window = Window(span=10.0, max_samples=100)
+    window = Window(span=10.0, max_samples=100, refresh=0)
     window.add(0.0, FAIL)
     window.add(5.0, OK(0.2))
     assert window.summary(9.9).count == 2
@@ -47,8 +47,16 @@ def test_window_forgets_what_is_older_than_its_span() -> None:
     assert window.summary(15.0) == Tail(0, 0, None, None, None)
 
 
+def test_a_success_without_an_rtt_counts_for_the_failure_rate_only() -> None:
+    window = Window(span=10.0, max_samples=100, refresh=0)
+    window.add(1.0, CheckResult(ok=True))
+    window.add(2.0, OK(0.3))
+    window.add(3.0, FAIL)
+    assert window.summary(3.0) == Tail(3, 1, 0.3, 0.3, 0.3)
+
+
 def test_window_keeps_at_most_max_samples() -> None:
-    window = Window(span=1e9, max_samples=50)
+    window = Window(span=1e9, max_samples=50, refresh=0)
     for i in range(1000):
         window.add(float(i), FAIL if i < 950 else OK(0.001))
     assert window.summary(1000.0) == Tail(50, 0, 0.001, 0.001, 0.001)  # the 50 newest only
@@ -176,3 +184,22 @@ def test_status_and_metrics_show_the_tails() -> None:
     assert 'pop_check_failure_ratio{pop="t1",server="a",tier="tcp"} 0.5' in text
     assert 'pop_server_degraded{pop="t1",server="a"} 1.0' in text
     assert 'pop_server_weight_factor_ratio{pop="t1",server="a"} 0.5' in text
+
+
+def test_a_summary_is_reused_for_refresh_seconds() -> None:
+    window = Window(span=10.0, max_samples=100, refresh=1.0)
+    window.add(0.0, OK(0.1))
+    assert window.summary(0.0).count == 1
+    window.add(0.5, FAIL)
+    assert window.summary(0.9).count == 1  # not sorted again within the second
+    assert window.summary(1.0) == Tail(2, 1, 0.1, 0.1, 0.1)
+
+
+def test_the_ring_wraps_and_expires_across_the_wrap() -> None:
+    window = Window(span=5.0, max_samples=4, refresh=0)
+    for t in range(10):  # 0..9, every third a failure; the ring of 4 wraps twice
+        window.add(float(t), OK(t / 1000) if t % 3 else FAIL)
+    assert window.summary(9.0) == Tail(4, 2, 0.007, 0.008, 0.008)  # 6 (failed), 7, 8, 9 (failed)
+    assert window.summary(12.5) == Tail(2, 1, 0.008, 0.008, 0.008)  # 8 and 9: the expiry crossed the wrap
+    window.add(13.0, FAIL)
+    assert window.summary(13.0) == Tail(2, 2, None, None, None)  # 9 and 13, both failed
