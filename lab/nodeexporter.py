@@ -70,9 +70,12 @@ def view(cgroup: Path, procfs: Path, cpus: int, interval: float = 0.2, share: fl
     user = system = idle = 0.0
     last_at, (last_user, last_system) = time.monotonic(), usage(cgroup)
     while True:
-        _write(procfs / "stat", stat_text(user, system, idle, cpus))
-        time.sleep(interval)
-        now, (u, s) = time.monotonic(), usage(cgroup)
+        try:
+            _write(procfs / "stat", stat_text(user, system, idle, cpus))
+            time.sleep(interval)
+            now, (u, s) = time.monotonic(), usage(cgroup)
+        except FileNotFoundError:
+            return  # the lab is gone (down, or a sweep after a crash removed the cgroup)
         capacity = cpus * share * (now - last_at)
         du, ds = max(0.0, u - last_user), max(0.0, s - last_system)
         scale = min(1.0, capacity / (du + ds)) if du + ds > 0 else 1.0
@@ -167,6 +170,7 @@ def main(argv: list[str]) -> int:
     if len(argv) == 5 and argv[0] == "view":
         os.nice(-5)  # the view's clock must not lag behind the burn it measures
         view(Path(argv[1]), Path(argv[2]), int(argv[3]), share=float(argv[4]))
+        return 0
     print("usage: python -m lab.nodeexporter view CGROUP PROCFS CPUS SHARE", file=sys.stderr)
     return 2
 

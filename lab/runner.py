@@ -74,7 +74,7 @@ from typing import Any
 
 import yaml
 
-from lab import datapath, nodeexporter, prometheus, state
+from lab import datapath, prometheus, state
 from lab import status as lab_status
 from lab.agentnode import AgentNode
 from lab.datapath import WHOAMI_PORT
@@ -546,7 +546,6 @@ class Lab:
         self.whoami.clear()
         self.namespaces.clear()
         state.remove_leftovers(self.prefix, self.wg_ifnames.values(), self.statedir)
-        nodeexporter.remove_cgroups(self.prefix)
         self._up = False
 
 
