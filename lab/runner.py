@@ -81,6 +81,7 @@ from lab.datapath import WHOAMI_PORT
 from lab.faults import Faults
 from lab.frr import FrrRouter
 from lab.netns import IFNAMSIZ, Netns, veth
+from lab.nodeexporter import NodeExporter
 from lab.popnode import PopNode, TcpService, write_token
 from lab.prometheus import PrometheusNode
 from lab.routewatch import RouteWatcher, read_nexthops
@@ -159,6 +160,7 @@ class Lab:
         self.routers: dict[str, FrrRouter] = {}
         self.pops: dict[str, PopNode] = {}
         self.vpns: dict[str, VpnServer] = {}
+        self.exporters: dict[str, NodeExporter] = {}  # servers of PoPs with the load signal on
         self.agents: dict[str, AgentNode] = {}
         self.nocs: dict[str, tuple[socket.socket, subprocess.Popen[bytes]]] = {}
         self.prometheus: PrometheusNode | None = None  # in the noc node, when Debian's prometheus is installed
@@ -394,6 +396,11 @@ class Lab:
         self.vpns[name] = server
         self._start_witness(name)
         server.start()
+        load = self.spec.pops[spec.pop].config.load
+        if load.enabled:
+            # half a CPU per server: a burn reaches the top step even while the host is busy
+            exporter = self.exporters[name] = NodeExporter(ns, name, spec.address, load.port, workdir, share=0.5)
+            exporter.start()
 
     def _pop_document(self, name: str, changes: Mapping[str, Any] | None) -> dict[str, Any]:
         """The PoP's pop.yaml as written, with the run's paths (and ``changes``) merged in."""
@@ -548,10 +555,12 @@ class Lab:
             list(pool.map(lambda node: node.stop(timeout=5), list(self.pops.values())))
             list(pool.map(lambda router: router.stop(), list(self.routers.values())))
             list(pool.map(lambda vpn: vpn.stop(), list(self.vpns.values())))
+            list(pool.map(lambda exporter: exporter.stop(), list(self.exporters.values())))
             list(pool.map(lambda ns: ns.close(), list(self.namespaces.values())))
         self.pops.clear()
         self.routers.clear()
         self.vpns.clear()
+        self.exporters.clear()
         self.agents.clear()
         self.nocs.clear()
         self.whoami.clear()

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from lab import nodeexporter
 from lab.netns import cleanup_prefix
 from lab.wgserver import UAPI_DIR
 
@@ -86,6 +87,7 @@ def sweep(statedir: Path, *, timeout: float = 20.0) -> list[str]:
 
 def remove_leftovers(prefix: str, wg_ifnames: Iterable[str], statedir: Path) -> None:
     cleanup_prefix(prefix)
+    nodeexporter.remove_cgroups(prefix)  # the servers' CPU cgroups; their views then exit
     for ifname in wg_ifnames:
         # wireguard-go removes its socket on a clean exit only
         (UAPI_DIR / f"{ifname}.sock").unlink(missing_ok=True)
@@ -97,3 +99,4 @@ def lab_resources(prefix: str, wg_ifnames: Iterable[str]) -> Iterator[str]:
     yield from (f"netns {p.name}" for p in Path("/run/netns").glob(f"{prefix}*"))
     yield from (f"rundir {p}" for p in Path("/run/pop-lab").glob(f"{prefix}*"))
     yield from (f"uapi {UAPI_DIR / (i + '.sock')}" for i in wg_ifnames if (UAPI_DIR / f"{i}.sock").exists())
+    yield from (f"cgroup {p}" for p in nodeexporter.cgroup_dir(prefix).parent.glob(f"pop-lab-{prefix}*"))

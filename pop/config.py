@@ -26,7 +26,7 @@ import ipaddress
 import re
 from typing import Any
 
-from pop import config_dampening, config_drain, config_external, config_fleet
+from pop import config_dampening, config_drain, config_external, config_fleet, config_load
 from pop.config_model import (
     Attributes,
     Availability,
@@ -457,7 +457,7 @@ def _table(r: Reader, value: Any, path: str) -> int | None:
 
 
 _TOP = {"pop", "neighbors", "prefixes", "servers", "checks", "pool", "status", "control", "exabgp", "dataplane",
-        "external", "drain", "availability", "dampening", "fleet"}
+        "external", "drain", "availability", "dampening", "fleet", "load", "tails"}
 
 
 def load(text: str | bytes, source: str = "pop.yaml") -> Config:
@@ -498,6 +498,12 @@ def _build(r: Reader, document: Any) -> Config:
     availability = _availability(r, top.get("availability"), "availability")
     dampening = config_dampening.parse(r, top.get("dampening"), "dampening")
     fleet = config_fleet.parse(r, top.get("fleet"), "fleet")
+    load_policy = config_load.parse_load(r, top.get("load"), "load")
+    tails = config_load.parse_tails(r, top.get("tails"), "tails")
+    if load_policy.enabled and dataplane.mode == "none":
+        r.error("load.enabled", "the load signal sets data-plane weights: it needs dataplane.mode ecmp or ipvs")
+    if load_policy.enabled and dataplane.load_weights:
+        r.error("load.enabled", "dataplane.load_weights (connection counts) is on too: choose one load signal")
     _cross_checks(r, neighbors, prefixes, servers, checks)
     config_external.check_beacons(r, external, (p.prefix for p in prefixes.values()), neighbors.items())
     if r.problems or name is None or asn is None or router_id is None:
@@ -505,8 +511,8 @@ def _build(r: Reader, document: Any) -> Config:
     return Config(name=name, asn=asn, router_id=router_id, neighbors=tuple(neighbors.values()),
                   prefixes=tuple(prefixes.values()), servers=tuple(servers.values()), checks=checks, pool=pool,
                   status=status, control=control, exabgp=exabgp, dataplane=dataplane, external=external,
-                  drain=drain, availability=availability, dampening=dampening, fleet=fleet,
-                  runtime_dir=runtime_dir,
+                  drain=drain, availability=availability, dampening=dampening, fleet=fleet, load=load_policy,
+                  tails=tails, runtime_dir=runtime_dir,
                   source=r.source)
 
 

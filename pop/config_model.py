@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from pop.dampening import Policy as DampeningPolicy
 from pop.fleet import Policy as FleetPolicy
+from pop.load import Policy as LoadPolicy
+from pop.tails import Policy as TailsPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,5 +264,7 @@ class Config:
     availability: Availability = field(default_factory=Availability)
     dampening: DampeningPolicy = field(default_factory=lambda: DampeningPolicy(enabled=False))
     fleet: FleetPolicy = field(default_factory=FleetPolicy)
+    load: LoadPolicy = field(default_factory=LoadPolicy)  # weights from the servers' node exporters
+    tails: TailsPolicy = field(default_factory=TailsPolicy)  # latency tails, the degraded mark
     runtime_dir: str = "/run/pop"
     source: str = "pop.yaml"

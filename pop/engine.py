@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 
-from pop import adminstate, dampening, drains, external, fleet, ladder, load, pool, snapshot, verdict
+from pop import adminstate, dampening, drains, external, fleet, ladder, load, pool, snapshot, tails, verdict
 from pop import desired as plan
 from pop.adminstate import AdminState
 from pop.applier import Applier, Dataplane, DataplaneFailure, Speaker
@@ -65,6 +65,8 @@ class Engine:
         self.tier3 = tier3  # the view from outside (pop.external), fed by pop.adapters.agents
         self.wall = wall  # agents date their reports by the wall clock
         self.load_factors: dict[str, float] = {}
+        self.load_view: Callable[[], Mapping[str, Mapping[str, object]]] | None = None  # /status: what it read
+        self.load_smoothing = 0.3  # the connection signal is noisy; the telemetry signal smooths itself (1.0)
         self.server_drains: dict[str, ServerDrain] = {}
         self.pop_drain: PopDrain | None = None  # the drain ladder in progress (pop.ladder)
         self.damping = dampening.Damping()  # flap dampening at the origin (pop.dampening)
@@ -94,6 +96,7 @@ class Engine:
         self.checks = checks
         policies = {name: {c.name: p for c, p in pairs} for name, pairs in checks.items()}
         self.board = Health(config.servers, policies, self.clock(), getattr(self, "board", None))
+        self.tails = tails.Board(config.tails, (s.name for s in config.servers), getattr(self, "tails", None))
         self._servers = tuple(pool.Server(s.name, s.address, s.weight) for s in config.servers)
         self._enabled = [s.name for s in config.servers if s.enabled]
         self._first_tier = {name: pairs[0][0].name for name, pairs in checks.items() if pairs}
@@ -119,6 +122,8 @@ class Engine:
         moved = self.board.fold(server, tier, result, self.clock())
         if moved is None:
             return  # the server or its tier went away in a reload
+        if self.tails.observe(server, tier, result, self.clock()):
+            self._degraded_moved(server)
         (old, new), (before, after) = moved.tier, moved.server
         if moved.tier_state:
             log.info("server.tier server=%s tier=%s %s->%s reason=%s", server, tier, old.state.value,
@@ -131,6 +136,13 @@ class Engine:
                          f"{after.tier}: {after.reason}" if after.tier else after.reason)
         if after != before:
             self.reevaluate()
+
+    def _degraded_moved(self, server: str) -> None:
+        """The tails marked a server degraded (its weight is lowered) or cleared it (pop.tails)."""
+        why = self.tails.degraded[server]
+        log.info("server.%s server=%s reason=%s", "degraded" if why else "recovered", server, why or "-")
+        self._record("tails", server, "" if why else "degraded", "degraded" if why else "", why or "tails recovered")
+        self.reevaluate()
 
     def reevaluate(self) -> None:
         now = self.clock()
@@ -164,9 +176,9 @@ class Engine:
         self._wake_timer.set()
         held = self.guard.holding
         if held:  # the fleet cannot spare this PoP: every server that answers at tier 1 serves
-            members = pool.alive(self._servers, self.tiers, self._first_tier, self.server_drains, self.load_factors)
+            members = pool.alive(self._servers, self.tiers, self._first_tier, self.server_drains, self.factors())
         else:
-            members = pool.members(self._servers, self.health, self.server_drains, self.load_factors)
+            members = pool.members(self._servers, self.health, self.server_drains, self.factors())
         state = plan.dataplane(self.config.prefixes, members, self.config.dataplane)
         effect = ladder.effect(self.pop_drain, self.config.drain.steps)
         if held:
@@ -277,12 +289,20 @@ class Engine:
 
     def observe_load(self, factors: Mapping[str, float]) -> None:
         """Fold a load reading in; re-decide only when a data-plane weight actually changes."""
-        before = pool.members(self._servers, self.health, self.server_drains, self.load_factors)
-        self.load_factors = load.smooth(self.load_factors, factors)
-        after = pool.members(self._servers, self.health, self.server_drains, self.load_factors)
+        before = pool.members(self._servers, self.health, self.server_drains, self.factors())
+        self.load_factors = load.smooth(self.load_factors, factors, self.load_smoothing)
+        after = pool.members(self._servers, self.health, self.server_drains, self.factors())
         if after != before:
             log.info("dataplane.weights %s", " ".join(f"{a}={w}" for a, w in after))
+            self.revision += 1  # the weights are on /v1/status: a status built before is stale
             self.reevaluate()
+
+    def factors(self) -> dict[str, float]:
+        """The weight factor per server address: the load signal's times the degraded mark's (pop.tails)."""
+        marked = self.tails.factors({s.name: s.address for s in self._servers})
+        if not marked:
+            return self.load_factors
+        return {a: self.load_factors.get(a, 1.0) * marked.get(a, 1.0) for a in {*self.load_factors, *marked}}
 
     def pool_weights(self) -> dict[str, int]:
         return pool.load_weights(self._servers, self.health, self.server_drains)
@@ -417,7 +437,7 @@ class Engine:
             group.create_task(self._every(1.0, self._drain_watch), name="server drains")
             group.create_task(self._every(1.0, self._disable_watch), name="disable file")
             if self.load_signal is not None:
-                group.create_task(self._every(2.0, self._load_watch), name="load signal")
+                group.create_task(self._load_loop(), name="load signal")
             self.probes.start(group, self.checks, self._enabled)
 
     def reload(self, config: Config, checks: Checks) -> None:
@@ -485,6 +505,13 @@ class Engine:
     async def _disable_watch(self) -> None:
         self.check_disable_file()
 
+    async def _load_loop(self) -> None:
+        """One reading per load period (load.period, read each time: a reload may change it), so
+        the load moves the data plane at most once per period."""
+        while True:
+            await asyncio.sleep(self.config.load.period if self.config.load.enabled else 2.0)
+            await self._load_watch()
+
     async def _load_watch(self) -> None:
         assert self.load_signal is not None
         try:
@@ -501,7 +528,8 @@ class Engine:
                               pool_view=self.pool, board=self.board, drains=self.server_drains,
                               announced=self.speaker.announced(), events=tuple(self.events),
                               applier=self.applier, extra=extra or {}, durations=self.durations.snapshot(),
-                              schedule=self.probes.schedule(),
+                              schedule=self.probes.schedule(), marks=self.tails, factors=self.factors(),
+                              load_view=None if self.load_view is None else self.load_view(),
                               ladder=ladder.view(self.pop_drain, self.config.drain.steps, self.clock(), self.wall()),
                               dampening=dampening.view(self.damping, self.clock(), self.config.dampening),
                               external=None if self.tier3 is None else external.summary(self.tier3, self.wall()),

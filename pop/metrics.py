@@ -92,6 +92,7 @@ class PopCollector(Collector):
         if snap.fleet is not None:
             yield from _fleet(pop, snap.fleet)
         yield from self._servers(snap)
+        yield from _tails(snap)
         yield from self._availability(pop)
         yield from _external(snap)
 
@@ -173,6 +174,35 @@ def _external(snap: Snapshot) -> Iterator[Metric]:
                  [([pop], float(x["unreachable"]))])
     yield _counter("pop_external_dropped", "agent reports not taken, by reason", ["pop", "reason"],
                    [([pop, reason], float(count)) for reason, count in x["dropped"].items()])
+
+
+def _tails(snap: Snapshot) -> Iterator[Metric]:
+    """Latency tails and failure rates over the tails window (pop.tails), the degraded mark and
+    the load signal's factor and CPU (pop.load, pop.adapters.telemetry)."""
+    pop = snap.pop
+    # a gauge, not a summary: the window is the engine's, and `quantile` is reserved for summaries
+    quantiles = GaugeMetricFamily("pop_check_rtt_percentile_seconds", "probe RTT percentile over the tails window "
+                                  "(successful probes)", labels=["pop", "server", "tier", "percentile"])
+    failures = GaugeMetricFamily("pop_check_failure_ratio", "failed probes over the tails window",
+                                 labels=["pop", "server", "tier"])
+    degraded = GaugeMetricFamily("pop_server_degraded", "1 while the tails thresholds lower the server's weight",
+                                 labels=["pop", "server"])
+    factor = GaugeMetricFamily("pop_server_weight_factor_ratio", "the factor on the server's configured weight "
+                               "(load signal times degraded mark)", labels=["pop", "server"])
+    cpu = GaugeMetricFamily("pop_server_cpu_ratio", "the server's CPU utilisation as the load signal read it "
+                            "(smoothed)", labels=["pop", "server"])
+    for server in snap.servers:
+        for tier, tail in server.tails.items():
+            for q, value in (("50", tail.p50), ("95", tail.p95), ("99", tail.p99)):
+                if value is not None:
+                    quantiles.add_metric([pop, server.name, tier, q], value)
+            failures.add_metric([pop, server.name, tier], tail.failure_rate)
+        degraded.add_metric([pop, server.name], float(bool(server.degraded)))
+        factor.add_metric([pop, server.name], server.factor)
+        busy = None if server.load is None else server.load.get("cpu")
+        if isinstance(busy, float):
+            cpu.add_metric([pop, server.name], busy)
+    yield from (quantiles, failures, degraded, factor, cpu)
 
 
 def _number(value: object) -> float:

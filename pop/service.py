@@ -103,6 +103,8 @@ def _reload(engine: Engine, config_path: Path, ctl: Control, reloads: dict[str, 
                 log.error("reload.rejected %s", problem)
             return
         engine.tier3.reconfigure(new.name, _external_policy(new), key)
+    if new.load.enabled and not engine.config.load.enabled and engine.load_signal is None:
+        log.warning("reload.partial turning the load signal on takes effect at the next restart")
     if _kernel(new) != _kernel(engine.config):
         log.warning("reload.partial starting or stopping the kernel data plane (dataplane.mode none, no vip) "
                     "takes effect at the next restart")
@@ -181,6 +183,8 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
             background.append(asyncio.create_task(_diagnose(dataplane, diagnostics, errors), name="diagnostics"))
             if config.dataplane.load_weights:
                 engine.load_signal = _connection_load(dataplane, engine)
+            elif config.load.enabled:
+                _telemetry_load(engine)
         if tier3 is not None:
             background.append(asyncio.create_task(_pull_agents(config, tier3, engine), name="agents"))
         identities += await _identity(config)
@@ -297,6 +301,17 @@ def _connection_load(dataplane: KernelDataplane, engine: Engine) -> Callable[[],
         return load.connection_factors(await dataplane.connections(), engine.pool_weights())
 
     return factors
+
+
+def _telemetry_load(engine: Engine) -> None:
+    """The load signal from the servers' node exporters (pop.adapters.telemetry): it smooths
+    the CPU itself, so the engine takes its factors as they are."""
+    from pop.adapters.telemetry import NodeExporterLoad
+
+    signal = NodeExporterLoad(lambda: engine.config)
+    engine.load_signal = signal
+    engine.load_smoothing = 1.0
+    engine.load_view = signal.view
 
 
 def _channel_error(failure: BaseException) -> ChannelError | None:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pop import pool
+from pop import pool, tails
 from pop.applier import Applier, ApplyStatus
 from pop.config import Config
 from pop.desired import Announcement
@@ -40,6 +40,10 @@ class ServerSnapshot:
     tiers: Mapping[str, TierState]
     drain: ServerDrain | None = None
     in_pool: bool = False  # pop.pool.in_pool: healthy and not drained
+    tails: Mapping[str, tails.Tail] = field(default_factory=dict)  # per tier (pop.tails)
+    degraded: str = ""  # why the tails mark it degraded ("" when not)
+    factor: float = 1.0  # the load signal's factor times the degraded mark's
+    load: Mapping[str, Any] | None = None  # what the load signal read (pop.adapters.telemetry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +74,18 @@ def build(config: Config, *, now: float, started: float, verdict: Verdict, pool_
           applier: Applier, extra: Mapping[str, object], external: Mapping[str, Any] | None = None,
           ladder: Mapping[str, Any] | None = None, durations: Mapping[str, Durations] | None = None,
           dampening: Mapping[str, Any] | None = None, schedule: Schedule | None = None,
+          marks: tails.Board | None = None, factors: Mapping[str, float] | None = None,
+          load_view: Mapping[str, Mapping[str, Any]] | None = None,
           fleet: Mapping[str, Any] | None = None) -> Snapshot:
     """The engine's picture, assembled from its parts (read-only)."""
+    summaries = {} if marks is None else marks.summaries(now)
+    factors = factors or {}
+    load_view = load_view or {}
     servers = tuple(
         ServerSnapshot(s.name, s.address, s.weight, board.servers[s.name], dict(board.tiers[s.name]),
-                       drains.get(s.name), pool.in_pool(board.servers[s.name], drains.get(s.name)))
+                       drains.get(s.name), pool.in_pool(board.servers[s.name], drains.get(s.name)),
+                       summaries.get(s.name, {}), "" if marks is None else marks.degraded.get(s.name, ""),
+                       factors.get(s.address, 1.0), load_view.get(s.name))
         for s in config.servers)
     return Snapshot(pop=config.name, at=now, started=started, verdict=verdict, pool=pool_view,
                     degraded=pool.degraded(board.servers, board.tiers) and verdict.announce, servers=servers,

@@ -31,6 +31,7 @@ from pop import control, control_api
 from pop.control_api import Control, Operator
 from pop.metrics import Availability, PopCollector
 from pop.snapshot import Snapshot
+from pop.tails import Tail
 
 log = logging.getLogger("pop.status")
 
@@ -121,9 +122,21 @@ def servers_json(snap: Snapshot) -> list[dict[str, Any]]:
                 }
                 for name, t in s.tiers.items()
             },
+            "tails": {tier: _tail(t) for tier, t in s.tails.items()},
+            "degraded": s.degraded or None,
+            "load_factor": round(s.factor, 4),
+            "load": s.load,
         }
         for s in snap.servers
     ]
+
+
+def _tail(t: Tail) -> dict[str, Any]:
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value * 1000, 3)
+
+    return {"count": t.count, "failures": t.failures, "failure_rate": round(t.failure_rate, 4),
+            "p50_ms": ms(t.p50), "p95_ms": ms(t.p95), "p99_ms": ms(t.p99)}
 
 
 def _apply(snap: Snapshot) -> dict[str, Any]:

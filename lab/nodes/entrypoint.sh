@@ -34,6 +34,10 @@ table ip poplab_nat {
   }
 }
 NFT
+    # the load signal (pop1's load:) reads the server's CPU here; in a container it is the
+    # host's CPU unless lxcfs is installed (the namespace runner gives each server its own)
+    prometheus-node-exporter --web.listen-address=:9100 --collector.disable-defaults --collector.cpu \
+        >/dev/null 2>&1 &
     # the servers of a PoP in mode ecmp hold the VIP on lo and answer on it, and say who
     # they are there for the agents' catchment map
     python3 /opt/pop/lab/nodes/whoami.py "$VIP" 8080 "$(hostname)" &

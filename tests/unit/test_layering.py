@@ -9,7 +9,8 @@ POP = Path(__file__).resolve().parents[2] / "pop"
 PURE = ["adminstate.py", "config.py", "config_model.py", "config_reader.py", "hysteresis.py", "verdict.py", "desired.py",
         "ladder.py", "config_drain.py", "availability.py", "dampening.py", "config_dampening.py",
         "exabgp.py", "load.py", "checks/base.py", "pool.py", "drains.py", "health.py", "handover.py",
-        "external.py", "agent/config.py", "agent/view.py", "agent/auth.py", "control.py"]
+        "external.py", "agent/config.py", "agent/view.py", "agent/auth.py", "control.py", "tails.py",
+        "telemetry.py", "config_load.py"]
 FORBIDDEN = {"asyncio", "pyroute2", "aiohttp", "subprocess", "socket", "prometheus_client", "pop.adapters",
              "pop.engine", "pop.service", "pop.runner", "scapy"}
 

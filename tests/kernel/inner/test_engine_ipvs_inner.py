@@ -169,9 +169,10 @@ class EngineThread:
     """The engine on its own event loop, in a thread inside the director namespace (so its
     L4 probes leave from there), until `stop()`."""
 
-    def __init__(self, config: Config, director: Netns) -> None:
+    def __init__(self, config: Config, director: Netns, on_engine: Callable[[Engine], None] | None = None) -> None:
         self.config = config
         self.director = director
+        self.on_engine = on_engine  # called with the engine before it runs (e.g. to attach a load signal)
         self.error: BaseException | None = None
         self.exabgp = FakeExaBgp()
         self._ready = threading.Event()
@@ -210,6 +211,8 @@ class EngineThread:
         self._speaker = KernelWitnessSpeaker(witness, bgp)
         self._engine = Engine(self.config, self._speaker, cascade.build(self.config), dataplane=dataplane,
                               dataplane_errors=(DataplaneError,))
+        if self.on_engine is not None:
+            self.on_engine(self._engine)
         self._ready.set()
         tasks = {asyncio.create_task(self._engine.run(), name="engine"),
                  asyncio.create_task(bgp.read_forever(), name="acks"),
@@ -402,7 +405,7 @@ class Lab:
 
 @contextlib.contextmanager
 def running_lab(logs: Path, config: Config, names: Sequence[str] = NAMES,
-                udp_timeout: int = IPVS_UDP_TIMEOUT) -> Iterator[Lab]:
+                udp_timeout: int = IPVS_UDP_TIMEOUT, on_engine: Callable[[Engine], None] | None = None) -> Iterator[Lab]:
     """Client, director and one namespace per server of `names` (each server answering), and
     the engine on `config`; all of it removed on the way out, failure or not."""
     _require_ipvs()
@@ -426,7 +429,7 @@ def running_lab(logs: Path, config: Config, names: Sequence[str] = NAMES,
             made.append(ns)
             veth(director, f"sv{i}", f"10.81.{i}.1/24", ns, "eth0", f"{ADDRESS[name]}/24")
             ns.run("ip", "route", "add", "default", "via", f"10.81.{i}.1")
-        engine = EngineThread(config, director)
+        engine = EngineThread(config, director, on_engine)
         lab = Lab(director, client, servers, {}, engine, time.monotonic(), logs)
         for name in names:
             lab.start(name)
