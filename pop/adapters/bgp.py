@@ -296,7 +296,9 @@ class ExaBgpSpeaker:
         return [(prefix, seen) for paths in self.paths.values() for (prefix, _), seen in paths.items()]
 
     def _see_fleet(self, message: Update) -> None:
-        tag, watched = self.config.fleet.tag, {p.prefix for p in self.config.prefixes}
+        """Keep the paths that carry the fleet's marks, of any prefix (a reload may add one to
+        this PoP's): a handful of anycast prefixes, whatever else the table holds."""
+        tag = self.config.fleet.tag
         if not tag:
             return
         paths = self.paths.setdefault(message.peer, {})
@@ -305,8 +307,6 @@ class ExaBgpSpeaker:
             paths.pop(path, None)
         seen = fleet.sighting(message.large_communities, tag)
         for path in message.announced_paths:
-            if path[0] not in watched:
-                continue
             if seen is None:
                 paths.pop(path, None)  # a path replaced by one without the marks
             else:

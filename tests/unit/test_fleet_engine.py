@@ -104,3 +104,25 @@ def test_without_a_fleet_nothing_changes() -> None:
         assert engine.desired == () and engine.snapshot().fleet is None
 
     asyncio.run(main())
+
+
+def test_the_speaker_keeps_fleet_marked_paths_of_any_prefix_so_a_reload_may_add_one() -> None:
+    """The speaker was built with the configuration the PoP started with; a prefix a reload adds
+    must still have its other PoPs seen, or the guard would believe the fleet short for it.
+    Only paths with the fleet's marks are kept, so a full table costs nothing."""
+    async def main() -> None:
+        from pop.adapters.bgp import ExaBgpSpeaker
+        from pop.exabgp import NeighborState, Update
+        from tests.unit.test_hostile import _Sink
+
+        config = load(FLEET)
+        speaker = ExaBgpSpeaker(config, asyncio.StreamReader(), _Sink(), clock=lambda: 5.0)  # type: ignore[arg-type]
+        speaker.handle(NeighborState("10.0.0.1", "up", ""))
+        new = "198.51.100.9/32"  # not in the configuration the speaker has
+        speaker.handle(Update("10.0.0.1", (new,), (), ((new, "0.0.0.1"),), (), ((64496, 1, 3),)))
+        speaker.handle(Update("10.0.0.1", ("203.0.113.0/24",), (), (("203.0.113.0/24", ""),), ()))
+        assert speaker.fleet_paths() == [(new, Sighting(frozenset({3})))]
+        speaker.handle(Update("10.0.0.1", (), (new,), (), ((new, "0.0.0.1"),)))
+        assert speaker.fleet_paths() == []
+
+    asyncio.run(main())
