@@ -101,7 +101,7 @@ class WireGuardCheck:
     fast_interval: float = 0.5
     timeout: float = 1.0
     rise: int = 2
-    fall: int = 3
+    fall: int = 6  # silence: handshake timeouts at 10 % loss each way are ~19-23 % of probes
     fall_definitive: int = 2
 
 

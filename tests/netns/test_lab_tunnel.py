@@ -5,8 +5,8 @@ every VPN server) through the tunnel after each handshake, with the default inte
 (2 s, 0.5 s while a state changes, fall_definitive 2). `forward-break` switches one server's
 forwarding off while its handshake still succeeds.
 
-The loss test runs LOSS_SECONDS (default 120, the goal's two minutes; set POP_LAB_LOSS_SECONDS
-for a shorter run) with 10 % loss each way on every link between pop1 and its servers: the
+The loss test runs LOSS_SECONDS (default 60 in the suite; POP_LAB_LOSS_SECONDS=120 is the goal's
+two minutes, the run docs/benchmarks.md quotes) with 10 % loss each way on every link between pop1 and its servers: the
 check path, which the handshake and the tunnel exchange both cross.
 """
 
@@ -25,7 +25,7 @@ from tests.netns.test_lab_runner import needs
 
 __all__ = ["needs"]
 
-LOSS_SECONDS = float(os.environ.get("POP_LAB_LOSS_SECONDS", "120"))
+LOSS_SECONDS = float(os.environ.get("POP_LAB_LOSS_SECONDS", "60"))
 
 
 @pytest.fixture(scope="module")
