@@ -16,7 +16,8 @@ from a seeded random generator, so a run can be repeated), while a monitor threa
 - **it comes back**: once the faults are undone, the lab converges again (every PoP announced).
 
 - **the fleet keeps `min_pops`** (the soak turns the fleet guard on in every PoP, pop.fleet): at
-  least min(`MIN_POPS`, PoPs that could announce) PoPs are in their routers' tables, where a PoP
+  least min(`MIN_POPS`, PoPs that could announce) PoPs are announced, in their routers' kernel
+  tables or, for a PoP the guard holds de-preferenced, in their BGP tables; a PoP
   could announce while it has a live server, no operator drain and no fault on its processes;
   after `bound` seconds of grace, as for the dead PoPs.
 
@@ -130,6 +131,22 @@ class Soak:
         return any(self.lab.pop_address(router, pop) in watches[router].nexthops
                    for router, _ in self.lab.faults.upstreams(pop) if router in watches)
 
+    def in_rib(self, pop: str) -> bool:
+        """Whether any of the PoP's upstream routers holds a path for an anycast prefix from the
+        PoP's session, best or not: a PoP the fleet guard holds is announced de-preferenced and
+        is rarely any router's best (so not in its kernel table) while another PoP announces."""
+        for router, _ in self.lab.faults.upstreams(pop):
+            peer = self.lab.pop_address(router, pop)
+            for prefix in self.lab.spec.anycast:
+                family = "ipv6" if ":" in prefix else "ipv4"
+                try:
+                    data = self.lab.router(router).vtysh_json(f"show bgp {family} unicast {prefix} json")
+                except (RuntimeError, ValueError, subprocess.SubprocessError):
+                    continue
+                if any(path.get("peer", {}).get("peerId") == peer for path in data.get("paths", [])):
+                    return True
+        return False
+
     def resources(self) -> Resources:
         pid = self.lab.pop(LONG_LIVED).engine_pid()
         status = Path(f"/proc/{pid}/status").read_text()
@@ -184,7 +201,10 @@ class Soak:
         stopped = {f.target for f in self.lab.faults.active() if f.kind in PROCESS_FAULTS}
         could = {pop for pop in self.lab.pops
                  if pop not in stopped and pop not in self._drained and live[pop]}
-        return could, {pop for pop in self.lab.pops if self.announced(pop, watches)}
+        announced = {pop for pop in self.lab.pops if self.announced(pop, watches)}
+        if len(announced) < min(MIN_POPS, len(could)):  # held PoPs are in the routers' RIBs only
+            announced |= {pop for pop in could - announced if self.in_rib(pop)}
+        return could, announced
 
     def _active(self) -> str:
         return ", ".join(str(f) for f in self.lab.faults.active()) or "none"
