@@ -98,6 +98,7 @@ class Engine:
         self.board = Health(config.servers, policies, self.clock(), getattr(self, "board", None))
         self.tails = tails.Board(config.tails, (s.name for s in config.servers), getattr(self, "tails", None))
         self._servers = tuple(pool.Server(s.name, s.address, s.weight) for s in config.servers)
+        self._addresses = {s.name: s.address for s in config.servers}
         self._enabled = [s.name for s in config.servers if s.enabled]
         self._first_tier = {name: pairs[0][0].name for name, pairs in checks.items() if pairs}
         self._verdict_policy = VerdictPolicy(config.pool.low_watermark, config.pool.high_watermark,
@@ -223,10 +224,9 @@ class Engine:
         policy = new.fleet
         if not policy.guarding or not (self.verdict.announce or self.guard.holding):
             return ""
-        kept = {p.prefix for p in new.prefixes}
+        kept, view = {p.prefix for p in new.prefixes}, self.fleet_view
         problems = []
         for prefix in (p.prefix for p in self.config.prefixes if p.prefix not in kept):
-            view = self.fleet_view
             others = len(view.pops.get(prefix, frozenset()) - view.leaving.get(prefix, frozenset()))
             if others < policy.min_pops:
                 problems.append(f"it removes {prefix}, which only {others} other PoP(s) announce "
@@ -299,7 +299,7 @@ class Engine:
 
     def factors(self) -> dict[str, float]:
         """The weight factor per server address: the load signal's times the degraded mark's (pop.tails)."""
-        marked = self.tails.factors({s.name: s.address for s in self._servers})
+        marked = self.tails.factors(self._addresses)
         if not marked:
             return self.load_factors
         return {a: self.load_factors.get(a, 1.0) * marked.get(a, 1.0) for a in {*self.load_factors, *marked}}

@@ -86,8 +86,8 @@ class ExaBgpSpeaker:
         self.foreign = 0  # messages about peers that are not ours
         self._eor_ready = False  # End-of-RIB goes out only once the start-up has decided
         self._eor_tasks: set[asyncio.Task[None]] = set()
-        # the fleet's marks on the paths peers send for our prefixes (pop.fleet), per peer and
-        # (prefix, path id); `on_fleet` is called whenever they change
+        # the paths peers send that carry the fleet's marks (pop.fleet), per peer and (prefix,
+        # path id); `on_fleet` is called whenever they change
         self.paths: dict[str, dict[tuple[str, str], fleet.Sighting]] = {}
         self.on_fleet: Callable[[], None] | None = None
 
