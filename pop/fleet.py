@@ -141,9 +141,7 @@ def step(current: Guard, policy: Policy, fleet: View, prefixes: Iterable[str], n
     others = fleet.others()
     departed_at = now if current.others - others else current.departed_at
     base = replace(current, others=others, departed_at=departed_at)
-    if not policy.guarding or not withdraw:
-        return replace(base, phase=NONE, since=None, reason="")
-    if not eligible:  # nothing to keep in, nothing to say
+    if not policy.guarding or not withdraw or not eligible:  # nothing to keep in, nothing to say
         return replace(base, phase=NONE, since=None, reason="")
     if hard_down:
         return replace(base, phase=LEFT, since=None, reason="fleet guard does not hold: hard down, no server "
@@ -163,11 +161,11 @@ def step(current: Guard, policy: Policy, fleet: View, prefixes: Iterable[str], n
         return base
     release = _release(base, policy)
     if now < release:
-        why = ("another PoP left at most" if base.departed_at is not None and base.departed_at + policy.pace >= release
-               else "leaving for")
+        paced = base.departed_at is not None and base.departed_at + policy.pace >= release
+        why = (f"another PoP left less than {policy.pace:g}s ago: the fleet-wide pace" if paced
+               else f"leaving stays visible for {policy.pace:g}s")
         return replace(base, phase=LEAVING_PHASE,
-                       reason=f"fleet guard: de-preferenced, withdrawal in {release - now:.1f}s "
-                              f"({why} {policy.pace:g}s ago: the fleet-wide pace)")
+                       reason=f"fleet guard: de-preferenced, withdrawal in {release - now:.1f}s ({why})")
     return replace(base, phase=LEFT, since=None, reason="fleet guard: enough PoPs stay, withdrawn")
 
 
