@@ -38,6 +38,10 @@ trips, for `pop wg-probe`):
 - "bad-data-reply": an authenticated reply that is not our echo's, or a data message for our
   session that fails authentication. Definitive.
 
+Every wait ends with a read of the socket, also when it timed out: on a busy host this
+process can be descheduled past a deadline while the answer sits in the socket, and an
+answer that came in time is not silence (the round trip it reports then includes the stall).
+
 `timeout` bounds the wait for each answer; a probe sends at most two initiations (the
 second only after a cookie reply), each after its turn from the pacer, so the engine's own
 deadline should allow 2 * timeout + 50 ms, plus data_timeout with `through` (the engine runs
@@ -56,6 +60,7 @@ in module registries, so check objects rebuilt on a config reload keep them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import secrets
 import socket
@@ -239,53 +244,65 @@ class WireGuardCheck:
     async def _through(self, sock: socket.socket, handshake: Handshake, shook: CheckResult) -> Exchange:
         """Send an ICMP echo through the session the handshake established; judge the reply."""
         assert self.through is not None and shook.latency is not None
+        handshake_rtt = shook.latency
         loop = asyncio.get_running_loop()
         session = Session.of(handshake)
         echo, ident = self.through, secrets.randbits(16)
         first = 1 + secrets.randbelow(0x8000)
         seqs = range(first, first + DATA_SENDS)
         sent_at: dict[int, float] = {}
-        handshake_ms = f"handshake {shook.latency * 1000:.2f} ms"
+        handshake_ms = f"handshake {handshake_rtt * 1000:.2f} ms"
         deadline = loop.time() + self.data_timeout
         foreign = 0
+
+        def judge(sent: int) -> Exchange | None:
+            """What the socket holds now: the verdict on the first answer for us, if any."""
+            nonlocal foreign
+            for data in _drain(sock):
+                try:
+                    plain = session.open(data)
+                except BadData as exc:
+                    return Exchange(_bad_data(str(exc), handshake_ms), handshake_rtt, None, sent)
+                if plain is None:
+                    foreign += 1
+                    continue
+                judged = echo.judge(plain, ident, range(seqs.start, seqs.start + sent))
+                if judged.reply is Reply.OK:
+                    rtt = time.perf_counter() - sent_at[judged.seq]
+                    detail = f"{handshake_ms}, data {rtt * 1000:.2f} ms through {echo.target}"
+                    if shook.detail:
+                        detail += f"; {shook.detail}"
+                    return Exchange(CheckResult.success(handshake_rtt + rtt, detail), handshake_rtt, rtt, sent)
+                if judged.reply is Reply.UNREACHABLE:
+                    result = CheckResult.failure(judged.reply.value, definitive=True,
+                                                 detail=f"{handshake_ms}, then {judged.detail}")
+                    return Exchange(result, handshake_rtt, None, sent)
+                if judged.reply is Reply.BAD_REPLY:
+                    return Exchange(_bad_data(judged.detail, handshake_ms), handshake_rtt, None, sent)
+                foreign += 1  # a keepalive, or an ICMP error about another packet
+            return None
+
         for n, seq in enumerate(seqs):
             sent_at[seq] = time.perf_counter()
             sock.send(session.seal(echo.request(ident, seq)))
             # the next send goes out at its share of the wait, unless an answer comes first
             next_send = deadline - self.data_timeout * (DATA_SENDS - 1 - n) / DATA_SENDS
-            while (left := next_send - loop.time()) > 0:
-                try:
-                    async with asyncio.timeout(left):
-                        await _readable(loop, sock.fileno())
-                except TimeoutError:
+            while True:
+                if (left := next_send - loop.time()) > 0:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(left):
+                            await _readable(loop, sock.fileno())
+                # read the socket also when the wait ran out: after a stall of this process
+                # (a busy host) the answer can be there, in time, though the wake-up came late
+                if (answer := judge(n + 1)) is not None:
+                    return answer
+                if loop.time() >= next_send:
                     break
-                for data in _drain(sock):
-                    try:
-                        plain = session.open(data)
-                    except BadData as exc:
-                        return Exchange(_bad_data(str(exc), handshake_ms), shook.latency, None, n + 1)
-                    if plain is None:
-                        foreign += 1
-                        continue
-                    judged = echo.judge(plain, ident, range(seqs.start, seq + 1))
-                    if judged.reply is Reply.OK:
-                        rtt = time.perf_counter() - sent_at[judged.seq]
-                        detail = f"{handshake_ms}, data {rtt * 1000:.2f} ms through {echo.target}"
-                        if shook.detail:
-                            detail += f"; {shook.detail}"
-                        return Exchange(CheckResult.success(shook.latency + rtt, detail), shook.latency, rtt, n + 1)
-                    if judged.reply is Reply.UNREACHABLE:
-                        result = CheckResult.failure(judged.reply.value, definitive=True,
-                                                     detail=f"{handshake_ms}, then {judged.detail}")
-                        return Exchange(result, shook.latency, None, n + 1)
-                    if judged.reply is Reply.BAD_REPLY:
-                        return Exchange(_bad_data(judged.detail, handshake_ms), shook.latency, None, n + 1)
-                    foreign += 1  # a keepalive, or an ICMP error about another packet
         detail = NO_DATA_REPLY.format(handshake=handshake_ms, sends=DATA_SENDS, wait=self.data_timeout,
                                       target=echo.target)
         if foreign:
             detail += f"; ignored {foreign} datagram(s) for another session or packet"
-        return Exchange(CheckResult.failure("no-data-reply", definitive=True, detail=detail), shook.latency, None,
+        return Exchange(CheckResult.failure("no-data-reply", definitive=True, detail=detail), handshake_rtt, None,
                         DATA_SENDS)
 
     async def _handshake(self, sock: socket.socket) -> tuple[CheckResult, Handshake | None]:
@@ -305,7 +322,11 @@ class WireGuardCheck:
                 async with asyncio.timeout(self.timeout):
                     verdict, rtt, skipped = await _receive(loop, sock, handshake, start)
             except TimeoutError:
-                return self._silence(cookie, ignored), None
+                # what came while this process did not run (a stall on a busy host) came in time
+                late, rtt, skipped = _answered(sock, handshake, start)
+                if late is None:
+                    return self._silence(cookie, ignored + skipped), None
+                verdict = late
             ignored += skipped
             if verdict.outcome is not Outcome.VALID or self.through is None:
                 self._pacer.answered()  # else once the data exchange is over (probe_exchange)
@@ -350,16 +371,25 @@ async def _receive(
     while True:
         # nothing is there right after the send: wait first, then drain what arrived
         await _readable(loop, sock.fileno())
-        while True:
-            try:
-                data = sock.recv(2048)
-            except BlockingIOError:
-                break
-            rtt = time.perf_counter() - start
-            verdict = handshake.validate(data)
-            if verdict.outcome is not Outcome.FOREIGN:
-                return verdict, rtt, skipped
-            skipped += 1
+        verdict, rtt, more = _answered(sock, handshake, start)
+        skipped += more
+        if verdict is not None:
+            return verdict, rtt, skipped
+
+
+def _answered(sock: socket.socket, handshake: Handshake, start: float) -> tuple[Verdict | None, float, int]:
+    """Without waiting: the first datagram in the socket that belongs to this handshake (None
+    if none is there), its round trip, and how many datagrams for other handshakes came first."""
+    skipped = 0
+    while True:
+        try:
+            data = sock.recv(2048)
+        except BlockingIOError:
+            return None, 0.0, skipped
+        verdict = handshake.validate(data)
+        if verdict.outcome is not Outcome.FOREIGN:
+            return verdict, time.perf_counter() - start, skipped
+        skipped += 1
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:

@@ -14,11 +14,13 @@ server reaches by forwarding (net.ipv4.ip_forward=1).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,8 @@ import pytest
 from lab.netns import Netns, veth
 from lab.wgserver import WireGuardServer, keypair, write_key
 from pop import wgkeys
-from pop.checks.tunnel import Echo
+from pop.checks import wireguard
+from pop.checks.tunnel import Echo, Session
 from pop.checks.wireguard import Exchange, WireGuardCheck
 from tests.netns.test_wireguard_go import Lab
 
@@ -154,6 +157,49 @@ def test_stopped_server_is_still_icmp_unreachable_with_through(tunnel: TunnelLab
     (dead,) = tunnel.exchange(INTERNET)
     assert outcome(dead) == (False, "icmp-unreachable", True), dead
     assert dead.handshake_rtt is None
+
+
+# --- a stalled engine: the answer came in time, the probe read it late ------------------------
+
+
+def stall_once(monkeypatch: pytest.MonkeyPatch, seconds: float, *, after_data: bool) -> list[float]:
+    """The probe's event loop stands still for ``seconds`` (a CPU-starved engine) at its first
+    wait for an answer: the first one after a data message was sealed, or else the handshake's.
+    Returns the list the stall appends its length to."""
+    real_readable, real_seal = wireguard._readable, Session.seal
+    sealed, stalls = [False], list[float]()
+
+    def seal(self: Session, packet: bytes) -> bytes:
+        sealed[0] = True
+        return real_seal(self, packet)
+
+    async def readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        if not stalls and sealed[0] is after_data:
+            time.sleep(seconds)  # noqa: ASYNC251 -- the loop is blocked: nothing runs, the answer waits in the socket
+            stalls.append(seconds)
+        await real_readable(loop, fd)
+
+    monkeypatch.setattr(Session, "seal", seal)
+    monkeypatch.setattr(wireguard, "_readable", readable)
+    return stalls
+
+
+def test_an_echo_reply_that_came_while_the_probe_was_stalled_is_ok(tunnel: TunnelLab,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CI run on 9ab33b6 (two suites on two cores) removed a healthy server with two
+    # no-data-reply in a row: a reply read after the wait's deadline was never read at all.
+    stalls = stall_once(monkeypatch, 2 * tunnel.data_timeout, after_data=True)
+    (late,) = tunnel.exchange(INTERNET)
+    assert stalls, "the stall never happened"
+    assert late.result.ok, late
+
+
+def test_a_handshake_response_that_came_while_the_probe_was_stalled_is_ok(tunnel: TunnelLab,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    stalls = stall_once(monkeypatch, 2 * tunnel.lab.timeout, after_data=False)
+    (late,) = tunnel.exchange(INTERNET)
+    assert stalls, "the stall never happened"
+    assert late.result.ok, late
 
 
 # --- `pop wg-probe --through` ------------------------------------------------------------------
