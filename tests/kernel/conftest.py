@@ -8,6 +8,9 @@ The ``microvm`` fixture skips, naming what is missing, only when the parts canno
 (no root, no QEMU, no busybox-static, cpio or depmod to build the cache). When they are
 present it prepares the kernel cache (a download on first use, as in CI's setup step) and
 any failure is an error, never a skip. Every test here gets the ``kernel`` marker.
+
+The ``inner_run`` fixture runs the inner suites of every collected module that names one
+(``INNER``) in one microVM boot (tests/kernel/suite.py).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.microvm import BUSYBOX, QEMU, KernelCache, kernel_cache
+from lab.microvm import BUSYBOX, QEMU, KernelCache, kernel_cache, run_pytest_in_vm
+from tests.kernel.suite import PYTEST_ARGS, InnerRun, InnerSuite
 
 KERNEL_DIR = Path(__file__).parent
 IN_MICROVM = os.environ.get("POP_IN_MICROVM") == "1"
@@ -51,3 +55,17 @@ def microvm() -> KernelCache:
     if missing := _missing():
         pytest.skip("microVM tests need " + ", ".join(missing))
     return kernel_cache()
+
+
+@pytest.fixture(scope="session")
+def inner_run(microvm: KernelCache, request: pytest.FixtureRequest) -> InnerRun:
+    suites: list[InnerSuite] = []
+    for item in request.session.items:
+        suite = getattr(getattr(item, "module", None), "INNER", None)
+        if isinstance(suite, InnerSuite) and suite not in suites:
+            suites.append(suite)
+    modules = sorted({module for suite in suites for module in suite.modules})
+    # emulated (TCG) guest: 5-8 minutes for all of them; the timeout only stops a hung guest
+    result = run_pytest_in_vm([suite.path for suite in suites], modules=modules, timeout=2400,
+                              extra_args=PYTEST_ARGS)
+    return InnerRun.of(result)

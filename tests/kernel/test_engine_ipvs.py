@@ -10,20 +10,11 @@ pop's real ExaBGP speaker on a fake ExaBGP that acknowledges every command."""
 
 from __future__ import annotations
 
-import re
+from tests.kernel.suite import InnerRun, InnerSuite
 
-from lab.microvm import KernelCache, run_pytest_in_vm
-
-INNER = "tests/kernel/inner/test_engine_ipvs_inner.py"
+INNER = InnerSuite("tests/kernel/inner/test_engine_ipvs_inner.py", modules=("ip_vs", "ip_vs_mh"), tests=6)
 
 
-def test_engine_drives_ipvs_with_real_traffic(microvm: KernelCache) -> None:
-    # Emulated (TCG) guest: 1.5-2.5 minutes, a third of it imports and IPVS expiring the drained server's
-    # flows, 12 s the long dwell.
-    result = run_pytest_in_vm([INNER], modules=["ip_vs", "ip_vs_mh"], timeout=900, extra_args=["-s"])
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.output}\n{result.console[-2000:]}"
-    assert re.search(r"\b6 passed\b", result.output) and "skipped" not in result.output, result.output
-    for line in result.output.splitlines():
-        if line.startswith("MEASURED"):
-            print(line)
-    print(f"microVM run {result.seconds:.0f}s (inner suite {result.command_seconds:.0f}s)")
+def test_engine_drives_ipvs_with_real_traffic(inner_run: InnerRun) -> None:
+    inner_run.check(INNER)
+

@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from pathlib import Path
 
 import pytest
 
-from lab.microvm import KernelCache, run_pytest_in_vm
 from pop.adapters.ipvs import IpvsTable
 from pop.adapters.routes import DataplaneError
+from tests.kernel.suite import InnerRun, InnerSuite
 
-INNER = "tests/kernel/inner/test_ipvs_inner.py"
+INNER = InnerSuite("tests/kernel/inner/test_ipvs_inner.py", modules=("ip_vs", "ip_vs_mh", "ip_vs_rr"), tests=5)
 
 
-def test_ipvs_adapter_on_debian_kernel(microvm: KernelCache) -> None:
-    # Emulated (TCG) guest: the inner suite takes about 5-6 minutes.
-    result = run_pytest_in_vm([INNER], modules=["ip_vs", "ip_vs_mh", "ip_vs_rr"], timeout=1200)
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.output}\n{result.console[-2000:]}"
-    assert re.search(r"\b5 passed\b", result.output) and "skipped" not in result.output, result.output
+def test_ipvs_adapter_on_debian_kernel(inner_run: InnerRun) -> None:
+    inner_run.check(INNER)
 
 
 @pytest.mark.skipif(Path("/proc/net/ip_vs").exists(), reason="this kernel has IPVS loaded")

@@ -6,17 +6,11 @@ module loaded: the wireguard-go test suite's expectations, against the kernel re
 
 from __future__ import annotations
 
-import re
+from tests.kernel.suite import InnerRun, InnerSuite
 
-from lab.microvm import KernelCache, run_pytest_in_vm
+INNER = InnerSuite("tests/kernel/inner/test_wg_kernel_inner.py", modules=("wireguard",), tests=12)
 
 
-def test_handshake_check_against_kernel_wireguard(microvm: KernelCache) -> None:
-    result = run_pytest_in_vm(["tests/kernel/inner/test_wg_kernel_inner.py"], modules=["wireguard"], timeout=600)
-    assert result.returncode == 0, (
-        f"exit {result.returncode}\n{result.output}\n--- console ---\n{result.console[-3000:]}"
-    )
-    passed = re.search(r"\b(\d+) passed\b", result.output)
-    assert passed and int(passed.group(1)) >= 12, result.output
-    assert "skipped" not in result.output, result.output
-    print(f"microVM run {result.seconds:.0f} s: {passed.group(0)} against kernel WireGuard")
+def test_handshake_check_against_kernel_wireguard(inner_run: InnerRun) -> None:
+    inner_run.check(INNER)
+
