@@ -10,7 +10,7 @@ present it prepares the kernel cache (a download on first use, as in CI's setup 
 any failure is an error, never a skip. Every test here gets the ``kernel`` marker.
 
 The ``inner_run`` fixture runs the inner suites of every collected module that names one
-(``INNER``) in one microVM boot (tests/kernel/suite.py).
+(``INNER``) in two microVMs side by side (tests/kernel/suite.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.microvm import BUSYBOX, QEMU, KernelCache, kernel_cache, run_pytest_in_vm
+from lab.microvm import BUSYBOX, QEMU, KernelCache, VmResult, kernel_cache, run_pytest_in_vm
 from tests.kernel.suite import PYTEST_ARGS, InnerRun, InnerSuite
 
 KERNEL_DIR = Path(__file__).parent
@@ -64,8 +64,9 @@ def inner_run(microvm: KernelCache, request: pytest.FixtureRequest) -> InnerRun:
         suite = getattr(getattr(item, "module", None), "INNER", None)
         if isinstance(suite, InnerSuite) and suite not in suites:
             suites.append(suite)
-    modules = sorted({module for suite in suites for module in suite.modules})
-    # emulated (TCG) guest: 5-8 minutes for all of them; the timeout only stops a hung guest
-    result = run_pytest_in_vm([suite.path for suite in suites], modules=modules, timeout=2400,
-                              extra_args=PYTEST_ARGS)
-    return InnerRun.of(result)
+
+    def boot(paths: list[str], modules: list[str]) -> VmResult:
+        # emulated (TCG) guest: 3-5 minutes for a half; the timeout only stops a hung guest
+        return run_pytest_in_vm(paths, modules=modules, timeout=2400, extra_args=PYTEST_ARGS)
+
+    return InnerRun.running(suites, boot)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from tests.kernel.suite import InnerRun, InnerSuite
 
-INNER = InnerSuite("tests/kernel/inner/test_engine_ipvs_inner.py", modules=("ip_vs", "ip_vs_mh"), tests=6)
+INNER = InnerSuite("tests/kernel/inner/test_engine_ipvs_inner.py", modules=("ip_vs", "ip_vs_mh"), tests=6, seconds=70)
 
 
 def test_engine_drives_ipvs_with_real_traffic(inner_run: InnerRun) -> None:

@@ -13,7 +13,7 @@ from pop.adapters.ipvs import IpvsTable
 from pop.adapters.routes import DataplaneError
 from tests.kernel.suite import InnerRun, InnerSuite
 
-INNER = InnerSuite("tests/kernel/inner/test_ipvs_inner.py", modules=("ip_vs", "ip_vs_mh", "ip_vs_rr"), tests=5)
+INNER = InnerSuite("tests/kernel/inner/test_ipvs_inner.py", modules=("ip_vs", "ip_vs_mh", "ip_vs_rr"), tests=5, seconds=150)
 
 
 def test_ipvs_adapter_on_debian_kernel(inner_run: InnerRun) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from tests.kernel.suite import InnerRun, InnerSuite
 
-INNER = InnerSuite("tests/kernel/inner/test_load_ipvs_inner.py", modules=("ip_vs", "ip_vs_mh"), tests=2)
+INNER = InnerSuite("tests/kernel/inner/test_load_ipvs_inner.py", modules=("ip_vs", "ip_vs_mh"), tests=2, seconds=45)
 
 
 def test_the_load_signal_sets_real_ipvs_weights(inner_run: InnerRun) -> None:

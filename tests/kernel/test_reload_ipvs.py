@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from tests.kernel.suite import InnerRun, InnerSuite
 
-INNER = InnerSuite("tests/kernel/inner/test_reload_ipvs_inner.py", modules=("ip_vs", "ip_vs_mh"), tests=5)
+INNER = InnerSuite("tests/kernel/inner/test_reload_ipvs_inner.py", modules=("ip_vs", "ip_vs_mh"), tests=5, seconds=30)
 
 
 def test_reloads_in_ipvs_mode_send_nothing_for_the_unchanged_prefix_and_keep_open_flows(inner_run: InnerRun) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tests.kernel.suite import InnerRun, InnerSuite
 
-INNER = InnerSuite("tests/kernel/inner/test_wg_kernel_inner.py", modules=("wireguard",), tests=12)
+INNER = InnerSuite("tests/kernel/inner/test_wg_kernel_inner.py", modules=("wireguard",), tests=12, seconds=45)
 
 
 def test_handshake_check_against_kernel_wireguard(inner_run: InnerRun) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tests.kernel.suite import InnerRun, InnerSuite
 
-INNER = InnerSuite("tests/kernel/inner/test_wg_tunnel_kernel_inner.py", modules=("wireguard",), tests=8)
+INNER = InnerSuite("tests/kernel/inner/test_wg_tunnel_kernel_inner.py", modules=("wireguard",), tests=8, seconds=40)
 
 
 def test_tunnel_check_against_kernel_wireguard(inner_run: InnerRun) -> None:
