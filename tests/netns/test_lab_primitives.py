@@ -160,12 +160,19 @@ def test_cleanup_prefix_recovers_a_crashed_run(lab_prefix: str, netns_factory: N
     netns_factory("keep")  # also makes the fixture skip without root
     crashed = f"{lab_prefix}crash"
     # A separate interpreter creates a namespace and a daemon, then dies without cleaning up.
+    # It waits until the daemon runs inside the namespace: Popen returns once `ip netns exec`
+    # has started, and an `ip` that has not yet opened the namespace when cleanup deletes it
+    # only exits a moment later, by itself (what failed CI once, checked too early).
     script = (
-        "import os\n"
+        "import os, time\n"
         "from pathlib import Path\n"
         "from lab.netns import Netns\n"
         f"ns = Netns({crashed!r})\n"
         "proc = ns.popen('sleep', '300', log=Path(os.devnull))\n"
+        "deadline = time.monotonic() + 20\n"
+        "while Path(f'/proc/{proc.pid}/comm').read_text().strip() != 'sleep':\n"
+        "    assert time.monotonic() < deadline, 'the daemon never started'\n"
+        "    time.sleep(0.01)\n"
         "print(proc.pid, flush=True)\n"
         "os._exit(3)\n"
     )
