@@ -128,10 +128,12 @@ class _Syn:
             self.done(result)
 
     def expire(self) -> None:
-        # a SYN whose checksum names a source address the host no longer sends from is
-        # dropped in silence: ask the routing again for the next probe
-        self.check.forget_source()
-        self.finish(TIMEOUT)
+        # every probe's deadline comes, answered or not (Deadlines): only a SYN still waiting
+        # is silence, and a SYN whose checksum names a source address the host no longer sends
+        # from is dropped in silence: ask the routing again for the next probe
+        if self.prober.pending.get(self.key) is self:
+            self.check.forget_source()
+            self.finish(TIMEOUT)
 
     def cancel(self) -> None:
         if self.prober.pending.get(self.key) is self:

@@ -5,7 +5,10 @@ answers."""
 from __future__ import annotations
 
 import asyncio
+import heapq
 import socket
+
+import pytest
 
 from lab.popnode import TcpService
 from pop.checks import syn, tcpwire
@@ -79,3 +82,39 @@ def test_the_raw_socket_reads_only_tcp_to_the_probes_source_ports(netns_factory:
             raw.close()
             for holder in holders:
                 holder.close()
+
+
+def test_an_answered_probe_keeps_the_source_when_its_deadline_passes(monkeypatch: pytest.MonkeyPatch,
+                                                                      netns_factory: NsFactory) -> None:
+    """The deadline of a probe that was answered does nothing: the next probe of the server
+    reuses the source address (and the checksum's fixed part) instead of asking the routing
+    again, which costs a socket, a connect, a getsockname and a close per probe. Only silence
+    makes the next probe ask again (test_syn_open_refused_dropped_and_rejected)."""
+    pop, server = pair(netns_factory)
+    service = TcpService(server, "10.7.0.2", 443)
+    service.start()
+    probe_in(pop, lambda: SynCheck("10.7.0.2", 443, timeout=1.0).probe())  # ARP
+    asked: list[str] = []
+    real = syn._source_for
+
+    def counted(host: str) -> bytes:
+        asked.append(host)
+        return real(host)
+
+    monkeypatch.setattr(syn, "_source_for", counted)
+    check = SynCheck("10.7.0.2", 443, timeout=1.0)
+
+    async def probe_past_deadlines() -> list[bool]:
+        results = []
+        for _ in range(3):
+            results.append((await check.probe()).ok)
+            # the deadline of every probe sent comes (not waited for: the heap is served now)
+            deadlines = syn._probers.get().deadlines
+            while deadlines.heap:
+                heapq.heappop(deadlines.heap)[2]()
+        return results
+
+    results = probe_in(pop, probe_past_deadlines)
+    service.stop()
+    assert results == [True, True, True], results
+    assert asked == ["10.7.0.2"], f"the routing was asked {len(asked)} times for 3 answered probes"
