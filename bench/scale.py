@@ -307,6 +307,12 @@ async def engine_process(directory: Path) -> None:
                 _say({"healthy": engine.pool.healthy})
             elif line == "lateness":
                 _say({**starts.take(config.checks.l4.interval), "stretch": getattr(engine.probes, "stretch", 1.0)})
+            elif line == "counts":  # probes answered so far, per tier
+                counts: dict[str, int] = {}
+                for tiers in engine.tiers.values():
+                    for name, tier in tiers.items():
+                        counts[name] = counts.get(name, 0) + tier.successes + tier.failures
+                _say(counts)
             elif line == "reload":
                 _say(_reload(engine, directory, cascade.build, load))
             elif line.startswith("profile "):  # profile start | profile FILE: the loop thread's calls
@@ -400,8 +406,14 @@ class Child:
 
 
 def cpu_seconds(pid: int) -> float:
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def rss_mb(pid: int) -> float:
@@ -445,9 +457,12 @@ def one_size(n: int, seconds: float, trials: int, kind: str = "syn", profile: Pa
             steady_seconds = time.monotonic() - started
             time.sleep(2.0)
             engine.ask("lateness")
-            cpu0, wall0 = cpu_seconds(pid), time.monotonic()
+            (user0, sys0), wall0, counts0 = cpu_split(pid), time.monotonic(), json.loads(engine.ask("counts"))
             time.sleep(seconds)
-            cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - wall0)
+            (user1, sys1), wall = cpu_split(pid), time.monotonic() - wall0
+            counts1 = json.loads(engine.ask("counts"))
+            rates = {tier: (counts1[tier] - counts0.get(tier, 0)) / wall for tier in counts1}
+            cpu, cpu_sys = (user1 + sys1 - user0 - sys0) / wall, (sys1 - sys0) / wall
             idle = json.loads(engine.ask("lateness"))
             rss = rss_mb(pid)
             if profile is not None:  # after the CPU window: the profiler's own cost is not counted
@@ -477,7 +492,8 @@ def one_size(n: int, seconds: float, trials: int, kind: str = "syn", profile: Pa
             return {
                 "servers": n, "load_seconds": ready["load_seconds"], "up": up, "up_seconds": up_seconds,
                 "steady_seconds": steady_seconds,
-                "cpu_percent": cpu * 100, "rss_mb": rss,
+                "cpu_percent": cpu * 100, "cpu_sys_percent": cpu_sys * 100, "probes_per_second": rates,
+                "rss_mb": rss,
                 "lateness_idle": idle["lateness"], "jitter_idle": idle["jitter"], "stretch_idle": idle["stretch"],
                 "gc_idle": idle.get("gc"),
                 "lateness_loaded": loaded["lateness"], "jitter_loaded": loaded["jitter"],
@@ -538,6 +554,10 @@ def table(results: list[dict[str, Any]], apply: dict[str, Any]) -> str:
                  else f"only {r['up']:,} within {r['up_within']:.0f}"),
              row("schedule as configured again after the start, s", lambda r: f(r["steady_seconds"])),
              row("engine CPU, % of one core", lambda r: f(r["cpu_percent"])),
+             row("  of which in the kernel", lambda r: f(r["cpu_sys_percent"]) if "cpu_sys_percent" in r else "-"),
+             row("probes a second in that window, per tier", lambda r: " / ".join(
+                 f"{tier} {rate:,.0f}" for tier, rate in r["probes_per_second"].items())
+                 if "probes_per_second" in r else "-"),
              row("engine RSS, MB", lambda r: f(r["rss_mb"], 0)),
              row("probe lateness p50 / p99, ms", lambda r: quantiles(r["lateness_idle"])),
              row("TCP probe jitter p50 / p99, ms", lambda r: quantiles(r["jitter_idle"])),

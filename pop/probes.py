@@ -242,7 +242,8 @@ class Probes:
 
     def _arm(self) -> None:
         if self._heap and self._timer is None:
-            self._timer_at = self._heap[0][0]
+            # also at the window's end: the stretch is judged on time when nothing is due
+            self._timer_at = min(self._heap[0][0], self._window_end)
             delay = max(0.0, self._timer_at - self.clock())
             self._timer = asyncio.get_running_loop().call_later(delay, self._run)
 
@@ -292,7 +293,24 @@ class Probes:
         elif factor < self.stretch:
             log.info("probes.%s stretch=%.2f lateness_p50_ms=%.1f", "caught_up" if factor == 1.0 else "tighten",
                      factor, self.window.p50 * 1000)
+        if factor != self.stretch:
+            self._rescale(factor / self.stretch, now)
         self.stretch = factor
+
+    def _rescale(self, ratio: float, now: float) -> None:
+        """Every probe scheduled under the old stretch waits `ratio` times what it had left: the
+        stretch applies from now on, not only from each server's next probe (a tier of 5 s
+        stretched tenfold would otherwise stay at 50 s for a whole stretched interval after the
+        engine caught up), and the servers keep their order and spread. Stale entries go."""
+        heap = [(now + (due - now) * ratio if due > now else due, order, slot)
+                for due, order, slot in self._heap if due == slot.due]
+        for due, _, slot in heap:
+            slot.due = due
+        heapq.heapify(heap)
+        self._heap[:] = heap
+        if self._timer is not None:  # not from _run(), which arms the timer for the new head itself
+            self._disarm()
+            self._arm()
 
     # --- one probe ---------------------------------------------------------------------------
 

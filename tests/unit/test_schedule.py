@@ -188,3 +188,29 @@ def test_the_pace_is_asked_again_only_when_the_server_wakes() -> None:
         assert asked == ["a", "a"]
 
     asyncio.run(main())
+
+
+def test_probes_scheduled_under_a_stretch_come_back_to_the_pace_when_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stretch (the engine behind, e.g. at the start of 1,000 servers) multiplies every
+    interval; when it ends, the probes already scheduled under it are pulled in by the same
+    factor instead of keeping the stretched wait: at 1,000 servers the WireGuard tier (5 s)
+    was probed at a fifth of its rate for half a minute after the start."""
+    ended = [False]
+    monkeypatch.setattr(stretch, "WINDOW", 0.05)
+    monkeypatch.setattr(stretch, "stretch", lambda current, _window: 1.0 if ended[0] else current)
+
+    async def main() -> None:
+        checks = {f"s{i}": [(Counting(), POLICY)] for i in range(50)}
+        counted = [c for (c, _), in checks.values()]  # type: ignore[misc]
+        probes = Probes(lambda *_: None, lambda _s, _t: 0.05, clock=asyncio.get_running_loop().time)
+        async with asyncio.TaskGroup() as group:
+            probes.start(group, checks, list(checks))
+            probes.stretch = 200.0  # behind: every next probe 10 s after the last
+            await until(lambda: all(c.probes >= 1 for c in counted))
+            seen = [c.probes for c in counted]
+            ended[0] = True  # caught up: the pace is 0.05 s again
+            await until(lambda: all(c.probes >= n + 3 for c, n in zip(counted, seen, strict=True)))
+            assert probes.stretch == 1.0
+            probes.stop()
+
+    asyncio.run(main())
