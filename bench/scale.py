@@ -1,7 +1,7 @@
 """One PoP's engine with N servers: what it costs and whether it keeps its times (issue 12).
 
     flock /tmp/pop-netns.lock .venv/bin/python bench/scale.py --json bench/results/scale.json \
-        [--sizes 2,10,100,1000,5000] [--seconds 10] [--trials 10] [--l4-kind syn|tcp] [--profile FILE]
+        [--sizes 2,10,100,1000,5000] [--seconds 10] [--trials 10] [--l4-kind syn|tcp] [--profile FILE] [--steer]
 
 (~10 min, root: the default tier 1 is `checks.l4.kind: syn`, a raw socket; `--l4-kind tcp
 --no-dataplane` runs without root, `--dataplane-into JSON` adds the ECMP step to a run)
@@ -20,6 +20,12 @@ For each N, side by side in one run:
   from the configuration (pop.checks.cascade: the TCP check every 0.2 s, a SYN from one raw
   socket or a connect, the WireGuard handshake every 5 s), the /v1 status endpoint on the same
   event loop as `pop run` serves it, and a fake BGP speaker that holds what it is told.
+
+On loopback the listeners' and responders' kernel side of every probe (the SYN handled, the
+SYN-ACK sent, our kernel's RST) runs inside the engine's own system calls and is charged to it.
+`--steer` runs everything in a namespace of its own with the engine pinned to CPU 0, the
+servers to CPU 1 and lo's receive steered to CPU 1 (RPS): the engine then pays what it would
+pay with its servers on other hosts.
 
 Measured per N: the engine process's CPU (% of one core, utime + stime from /proc over
 --seconds of steady state, the kernel's side of the probes' connects included) and RSS;
@@ -367,8 +373,8 @@ def _quantiles(samples: list[float]) -> dict[str, float]:
 class Child:
     """A child process spoken to in lines; JSON event lines are queued apart from the answers."""
 
-    def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE,
+    def __init__(self, *args: str, prefix: tuple[str, ...] = ()) -> None:
+        self.process = subprocess.Popen([*prefix, sys.executable, __file__, *args], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, bufsize=1)
         self.answers: queue.Queue[str] = queue.Queue()
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -423,9 +429,30 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def one_size(n: int, seconds: float, trials: int, kind: str = "syn", profile: Path | None = None) -> dict[str, Any]:
+def one_size(n: int, seconds: float, trials: int, kind: str = "syn", profile: Path | None = None, *,
+             steer: bool = False) -> dict[str, Any]:
+    if not steer:
+        return _one_size(n, seconds, trials, kind, profile, inside=())
+    # The engine on CPU 0, the servers on CPU 1, and every packet's receive (the listeners'
+    # SYN-ACKs, our RSTs, the responders' datagrams) steered to CPU 1 by lo's RPS map: the
+    # engine's CPU is then its own, as with servers on other hosts whose kernels answer.
+    from lab.netns import Netns
+
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("--steer needs two CPUs")
+    with Netns(f"tscale-{os.getpid():x}") as ns:
+        ns.run("sh", "-c", "echo 2 > /sys/class/net/lo/queues/rx-0/rps_cpus")
+        result = _one_size(n, seconds, trials, kind, profile, inside=("ip", "netns", "exec", ns.name))
+        return {**result, "steer": True}
+
+
+def _one_size(n: int, seconds: float, trials: int, kind: str, profile: Path | None, *,
+              inside: tuple[str, ...]) -> dict[str, Any]:
+    """One N; ``inside`` prefixes the children's commands (a namespace whose lo is steered)."""
     from pop import wgkeys
 
+    engine_cpu = ("taskset", "-c", "0") if inside else ()
+    servers_cpu = ("taskset", "-c", "1") if inside else ()
     with tempfile.TemporaryDirectory(prefix="pop-scale-") as tmp:
         directory = Path(tmp)
         keys = [X25519PrivateKey.generate().private_bytes_raw() for _ in range(n + 1)]
@@ -435,11 +462,11 @@ def one_size(n: int, seconds: float, trials: int, kind: str = "syn", profile: Pa
         probe_key.chmod(0o600)
         (directory / "pop.yaml").write_text(config_text(n, keys, probe_key, kind=kind))
         (directory / "pop2.yaml").write_text(config_text(n, keys, probe_key, changed=True, kind=kind))
-        servers = Child("--servers", str(directory / "keys.json"))
+        servers = Child("--servers", str(directory / "keys.json"), prefix=(*inside, *servers_cpu))
         engine: Child | None = None
         try:
             assert servers.answers.get(timeout=120) == "ready"
-            engine = Child("--engine", str(directory))
+            engine = Child("--engine", str(directory), prefix=(*inside, *engine_cpu))
             started = time.monotonic()
             ready = json.loads(engine.answers.get(timeout=120))
             pid, port = ready["pid"], ready["ready"]
@@ -470,8 +497,8 @@ def one_size(n: int, seconds: float, trials: int, kind: str = "syn", profile: Pa
                 time.sleep(seconds)
                 engine.ask(f"profile {profile}.{n}")
                 engine.ask("profile start")  # and the window with the status load, below
-            load = subprocess.run([sys.executable, str(Path(__file__).with_name("api.py")), "--client", str(port),
-                                   "--clients", str(CLIENTS), "--seconds", str(seconds)],
+            load = subprocess.run([*inside, sys.executable, str(Path(__file__).with_name("api.py")),
+                                   "--client", str(port), "--clients", str(CLIENTS), "--seconds", str(seconds)],
                                   capture_output=True, text=True, check=False)
             if load.returncode != 0:
                 raise RuntimeError(f"the /v1/status load process failed: {load.stderr.strip()[-2000:]}")
@@ -554,6 +581,7 @@ def table(results: list[dict[str, Any]], apply: dict[str, Any]) -> str:
                  else f"only {r['up']:,} within {r['up_within']:.0f}"),
              row("schedule as configured again after the start, s", lambda r: f(r["steady_seconds"])),
              row("engine CPU, % of one core", lambda r: f(r["cpu_percent"])),
+             row("servers' kernel side on the other core (--steer)", lambda r: "yes" if r.get("steer") else "no"),
              row("  of which in the kernel", lambda r: f(r["cpu_sys_percent"]) if "cpu_sys_percent" in r else "-"),
              row("probes a second in that window, per tier", lambda r: " / ".join(
                  f"{tier} {rate:,.0f}" for tier, rate in r["probes_per_second"].items())
@@ -593,6 +621,10 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--l4-kind", default="syn", choices=("syn", "tcp"),
                         help="how tier 1 probes: a SYN from one raw socket (needs root) or a connect")
+    parser.add_argument("--steer", action="store_true",
+                        help="in a namespace of its own: the engine on CPU 0, the servers on CPU 1 and lo's "
+                             "receive steered to CPU 1 (RPS), so that the engine is not charged the servers' "
+                             "kernel side of every probe (root)")
     parser.add_argument("--profile", type=Path, help="cProfile the engine's loop for --seconds to PROFILE.N, and "
                                                      "under the status load to PROFILE.N.status")
     parser.add_argument("--servers", type=Path, help=argparse.SUPPRESS)  # child: the servers
@@ -612,13 +644,13 @@ def main() -> int:
         return 0
     results = []
     for n in sizes:
-        results.append(one_size(n, args.seconds, args.trials, args.l4_kind, args.profile))
+        results.append(one_size(n, args.seconds, args.trials, args.l4_kind, args.profile, steer=args.steer))
         print(json.dumps(results[-1]), flush=True)
     apply = {} if args.no_dataplane else asyncio.run(dataplane(sizes, 20))
     print(table(results, apply))
     if args.json:
-        args.json.write_text(json.dumps({"sizes": results, "dataplane": apply, "goals": GOALS, "l4_kind": args.l4_kind},
-                                        indent=1) + "\n")
+        args.json.write_text(json.dumps({"sizes": results, "dataplane": apply, "goals": GOALS, "l4_kind": args.l4_kind,
+                                         "steer": args.steer}, indent=1) + "\n")
     return 0
 
 
