@@ -215,19 +215,10 @@ def _servers(r: Reader, value: Any, path: str) -> dict[int, Server]:
     targets: dict[tuple[str, int | None], int] = {}
     for index, item in enumerate(items):
         item_path = join(path, index)
-        data = r.mapping(item, item_path, {"name", "address", "port", "weight", "enabled", "wireguard"})
-        if data is None:
+        server = _server(r, item, item_path)
+        if server is None:
             continue
-        name = r.need(data, "name", item_path, lambda v, p: _name(r, v, p))
-        address = r.need(data, "address", item_path, r.address)
-        port = r.optional(data, "port", item_path, lambda v, p: r.integer(v, p, 1, U16), None)
-        weight = r.optional(data, "weight", item_path, lambda v, p: r.integer(v, p, 1, 256), 1)
-        enabled = r.optional(data, "enabled", item_path, r.boolean, True)
-        wireguard = None
-        if data.get("wireguard") is not None:
-            wireguard = _wireguard_target(r, data["wireguard"], join(item_path, "wireguard"))
-        if name is None or address is None:
-            continue
+        name, address, port = server.name, server.address, server.port
         if name in names:
             r.error(join(item_path, "name"), f"server name {name!r} is used twice (also {path}[{names[name]}])")
             continue
@@ -237,8 +228,58 @@ def _servers(r: Reader, value: Any, path: str) -> dict[int, Server]:
             continue
         names[name] = index
         targets[(address, port)] = index
-        result[index] = Server(name, address, port, weight, enabled, wireguard)
+        result[index] = server
     return result
+
+
+_VALIDATED: dict[Any, Server] = {}  # server items validated without a problem, by their exact values
+_VALIDATED_LIMIT = 20_000  # then start over: a process that reloads ever new servers does not grow
+
+
+def _server(r: Reader, item: Any, path: str) -> Server | None:
+    """One item of `servers`. An item with exactly the values of one validated before is not
+    validated again (a reload of 1,000 servers changes a few: issue 12's reload goal); the
+    checks across items (names and targets used twice) still run for every item."""
+    key = _exact(item)
+    if key is not None and (known := _VALIDATED.get(key)) is not None:
+        return known
+    problems = len(r.problems)
+    data = r.mapping(item, path, {"name", "address", "port", "weight", "enabled", "wireguard"})
+    if data is None:
+        return None
+    name = r.need(data, "name", path, lambda v, p: _name(r, v, p))
+    address = r.need(data, "address", path, r.address)
+    port = r.optional(data, "port", path, lambda v, p: r.integer(v, p, 1, U16), None)
+    weight = r.optional(data, "weight", path, lambda v, p: r.integer(v, p, 1, 256), 1)
+    enabled = r.optional(data, "enabled", path, r.boolean, True)
+    wireguard = None
+    if data.get("wireguard") is not None:
+        wireguard = _wireguard_target(r, data["wireguard"], join(path, "wireguard"))
+    if name is None or address is None:
+        return None
+    server = Server(name, address, port, weight, enabled, wireguard)
+    if key is not None and len(r.problems) == problems:
+        if len(_VALIDATED) >= _VALIDATED_LIMIT:
+            _VALIDATED.clear()
+        _VALIDATED[key] = server
+    return server
+
+
+def _exact(value: Any) -> Any:
+    """A hashable stand-in for a parsed YAML value that keeps apart what Python takes for equal
+    across types (1, 1.0 and true), or None for anything it does not know."""
+    kind = type(value)
+    if kind in (str, int, float, bool) or value is None:
+        return kind.__name__, value
+    if kind is dict:
+        pairs = []
+        for name, inner in value.items():
+            exact = _exact(inner)
+            if type(name) is not str or exact is None:
+                return None
+            pairs.append((name, exact))
+        return "mapping", tuple(sorted(pairs))
+    return None
 
 
 def _wireguard_target(r: Reader, value: Any, path: str) -> WireGuardTarget | None:

@@ -249,3 +249,49 @@ def test_mutated_minimal_config_only_raises_config_error(section: str, value: ob
         load(with_(**{section: value}))
     except ConfigError as exc:
         assert exc.problems
+
+
+def _servers_text(*items: str) -> str:
+    return MINIMAL.replace("servers: [{name: vpn1, address: 10.0.2.10}]", "servers: [" + ", ".join(items) + "]")
+
+
+def test_a_reload_validates_only_the_servers_that_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server item with exactly the values of one validated before (a reload of 1,000 servers
+    changes a few) is not validated again, and gives the same record."""
+    import pop.config as config_module
+
+    key = "'" + "A" * 43 + "='"
+    validated: list[str] = []
+    real = config_module._wireguard_target
+
+    def counted(r: object, value: object, path: str) -> object:
+        validated.append(path)
+        return real(r, value, path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(config_module, "_wireguard_target", counted)
+    items = [f"{{name: vpn{i}, address: 10.0.2.{i}, wireguard: {{public_key: {key}, port: {51820 + i}}}}}"
+             for i in range(1, 4)]
+    first = load(_servers_text(*items), "pop.yaml")
+    assert len(validated) == 3
+    changed = [*items[:2], "{name: vpn3, address: 10.0.2.33, wireguard: {public_key: " + key + ", port: 51823}}"]
+    second = load(_servers_text(*changed), "pop.yaml")
+    assert len(validated) == 4  # only vpn3 again
+    assert second.servers[:2] == first.servers[:2] and second.servers[2].address == "10.0.2.33"
+    again = load(_servers_text(*reversed(items)), "pop.yaml")  # order and position do not matter
+    assert len(validated) == 4 and [s.name for s in again.servers] == ["vpn3", "vpn2", "vpn1"]
+
+
+def test_values_that_compare_equal_across_types_are_not_taken_for_one_another() -> None:
+    """1, 1.0 and true are equal in Python; a server validated with `weight: 1` says nothing
+    about one with `weight: true` or `weight: 1.0`, and an item with a problem is never
+    remembered as good."""
+    assert load(_servers_text("{name: vpn1, address: 10.0.2.10, weight: 1}"), "pop.yaml").servers[0].weight == 1
+    assert any("weight: must be an integer, not a boolean" in p
+               for p in problems(_servers_text("{name: vpn1, address: 10.0.2.10, weight: true}")))
+    assert any("weight: must be an integer" in p
+               for p in problems(_servers_text("{name: vpn1, address: 10.0.2.10, weight: 1.0}")))
+    bad = _servers_text("{name: vpn1, address: 10.0.2.10, weight: 999}")
+    assert any("out of range" in p for p in problems(bad))
+    assert any("out of range" in p for p in problems(bad))  # again: not remembered
+    duplicate = _servers_text("{name: vpn1, address: 10.0.2.10}", "{name: vpn1, address: 10.0.2.11}")
+    assert any("used twice" in p for p in problems(duplicate))  # the checks across items still run
