@@ -123,21 +123,26 @@ class _Syn:
         self.prober, self.check, self.key, self.done, self.started = prober, check, key, done, started
 
     def finish(self, result: CheckResult) -> None:
-        if self.prober.pending.get(self.key) is self:
-            del self.prober.pending[self.key]
+        if self._take():
             self.done(result)
 
     def expire(self) -> None:
         # every probe's deadline comes, answered or not (Deadlines): only a SYN still waiting
         # is silence, and a SYN whose checksum names a source address the host no longer sends
         # from is dropped in silence: ask the routing again for the next probe
-        if self.prober.pending.get(self.key) is self:
+        if self._take():
             self.check.forget_source()
-            self.finish(TIMEOUT)
+            self.done(TIMEOUT)
 
     def cancel(self) -> None:
+        self._take()
+
+    def _take(self) -> bool:
+        """Out of the probes in flight; False if it was out already (answered, expired, cancelled)."""
         if self.prober.pending.get(self.key) is self:
             del self.prober.pending[self.key]
+            return True
+        return False
 
 
 class _Prober:

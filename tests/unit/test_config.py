@@ -269,6 +269,7 @@ def test_a_reload_validates_only_the_servers_that_changed(monkeypatch: pytest.Mo
         return real(r, value, path)  # type: ignore[arg-type]
 
     monkeypatch.setattr(config_module, "_wireguard_target", counted)
+    monkeypatch.setattr(config_module, "_VALIDATED", {})  # nothing from other tests' loads
     items = [f"{{name: vpn{i}, address: 10.0.2.{i}, wireguard: {{public_key: {key}, port: {51820 + i}}}}}"
              for i in range(1, 4)]
     first = load(_servers_text(*items), "pop.yaml")
@@ -281,10 +282,13 @@ def test_a_reload_validates_only_the_servers_that_changed(monkeypatch: pytest.Mo
     assert len(validated) == 4 and [s.name for s in again.servers] == ["vpn3", "vpn2", "vpn1"]
 
 
-def test_values_that_compare_equal_across_types_are_not_taken_for_one_another() -> None:
+def test_values_that_compare_equal_across_types_are_not_taken_for_one_another(monkeypatch: pytest.MonkeyPatch) -> None:
     """1, 1.0 and true are equal in Python; a server validated with `weight: 1` says nothing
     about one with `weight: true` or `weight: 1.0`, and an item with a problem is never
     remembered as good."""
+    import pop.config as config_module
+
+    monkeypatch.setattr(config_module, "_VALIDATED", {})
     assert load(_servers_text("{name: vpn1, address: 10.0.2.10, weight: 1}"), "pop.yaml").servers[0].weight == 1
     assert any("weight: must be an integer, not a boolean" in p
                for p in problems(_servers_text("{name: vpn1, address: 10.0.2.10, weight: true}")))
