@@ -102,7 +102,7 @@ class Applier:
         self.verify_interval = config.dataplane.verify_interval
         self._on_event = on_event  # (kind, subject, reason) for the engine's event list
         self._on_announced = on_announced  # the service persists what ExaBGP holds
-        self._told: tuple[Announcement, ...] | None = None  # what _on_announced last heard
+        self._told: tuple[Announcement, ...] | None = None  # what ExaBGP held after the last BGP pass
         self._desired = EMPTY
         self._wake = asyncio.Event()
         self._dirty = False
@@ -110,6 +110,7 @@ class Applier:
         self._withdrawn_at: float | None = None
         self._next_verify = self._next_reassert = 0.0  # set when run() starts
         self._status = ApplyStatus()
+        self.changes = 0  # counts the changes of what the session or the kernel holds (pop.status)
         self.first_pass = asyncio.Event()  # set once the first pass has run (whatever its outcome)
 
     # --- what the engine calls -------------------------------------------------------------
@@ -241,6 +242,7 @@ class Applier:
             log.info("dataplane.recovered")
             self._event("recovered", "dataplane", "data plane applied after failures")
         self._status = replace(self._status, dataplane_error="", applied=state)
+        self.changes += state != previous
         return True
 
     async def _set_bgp(self, announcements: tuple[Announcement, ...], force: bool) -> bool:
@@ -254,8 +256,10 @@ class Applier:
             self._event("recovered", "bgp", "ExaBGP accepted the commands it refused before")
             self._status = replace(self._status, bgp_error="")
         held = self.speaker.announced()
-        if self._on_announced is not None and held != self._told:  # a file write, only on a change
-            self._on_announced(held)
+        if held != self._told:
+            self.changes += 1
+            if self._on_announced is not None:  # a file write, only on a change
+                self._on_announced(held)
             self._told = held
         return True
 

@@ -417,6 +417,11 @@ class Engine:
         if self.on_admin_change is not None:
             self.on_admin_change()
 
+    def status_revision(self) -> int:
+        """Changes with everything /v1/status shows that is not a counter: every event, and what
+        the session and the kernel hold after each pass of the applier."""
+        return self.revision + self.applier.changes
+
     def _record(self, kind: str, subject: str, old: str, new: str, reason: str) -> None:
         self.events.append(Event(self.clock(), self.wall(), kind, subject, old, new, reason))
         self.revision += 1  # a shared /v1/status built before this is no longer served (pop.status)

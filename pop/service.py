@@ -423,7 +423,7 @@ async def _status_endpoint(config: Config, engine: Engine, speaker: ExaBgpSpeake
         return availability.report(shown.history.marks, time.time(), engine.config.availability.slo)
 
     app = make_app(lambda: engine.snapshot(extra()), engine, ctl, ready=lambda: shown.ready(engine),
-                   revision=lambda: engine.revision,
+                   revision=engine.status_revision,
                    availability=report)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

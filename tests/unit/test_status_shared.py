@@ -130,3 +130,26 @@ def test_the_status_is_built_on_the_engine_loop_a_slice_of_servers_at_a_time() -
 
     asyncio.run(main())
 
+
+def test_a_status_built_before_the_session_took_a_change_is_not_served_after_it() -> None:
+    """The verdict is an event; what ExaBGP holds changes a pass of the applier later, with no
+    event of its own, and /v1/status shows both (`bgp.announced`)."""
+
+    async def main() -> None:
+        engine, speaker, _ = engine_with()
+        feed(engine, "a", OK, 2)
+        feed(engine, "b", OK, 2)  # announce: the verdict's event, the applier not yet run
+        clock = ManualClock()
+        shared = status._Shared(lambda: engine.snapshot({}), status.to_json, clock,
+                                revision=engine.status_revision)
+        before = await shared.get()
+        assert before[0]["announced"] and before[0]["bgp"]["announced"] == []
+        applying = asyncio.create_task(engine.applier.run())
+        await engine.applier.first_pass.wait()
+        assert speaker.announced()
+        clock.now += status.REFRESH / 10
+        after = await shared.get()
+        applying.cancel()
+        assert [a["prefix"] for a in after[0]["bgp"]["announced"]] == ["198.51.100.1/32"]
+
+    asyncio.run(main())
