@@ -82,7 +82,11 @@ def main() -> int:
             say(f"client1 -> anycast address: answered by {second} "
                 f"({(when - fault.at) * 1000:.0f} ms after the failure): {landed(lab, 'client1')}")
             if lab.noc_url:
-                fleet = fleet_shows(lab.noc_url, lambda view: first in view["red"])
+                # the page polls every PoP in turn: wait until each has answered since the fault,
+                # so that it does not show the others as they were during the lab's convergence
+                fleet = fleet_shows(lab.noc_url, lambda view: first in view["red"] and all(
+                    p["last_answer_seconds"] is not None
+                    and p["last_answer_seconds"] < time.monotonic() - fault.at for p in view["pops"]))
                 say(f"fleet page {lab.noc_url}: {fleet['announcing']}/{len(fleet['pops'])} PoPs announcing, "
                     f"red: {', '.join(fleet['red'])}")
 
