@@ -153,3 +153,19 @@ def test_a_status_built_before_the_session_took_a_change_is_not_served_after_it(
         assert [a["prefix"] for a in after[0]["bgp"]["announced"]] == ["198.51.100.1/32"]
 
     asyncio.run(main())
+
+
+def test_every_v1_read_says_how_old_the_shared_status_is() -> None:
+    async def main() -> None:
+        engine, _, _ = engine_with()
+        feed(engine, "a", OK, 2)
+        app = make_app(lambda: engine.snapshot({}), engine, Control("t1", ()))
+        async with TestClient(TestServer(app)) as client:
+            for path in ("/v1/status", "/status", "/v1/status?pretty", "/v1/servers", "/v1/events"):
+                for encoding in ("gzip", "identity"):
+                    answer = await client.get(path, headers={"Accept-Encoding": encoding})
+                    age = answer.headers.get(status.AGE_HEADER)
+                    assert age is not None, f"{path} ({encoding}) does not say how old it is"
+                    assert 0.0 <= float(age) < status.MAX_AGE, (path, age)
+
+    asyncio.run(main())
