@@ -5,9 +5,11 @@ MAX_AGE; an operator action makes the next read fresh."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -55,12 +57,18 @@ def test_the_status_is_rebuilt_ahead_while_served_never_served_too_old_and_fresh
     asyncio.run(main())
 
 
+@contextlib.asynccontextmanager
+async def served() -> AsyncIterator[TestClient[Any, Any]]:
+    """The endpoints of an engine whose server a is up."""
+    engine, _, _ = engine_with()
+    feed(engine, "a", OK, 2)
+    async with TestClient(TestServer(make_app(lambda: engine.snapshot({}), engine, Control("t1", ())))) as client:
+        yield client
+
+
 def test_v1_status_is_sent_gzipped_to_readers_that_accept_it_and_plain_to_others() -> None:
     async def main() -> None:
-        engine, _, _ = engine_with()
-        feed(engine, "a", OK, 2)
-        app = make_app(lambda: engine.snapshot({}), engine, Control("t1", ()))
-        async with TestClient(TestServer(app)) as client:
+        async with served() as client:
             packed = await client.get("/v1/status", headers={"Accept-Encoding": "gzip"})
             plain = await client.get("/v1/status", headers={"Accept-Encoding": "identity"})
             assert packed.headers["Content-Encoding"] == "gzip" and "Content-Encoding" not in plain.headers
@@ -157,10 +165,7 @@ def test_a_status_built_before_the_session_took_a_change_is_not_served_after_it(
 
 def test_every_v1_read_says_how_old_the_shared_status_is() -> None:
     async def main() -> None:
-        engine, _, _ = engine_with()
-        feed(engine, "a", OK, 2)
-        app = make_app(lambda: engine.snapshot({}), engine, Control("t1", ()))
-        async with TestClient(TestServer(app)) as client:
+        async with served() as client:
             for path in ("/v1/status", "/status", "/v1/status?pretty", "/v1/servers", "/v1/events"):
                 for encoding in ("gzip", "identity"):
                     answer = await client.get(path, headers={"Accept-Encoding": encoding})
