@@ -369,14 +369,19 @@ def _pool(r: Reader, value: Any, path: str) -> Pool:
 
 
 def _status(r: Reader, value: Any, path: str) -> StatusEndpoint:
-    data = r.mapping(value, path, {"listen", "port", "enabled"})
+    data = r.mapping(value, path, {"listen", "port", "enabled", "readers_port"})
     if data is None:
         return StatusEndpoint()
     default = StatusEndpoint()
+    port = r.optional(data, "port", path, lambda v, p: r.integer(v, p, 1, U16), default.port)
+    readers = r.optional(data, "readers_port", path, lambda v, p: r.integer(v, p, 1, U16), None)
+    if readers is not None and readers == port:
+        r.error(join(path, "readers_port"), f"{readers} is also status.port: the readers need a port of their own")
     return StatusEndpoint(
         listen=r.optional(data, "listen", path, r.address, default.listen),
-        port=r.optional(data, "port", path, lambda v, p: r.integer(v, p, 1, U16), default.port),
+        port=port,
         enabled=r.optional(data, "enabled", path, r.boolean, default.enabled),
+        readers_port=readers,
     )
 
 

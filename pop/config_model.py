@@ -125,6 +125,7 @@ class StatusEndpoint:
     listen: str = "127.0.0.1"
     port: int = 9180
     enabled: bool = True
+    readers_port: int | None = None  # /v1/status from a process of its own (pop.readers)
 
 
 @dataclass(frozen=True, slots=True)

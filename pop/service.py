@@ -425,6 +425,8 @@ async def _status_endpoint(config: Config, engine: Engine, speaker: ExaBgpSpeake
     app = make_app(lambda: engine.snapshot(extra()), engine, ctl, ready=lambda: shown.ready(engine),
                    revision=engine.status_revision,
                    availability=report)
+    if config.status.readers_port is not None:
+        _serve_readers(app, config, engine)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
@@ -436,6 +438,26 @@ async def _status_endpoint(config: Config, engine: Engine, speaker: ExaBgpSpeake
         return None
     log.info("status.listening address=%s port=%d", config.status.listen, config.status.port)
     return runner
+
+
+def _serve_readers(app: web.Application, config: Config, engine: Engine) -> None:
+    """/v1/status on status.readers_port from a process of its own (pop.readers), fed from the
+    app's shared status; it ends with the app."""
+    from pop.readers import Feed
+    from pop.status import SHARED
+
+    assert config.status.readers_port is not None
+    shared = app[SHARED]
+    feed = Feed(config.status.listen, config.status.readers_port, shared.get, shared.age, engine.status_revision)
+    feeding = asyncio.create_task(feed.run(), name="readers")
+
+    async def stop(_app: web.Application) -> None:
+        feeding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeding
+        await feed.stop()
+
+    app.on_cleanup.append(stop)
 
 
 async def _withdraw(speaker: ExaBgpSpeaker, config: Config) -> None:

@@ -243,9 +243,9 @@ class _Shared:
         self.built = await _render(snap, rest, head)
         self.at = at if forgotten == self.forgotten else -1e9
 
-    def age(self) -> str:
+    def age(self) -> float:
         """How old the status get() just returned is, in seconds (the AGE_HEADER's value)."""
-        return f"{max(0.0, self.clock() - self.at):.3f}"
+        return max(0.0, self.clock() - self.at)
 
     def _built(self, done: asyncio.Future[None]) -> None:
         self.building = None
@@ -283,6 +283,9 @@ async def _render(snap: Snapshot, rest: dict[str, Any], head: str) -> tuple[dict
     return {**rest, "servers": servers}, b"".join(parts), b"".join(packed)
 
 
+SHARED: web.AppKey[_Shared] = web.AppKey("shared", _Shared)  # the app's shared status (pop.readers feeds from it)
+
+
 def make_app(source: SnapshotSource, operator: Operator, ctl: Control, *, ready: Ready = lambda: "",
              availability: Availability | None = None, revision: Callable[[], int] = lambda: 0) -> web.Application:
     """The endpoints; ``ready`` answers /healthz, ``availability`` is pop.availability.report now,
@@ -299,7 +302,7 @@ def make_app(source: SnapshotSource, operator: Operator, ctl: Control, *, ready:
 
     def answer(data: dict[str, Any], request: web.Request) -> web.Response:
         return web.json_response(data, dumps=lambda v: json.dumps(v, indent=2 if "pretty" in request.query else None),
-                                 headers={AGE_HEADER: shared.age()})
+                                 headers={AGE_HEADER: f"{shared.age():.3f}"})
 
     async def status(request: web.Request) -> web.Response:
         data, body, packed = await shared.get()
@@ -308,9 +311,9 @@ def make_app(source: SnapshotSource, operator: Operator, ctl: Control, *, ready:
         if "gzip" in request.headers.get("Accept-Encoding", ""):
             return web.Response(body=packed, content_type="application/json",
                                 headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding",
-                                         AGE_HEADER: shared.age()})
+                                         AGE_HEADER: f"{shared.age():.3f}"})
         return web.Response(body=body, content_type="application/json",
-                            headers={"Vary": "Accept-Encoding", AGE_HEADER: shared.age()})
+                            headers={"Vary": "Accept-Encoding", AGE_HEADER: f"{shared.age():.3f}"})
 
     async def servers(request: web.Request) -> web.Response:
         data, _, _ = await shared.get()
@@ -349,6 +352,7 @@ def make_app(source: SnapshotSource, operator: Operator, ctl: Control, *, ready:
     app.router.add_get("/v1/events", events)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    app[SHARED] = shared
     control_api.add_routes(app, ctl, operator, lambda: to_json(source()))
     return app
 

@@ -50,25 +50,31 @@ def answer_of(sock: socket.socket) -> bytes:
     return data.split(b"\r\n", 1)[0]
 
 
-def test_slow_and_oversized_requests_are_cut_off_while_the_probes_keep_their_schedule(tmp_path: Path) -> None:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(256)
-    port = free_port()
+def engine_config(tmp_path: Path, name: str, server_port: int, interval: float, status: str) -> Path:
+    """A one-server engine's configuration with a control token (TOKEN) and this `status`."""
     key = tmp_path / "control.token"
     key.write_text(TOKEN + "\n")
     key.chmod(0o600)
     path = tmp_path / "pop.yaml"
     path.write_text(f"""
-pop: {{name: proc, asn: 65101, router_id: 192.0.2.1, runtime_dir: {tmp_path / "run"}}}
+pop: {{name: {name}, asn: 65101, router_id: 192.0.2.1, runtime_dir: {tmp_path / "run"}}}
 neighbors: [{{address: 127.0.0.2, peer_as: 65000}}]
 prefixes: [198.51.100.1/32]
-servers: [{{name: a, address: 127.0.0.1, port: {listener.getsockname()[1]}}}]
-checks: {{l4: {{interval: {INTERVAL}, fast_interval: 0.05}}}}
-status: {{port: {port}}}
+servers: [{{name: a, address: 127.0.0.1, port: {server_port}}}]
+checks: {{l4: {{interval: {interval}, fast_interval: 0.05}}}}
+status: {status}
 control: {{token_file: {key}}}
 exabgp: {{withdraw_settle: 0.1}}
 """)
+    return path
+
+
+def test_slow_and_oversized_requests_are_cut_off_while_the_probes_keep_their_schedule(tmp_path: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(256)
+    port = free_port()
+    path = engine_config(tmp_path, "proc", listener.getsockname()[1], INTERVAL, f"{{port: {port}}}")
     held: list[socket.socket] = []
     try:
         with spawn(tmp_path, path) as fake:
