@@ -78,13 +78,13 @@ def build(config: Config, *, now: float, started: float, verdict: Verdict, pool_
           load_view: Mapping[str, Mapping[str, Any]] | None = None,
           fleet: Mapping[str, Any] | None = None) -> Snapshot:
     """The engine's picture, assembled from its parts (read-only)."""
-    summaries = {} if marks is None else marks.summaries(now)
     factors = factors or {}
     load_view = load_view or {}
     servers = tuple(
         ServerSnapshot(s.name, s.address, s.weight, board.servers[s.name], dict(board.tiers[s.name]),
                        drains.get(s.name), pool.in_pool(board.servers[s.name], drains.get(s.name)),
-                       summaries.get(s.name, {}), "" if marks is None else marks.degraded.get(s.name, ""),
+                       {} if marks is None else marks.of(s.name, now),
+                       "" if marks is None else marks.degraded.get(s.name, ""),
                        factors.get(s.address, 1.0), load_view.get(s.name))
         for s in config.servers)
     return Snapshot(pop=config.name, at=now, started=started, verdict=verdict, pool=pool_view,

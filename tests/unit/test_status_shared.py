@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from pop import status
+from pop import status, tails
 from pop.config import load
 from pop.control_api import Control
 from pop.engine import Engine
@@ -174,3 +174,25 @@ def test_every_v1_read_says_how_old_the_shared_status_is() -> None:
                     assert 0.0 <= float(age) < status.MAX_AGE, (path, age)
 
     asyncio.run(main())
+
+
+def test_a_snapshot_leaves_the_tails_to_the_slice_that_shows_them() -> None:
+    """Each window's percentiles are a sort of up to max_samples results; 2,000 of them in the
+    snapshot itself held the loop ~30 ms at 1,000 servers, twice a second under reading. They
+    are worked out when a server's slice is built, as of the snapshot's time."""
+    engine, _, _ = engine_with()
+    feed(engine, "a", OK, 2)
+    feed(engine, "b", OK, 2)
+    sorted_: list[object] = []
+    summary = tails.Window.summary
+
+    def counted(self: tails.Window, now: float) -> tails.Tail:
+        sorted_.append(self)
+        return summary(self, now)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tails.Window, "summary", counted)
+        snap = engine.snapshot({})
+        assert sorted_ == [], "the snapshot worked out every server's tails at once"
+        a = status.servers_json(snap, 0, 1)[0]
+        assert len(sorted_) == 1 and a["tails"]["tcp"]["count"] == 2

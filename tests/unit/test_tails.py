@@ -99,14 +99,14 @@ def test_board_marks_a_slow_server_and_clears_it_with_time() -> None:
 def test_board_without_thresholds_only_measures() -> None:
     board = Board(Policy(window=10.0), ["a"])
     assert not any(board.observe("a", "tcp", FAIL, float(t)) for t in range(100))
-    assert board.summaries(99.0)["a"]["tcp"].failures == 10  # the last 10 s
+    assert board.of("a", 99.0)["tcp"].failures == 10  # the last 10 s
 
 
 def test_a_reload_keeps_the_windows() -> None:
     old = Board(Policy(p99=0.1, min_samples=1), ["a", "b"])
     old.observe("a", "tcp", OK(0.5), 0.0)
     new = Board(Policy(p99=0.1, min_samples=1), ["a", "c"], old)
-    assert new.summaries(1.0)["a"]["tcp"].count == 1 and new.degraded["a"]
+    assert new.of("a", 1.0)["tcp"].count == 1 and new.degraded["a"]
     assert set(new.windows) == {"a", "c"}
 
 
