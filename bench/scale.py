@@ -2,6 +2,7 @@
 
     flock /tmp/pop-netns.lock .venv/bin/python bench/scale.py --json bench/results/scale.json \
         [--sizes 2,10,100,1000,5000] [--seconds 10] [--trials 10] [--l4-kind syn|tcp] [--profile FILE] [--steer]
+        [--readers]
 
 (~10 min, root: the default tier 1 is `checks.l4.kind: syn`, a raw socket; `--l4-kind tcp
 --no-dataplane` runs without root, `--dataplane-into JSON` adds the ECMP step to a run)
@@ -32,9 +33,10 @@ Measured per N: the engine process's CPU (% of one core, utime + stime from /pro
 probe lateness (a probe's start minus the time it was due, every probe of the window);
 detection of one dead server (its listeners closed) until the engine logs it down, over
 --trials servers; /v1/status latency under 50 clients asking back to back (bench/api.py's
-load process) and the probe lateness meanwhile; the configuration's load time (YAML to
-checks); a reload in which one server changes address and key (the SIGHUP path: read, build
-the checks, Engine.reload), and whether every other server kept its state; and the
+load process; with `--readers` they read the readers' process of `status.readers_port`,
+pop/readers.py, instead of the engine's own endpoint) and the probe lateness meanwhile; the
+configuration's load time (YAML to checks); a reload in which one server changes address and
+key (the SIGHUP path: read, build the checks, Engine.reload), and whether every other server kept its state; and the
 data-plane apply when one server leaves (an ECMP route of N next hops in a namespace,
 pop.adapters.routes, as bench/dataplane.py measures it; the kernel takes at most 4,095).
 """
@@ -302,6 +304,13 @@ async def engine_process(directory: Path) -> None:
     starts.install(engine)
     starts.watch_gc()
     runner, port = await serve_status(engine)
+    feed = feeding = None
+    if (directory / "readers").exists():  # --readers: the clients read status.readers_port's process
+        feed, port = await _readers(runner, engine)
+        feeding = asyncio.create_task(feed.run())
+        await _listening(port)
+        if len(os.sched_getaffinity(0)) == 1 and feed.process is not None:  # --steer: the engine has a core
+            os.sched_setaffinity(feed.process.pid, set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0))
     running = asyncio.create_task(engine.run())
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -326,7 +335,35 @@ async def engine_process(directory: Path) -> None:
                 _say({"profile": line})
     finally:
         running.cancel()
+        if feed is not None and feeding is not None:
+            feeding.cancel()
+            await feed.stop()
         await runner.cleanup()
+
+
+async def _readers(runner: Any, engine: Any) -> tuple[Any, int]:
+    """A readers' process (pop.readers) fed from the endpoint's shared status, as `pop run`
+    starts it for status.readers_port: (its feed, its port)."""
+    from pop.readers import Feed
+    from pop.status import SHARED
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    shared = runner.app[SHARED]
+    return Feed("127.0.0.1", port, shared.get, shared.age, engine.status_revision), port
+
+
+async def _listening(port: int) -> None:
+    for _ in range(100):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
+    raise RuntimeError(f"the readers' process never listened on {port}")
 
 
 _profiler: list[Any] = []
@@ -430,9 +467,9 @@ def rss_mb(pid: int) -> float:
 
 
 def one_size(n: int, seconds: float, trials: int, kind: str = "syn", profile: Path | None = None, *,
-             steer: bool = False) -> dict[str, Any]:
+             steer: bool = False, readers: bool = False) -> dict[str, Any]:
     if not steer:
-        return _one_size(n, seconds, trials, kind, profile, inside=())
+        return _one_size(n, seconds, trials, kind, profile, inside=(), readers=readers)
     # The engine on CPU 0, the servers on CPU 1, and every packet's receive (the listeners'
     # SYN-ACKs, our RSTs, the responders' datagrams) steered to CPU 1 by lo's RPS map: the
     # engine's CPU is then its own, as with servers on other hosts whose kernels answer.
@@ -442,12 +479,13 @@ def one_size(n: int, seconds: float, trials: int, kind: str = "syn", profile: Pa
         raise SystemExit("--steer needs two CPUs")
     with Netns(f"tscale-{os.getpid():x}") as ns:
         ns.run("sh", "-c", "echo 2 > /sys/class/net/lo/queues/rx-0/rps_cpus")
-        result = _one_size(n, seconds, trials, kind, profile, inside=("ip", "netns", "exec", ns.name))
+        result = _one_size(n, seconds, trials, kind, profile, inside=("ip", "netns", "exec", ns.name),
+                           readers=readers)
         return {**result, "steer": True}
 
 
 def _one_size(n: int, seconds: float, trials: int, kind: str, profile: Path | None, *,
-              inside: tuple[str, ...]) -> dict[str, Any]:
+              inside: tuple[str, ...], readers: bool = False) -> dict[str, Any]:
     """One N; ``inside`` prefixes the children's commands (a namespace whose lo is steered)."""
     from pop import wgkeys
 
@@ -462,6 +500,8 @@ def _one_size(n: int, seconds: float, trials: int, kind: str, profile: Path | No
         probe_key.chmod(0o600)
         (directory / "pop.yaml").write_text(config_text(n, keys, probe_key, kind=kind))
         (directory / "pop2.yaml").write_text(config_text(n, keys, probe_key, changed=True, kind=kind))
+        if readers:
+            (directory / "readers").touch()
         servers = Child("--servers", str(directory / "keys.json"), prefix=(*inside, *servers_cpu))
         engine: Child | None = None
         try:
@@ -497,7 +537,9 @@ def _one_size(n: int, seconds: float, trials: int, kind: str, profile: Path | No
                 time.sleep(seconds)
                 engine.ask(f"profile {profile}.{n}")
                 engine.ask("profile start")  # and the window with the status load, below
-            load = subprocess.run([*inside, sys.executable, str(Path(__file__).with_name("api.py")),
+            # with --steer the clients share the servers' CPU, as clients on other hosts would
+            # leave the engine's core alone
+            load = subprocess.run([*inside, *servers_cpu, sys.executable, str(Path(__file__).with_name("api.py")),
                                    "--client", str(port), "--clients", str(CLIENTS), "--seconds", str(seconds)],
                                   capture_output=True, text=True, check=False)
             if load.returncode != 0:
@@ -517,7 +559,8 @@ def _one_size(n: int, seconds: float, trials: int, kind: str, profile: Path | No
             time.sleep(1.0)
             reload = json.loads(engine.ask("reload"))
             return {
-                "servers": n, "load_seconds": ready["load_seconds"], "up": up, "up_seconds": up_seconds,
+                "servers": n, "readers": readers, "load_seconds": ready["load_seconds"], "up": up,
+                "up_seconds": up_seconds,
                 "steady_seconds": steady_seconds,
                 "cpu_percent": cpu * 100, "cpu_sys_percent": cpu_sys * 100, "probes_per_second": rates,
                 "rss_mb": rss,
@@ -594,6 +637,8 @@ def table(results: list[dict[str, Any]], apply: dict[str, Any]) -> str:
                  f"{f(r['gc_idle']['max_ms'])}"),
              row("one dead server detected, p50 / p95 ms", lambda r: f"{f(r['detection']['p50_ms'], 0)} / "
                  f"{f(r['detection']['p95_ms'], 0)}"),
+             row("/v1/status read from the readers' process (--readers)",
+                 lambda r: "yes" if r.get("readers") else "no"),
              row(f"/v1/status p50 / p99 ms ({CLIENTS} clients)", lambda r: f"{f(r['status']['p50_ms'])} / "
                  f"{f(r['status']['p99_ms'])}"),
              row("/v1/status requests/s", lambda r: f(r["status"]["requests_per_second"], 0)),
@@ -625,6 +670,9 @@ def main() -> int:
                         help="in a namespace of its own: the engine on CPU 0, the servers on CPU 1 and lo's "
                              "receive steered to CPU 1 (RPS), so that the engine is not charged the servers' "
                              "kernel side of every probe (root)")
+    parser.add_argument("--readers", action="store_true",
+                        help="the 50 clients read /v1/status from a readers' process (status.readers_port, "
+                             "pop.readers) instead of the engine's own endpoint")
     parser.add_argument("--profile", type=Path, help="cProfile the engine's loop for --seconds to PROFILE.N, and "
                                                      "under the status load to PROFILE.N.status")
     parser.add_argument("--servers", type=Path, help=argparse.SUPPRESS)  # child: the servers
@@ -644,13 +692,14 @@ def main() -> int:
         return 0
     results = []
     for n in sizes:
-        results.append(one_size(n, args.seconds, args.trials, args.l4_kind, args.profile, steer=args.steer))
+        results.append(one_size(n, args.seconds, args.trials, args.l4_kind, args.profile, steer=args.steer,
+                                readers=args.readers))
         print(json.dumps(results[-1]), flush=True)
     apply = {} if args.no_dataplane else asyncio.run(dataplane(sizes, 20))
     print(table(results, apply))
     if args.json:
         args.json.write_text(json.dumps({"sizes": results, "dataplane": apply, "goals": GOALS, "l4_kind": args.l4_kind,
-                                         "steer": args.steer}, indent=1) + "\n")
+                                         "steer": args.steer, "readers": args.readers}, indent=1) + "\n")
     return 0
 
 
