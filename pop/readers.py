@@ -33,6 +33,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pop.status import MAX_AGE, REFRESH
+
 log = logging.getLogger("pop.readers")
 
 ASK, BUILT, STALE = b"?", b"B", b"S"
@@ -56,7 +58,6 @@ class Feed:
         self.listen, self.port = listen, port
         self.shared, self.age, self.revision = shared, age, revision
         self.process: asyncio.subprocess.Process | None = None
-        self.starts = 0
         self._shown: int | None = None  # the revision the child's copy shows; None: none, or told STALE
 
     async def run(self) -> None:
@@ -79,7 +80,6 @@ class Feed:
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # stdout is ExaBGP's channel
         finally:
             theirs.close()
-        self.starts += 1
         log.info("readers.started pid=%d address=%s port=%d", self.process.pid, self.listen, self.port)
         reader, writer = await asyncio.open_connection(sock=ours)
         self._shown = None
@@ -158,8 +158,6 @@ class Copy:
 
     async def get(self) -> tuple[bytes, bytes, float]:
         """(body, gzip'd body, age) as they may be served now; waits for a build if they may not."""
-        from pop.status import MAX_AGE, REFRESH
-
         while True:
             age = self.clock() - self.at
             if age >= REFRESH or self.stale:
@@ -177,18 +175,14 @@ class Copy:
 async def serve(listen: str, port: int, feed: socket.socket) -> None:
     from aiohttp import web
 
-    from pop.status import AGE_HEADER
+    from pop.status import prebuilt
 
     reader, writer = await asyncio.open_connection(sock=feed)
     copy = Copy(lambda: writer.write(ASK))
 
     async def status(request: web.Request) -> web.Response:
         body, packed, age = await copy.get()
-        headers = {"Vary": "Accept-Encoding", AGE_HEADER: f"{max(0.0, age):.3f}"}
-        if "gzip" in request.headers.get("Accept-Encoding", ""):
-            return web.Response(body=packed, content_type="application/json",
-                                headers={**headers, "Content-Encoding": "gzip"})
-        return web.Response(body=body, content_type="application/json", headers=headers)
+        return prebuilt(request, body, packed, max(0.0, age))
 
     app = web.Application()
     for path in ("/v1/status", "/status"):

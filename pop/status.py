@@ -283,6 +283,15 @@ async def _render(snap: Snapshot, rest: dict[str, Any], head: str) -> tuple[dict
     return {**rest, "servers": servers}, b"".join(parts), b"".join(packed)
 
 
+def prebuilt(request: web.Request, body: bytes, packed: bytes, age: float) -> web.Response:
+    """A built status as its reader accepts it: gzip'd (`packed`) or plain, with its age."""
+    headers = {"Vary": "Accept-Encoding", AGE_HEADER: f"{age:.3f}"}
+    if "gzip" in request.headers.get("Accept-Encoding", ""):
+        return web.Response(body=packed, content_type="application/json",
+                            headers={**headers, "Content-Encoding": "gzip"})
+    return web.Response(body=body, content_type="application/json", headers=headers)
+
+
 SHARED: web.AppKey[_Shared] = web.AppKey("shared", _Shared)  # the app's shared status (pop.readers feeds from it)
 
 
@@ -308,12 +317,7 @@ def make_app(source: SnapshotSource, operator: Operator, ctl: Control, *, ready:
         data, body, packed = await shared.get()
         if "pretty" in request.query:
             return answer(data, request)
-        if "gzip" in request.headers.get("Accept-Encoding", ""):
-            return web.Response(body=packed, content_type="application/json",
-                                headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding",
-                                         AGE_HEADER: f"{shared.age():.3f}"})
-        return web.Response(body=body, content_type="application/json",
-                            headers={"Vary": "Accept-Encoding", AGE_HEADER: f"{shared.age():.3f}"})
+        return prebuilt(request, body, packed, shared.age())
 
     async def servers(request: web.Request) -> web.Response:
         data, _, _ = await shared.get()

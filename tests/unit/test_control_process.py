@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from pop.status import MAX_AGE
-from tests.unit.test_engine_process import ANNOUNCE, WITHDRAW, spawn
+from tests.unit.test_engine_process import spawn, through_start
 
 TOKEN = "slow-client-token-0123456789"
 SLOW = 20  # clients that send their headers and then their body a byte at a time, too slowly
@@ -78,10 +78,7 @@ def test_slow_and_oversized_requests_are_cut_off_while_the_probes_keep_their_sch
     held: list[socket.socket] = []
     try:
         with spawn(tmp_path, path) as fake:
-            assert fake.command(timeout=15) == WITHDRAW
-            fake.send("done")
-            assert fake.command() == ANNOUNCE
-            fake.send("done")
+            through_start(fake)
             deadline = time.monotonic() + 10
             while True:
                 try:

@@ -121,6 +121,14 @@ WITHDRAW = "neighbor 127.0.0.2 withdraw route 198.51.100.1/32 next-hop self"
 ANNOUNCE = "neighbor 127.0.0.2 announce route 198.51.100.1/32 next-hop self"
 
 
+def through_start(fake: FakeExaBGP) -> None:
+    """A fresh engine's first two commands, acknowledged: withdraw, then announce once its server rose."""
+    assert fake.command(timeout=15) == WITHDRAW
+    fake.send("done")
+    assert fake.command() == ANNOUNCE
+    fake.send("done")
+
+
 def test_channel_contract(engine: FakeExaBGP, tmp_path: Path) -> None:
     # a fresh ExaBGP holds nothing the engine could adopt: it withdraws first
     assert engine.command(timeout=15) == WITHDRAW

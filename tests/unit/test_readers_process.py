@@ -23,7 +23,7 @@ import pytest
 from pop.readers import RESPAWN
 from pop.status import AGE_HEADER, MAX_AGE, REFRESH
 from tests.unit.test_control_process import TOKEN, engine_config, free_port
-from tests.unit.test_engine_process import ANNOUNCE, WITHDRAW, FakeExaBGP, spawn
+from tests.unit.test_engine_process import ANNOUNCE, FakeExaBGP, spawn, through_start
 
 
 def read(port: int, gzipped: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
@@ -76,10 +76,7 @@ def announced_engine(tmp_path: Path) -> Iterator[tuple[FakeExaBGP, int, int]]:
                          f"{{port: {port}, readers_port: {readers}}}")
     try:
         with spawn(tmp_path, path) as fake:
-            assert fake.command(timeout=15) == WITHDRAW
-            fake.send("done")
-            assert fake.command() == ANNOUNCE
-            fake.send("done")
+            through_start(fake)
             until("the readers' port", lambda: read(readers)[0]["state"] == "announced", 15)
             yield fake, port, readers
     finally:
