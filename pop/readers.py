@@ -30,7 +30,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from pop.status import MAX_AGE, REFRESH
@@ -43,7 +43,7 @@ WATCH = 0.02  # seconds between two looks at the engine's revision
 RESPAWN = (1.0, 10.0)  # the first and the longest wait before the child is started again
 NICE = 10
 
-Shared = Callable[[], Awaitable[tuple[dict[str, Any], bytes, bytes]]]  # pop.status._Shared.get
+Shared = Callable[[], Awaitable[tuple[Mapping[str, Any], bytes, bytes]]]  # pop.status._Shared.get
 Age = Callable[[], float]
 
 

@@ -20,9 +20,10 @@ import asyncio
 import html
 import json
 import logging
+import math
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -31,7 +32,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from pop import control, control_api
 from pop.control_api import Control, Operator
 from pop.metrics import Availability, PopCollector
-from pop.snapshot import Snapshot
+from pop.snapshot import ServerSnapshot, Snapshot
 from pop.tails import Tail
 
 log = logging.getLogger("pop.status")
@@ -93,45 +94,106 @@ def to_json(snap: Snapshot, servers: Any = None) -> dict[str, Any]:
 def servers_json(snap: Snapshot, first: int = 0, end: int | None = None) -> list[dict[str, Any]]:
     """The servers part of /v1/status (most of it: 1,000 servers are ~0.8 MB), or the slice
     [first:end] of it."""
+    return [_server_dict(s, snap.at) for s in snap.servers[first:end]]
 
+
+def _server_dict(s: ServerSnapshot, at: float) -> dict[str, Any]:
     def ago(t: float) -> float:
-        return round(snap.at - t, 3)
+        return round(at - t, 3)
 
-    return [
-        {
-            "name": s.name,
-            "address": s.address,
-            "weight": s.weight,
-            "state": s.health.state.value,
-            "in_pool": s.health.in_pool and s.drain is None,
-            "drain": None if s.drain is None else {
-                "state": "drained" if s.drain.done else "draining", "since_seconds": ago(s.drain.since),
-                "reason": s.drain.reason},
-            "decided_by": s.health.tier or None,
-            "reason": s.health.reason,
-            "tiers": {
-                name: {
-                    "state": t.state.value,
-                    "since_seconds": ago(t.since),
-                    "streak": t.streak,
-                    "reason": t.reason,
-                    "last": None if t.last is None else {
-                        "ok": t.last.ok, "error": t.last.error or None, "definitive": t.last.definitive,
-                        "latency_ms": None if t.last.latency is None else round(t.last.latency * 1000, 3),
-                        "detail": t.last.detail or None,
-                    },
-                    "successes": t.successes,
-                    "failures": t.failures,
-                }
-                for name, t in s.tiers.items()
-            },
-            "tails": {tier: _tail(t) for tier, t in s.tails.items()},
-            "degraded": s.degraded or None,
-            "load_factor": round(s.factor, 4),
-            "load": s.load,
-        }
-        for s in snap.servers[first:end]
-    ]
+    return {
+        "name": s.name,
+        "address": s.address,
+        "weight": s.weight,
+        "state": s.health.state.value,
+        "in_pool": s.health.in_pool and s.drain is None,
+        "drain": None if s.drain is None else {
+            "state": "drained" if s.drain.done else "draining", "since_seconds": ago(s.drain.since),
+            "reason": s.drain.reason},
+        "decided_by": s.health.tier or None,
+        "reason": s.health.reason,
+        "tiers": {
+            name: {
+                "state": t.state.value,
+                "since_seconds": ago(t.since),
+                "streak": t.streak,
+                "reason": t.reason,
+                "last": None if t.last is None else {
+                    "ok": t.last.ok, "error": t.last.error or None, "definitive": t.last.definitive,
+                    "latency_ms": None if t.last.latency is None else round(t.last.latency * 1000, 3),
+                    "detail": t.last.detail or None,
+                },
+                "successes": t.successes,
+                "failures": t.failures,
+            }
+            for name, t in s.tiers.items()
+        },
+        "tails": {tier: _tail(t) for tier, t in s.tails.items()},
+        "degraded": s.degraded or None,
+        "load_factor": round(s.factor, 4),
+        "load": s.load,
+    }
+
+
+def servers_text(snap: Snapshot, first: int = 0, end: int | None = None) -> str:
+    """servers_json's slice as JSON text, `json.dumps(servers_json(...), separators=(",", ":"))`
+    without its brackets, written directly: the dicts and their pass through json.dumps were
+    ~38 of the ~40 µs a server's part cost, twice a second for every server while the status is
+    read (issue 10). tests/unit/test_status_text.py holds the two to the same bytes."""
+    at = snap.at
+    return ",".join([_server_text(s, at) for s in snap.servers[first:end]])
+
+
+def _server_text(s: ServerSnapshot, at: float) -> str:
+    """One server's JSON; numbers are written by repr(), which is what json.dumps writes for
+    an int and a finite float (every float here comes out of round(): an int or a float). A
+    server with a number that is not finite is written by json.dumps itself."""
+    health, drain, q = s.health, s.drain, _q
+    numbers = [factor := round(s.factor, 4)]
+    tiers = []
+    for name, t in s.tiers.items():
+        since, last = round(at - t.since, 3), t.last
+        numbers.append(since)
+        if last is None:
+            seen = "null"
+        else:
+            latency = "null" if last.latency is None else repr(_counted(numbers, round(last.latency * 1000, 3)))
+            seen = (f'{{"ok":{"true" if last.ok else "false"},"error":{q(last.error) if last.error else "null"},'
+                    f'"definitive":{"true" if last.definitive else "false"},"latency_ms":{latency},'
+                    f'"detail":{q(last.detail) if last.detail else "null"}}}')
+        tiers.append(f'{q(name)}:{{"state":{q(t.state.value)},"since_seconds":{since!r},"streak":{t.streak!r},'
+                     f'"reason":{q(t.reason)},"last":{seen},"successes":{t.successes!r},"failures":{t.failures!r}}}')
+    tails = []
+    for tier, tail in s.tails.items():
+        rate = round(tail.failure_rate, 4)
+        numbers.append(rate)
+        p50, p95, p99 = ("null" if v is None else repr(_counted(numbers, round(v * 1000, 3)))
+                         for v in (tail.p50, tail.p95, tail.p99))
+        tails.append(f'{q(tier)}:{{"count":{tail.count!r},"failures":{tail.failures!r},"failure_rate":{rate!r},'
+                     f'"p50_ms":{p50},"p95_ms":{p95},"p99_ms":{p99}}}')
+    if drain is None:
+        drained = "null"
+    else:
+        since = _counted(numbers, round(at - drain.since, 3))
+        drained = (f'{{"state":{_DRAINED if drain.done else _DRAINING},"since_seconds":{since!r},'
+                   f'"reason":{q(drain.reason)}}}')
+    if not math.isfinite(sum(numbers)):  # an infinity or a NaN among them (or a sum past the largest float)
+        return json.dumps(_server_dict(s, at), separators=(",", ":"))
+    return (f'{{"name":{q(s.name)},"address":{q(s.address)},"weight":{s.weight!r},'
+            f'"state":{q(health.state.value)},"in_pool":{"true" if health.in_pool and drain is None else "false"},'
+            f'"drain":{drained},"decided_by":{q(health.tier) if health.tier else "null"},'
+            f'"reason":{q(health.reason)},"tiers":{{{",".join(tiers)}}},"tails":{{{",".join(tails)}}},'
+            f'"degraded":{q(s.degraded) if s.degraded else "null"},"load_factor":{factor!r},'
+            f'"load":{"null" if s.load is None else json.dumps(s.load, separators=(",", ":"))}}}')
+
+
+def _counted(numbers: list[float], value: float) -> float:
+    numbers.append(value)
+    return value
+
+
+_q: Callable[[str], str] = json.encoder.encode_basestring_ascii  # a string as json.dumps writes it
+_DRAINED, _DRAINING = '"drained"', '"draining"'
 
 
 def _tail(t: Tail) -> dict[str, Any]:
@@ -218,11 +280,11 @@ class _Shared:
         self.snapshot, self.rest, self.clock, self.revision = snapshot, rest, clock, revision
         self.seen = revision()  # the engine's revision when the shared status was built
         self.at = -1e9  # when the snapshot of `built` was taken; -1e9: none since the last forget()
-        self.built: tuple[dict[str, Any], bytes, bytes] | None = None  # data, body, gzip'd body
+        self.built: tuple[Mapping[str, Any], bytes, bytes] | None = None  # data, body, gzip'd body
         self.building: asyncio.Future[None] | None = None
         self.forgotten = 0  # forget() calls: a build started before one is not fresh after it
 
-    async def get(self) -> tuple[dict[str, Any], bytes, bytes]:
+    async def get(self) -> tuple[Mapping[str, Any], bytes, bytes]:
         if self.revision() != self.seen:  # something changed since: the verdict, a server, a step
             self.seen = self.revision()
             self.forget()
@@ -258,7 +320,7 @@ class _Shared:
         self.at = -1e9
 
 
-async def _render(snap: Snapshot, rest: dict[str, Any], head: str) -> tuple[dict[str, Any], bytes, bytes]:
+async def _render(snap: Snapshot, rest: dict[str, Any], head: str) -> tuple[Mapping[str, Any], bytes, bytes]:
     """The servers' JSON spliced into the rest, and its gzip copy, SLICE servers at a time
     with a turn of the event loop after each slice.
 
@@ -268,20 +330,43 @@ async def _render(snap: Snapshot, rest: dict[str, Any], head: str) -> tuple[dict
     started up to 200 ms late, issue 10)."""
     before, after = head.encode().split(json.dumps(_SERVERS).encode(), 1)
     packer = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip framing, as gzip.compress level 1
-    parts, packed, servers = [before, b"["], [packer.compress(before + b"[")], []
+    servers, packed = [b"["], [packer.compress(before + b"[")]
     for first in range(0, len(snap.servers), SLICE):
         await asyncio.sleep(0)  # the probes' turn, also between the snapshot with the rest and the first slice
         if first:
-            parts.append(b",")
+            servers.append(b",")
             packed.append(packer.compress(b","))
-        chunk = servers_json(snap, first, first + SLICE)
-        servers += chunk
-        encoded = json.dumps(chunk, separators=(",", ":")).encode()[1:-1]
-        parts.append(encoded)
+        encoded = servers_text(snap, first, first + SLICE).encode()
+        servers.append(encoded)
         packed.append(packer.compress(encoded))
-    parts += [b"]", after]
+    servers.append(b"]")
     packed += [packer.compress(b"]" + after), packer.flush()]
-    return {**rest, "servers": servers}, b"".join(parts), b"".join(packed)
+    listed = b"".join(servers)
+    return _Data(rest, listed), b"".join((before, listed, after)), b"".join(packed)
+
+
+class _Data(Mapping[str, Any]):
+    """A built status as values: the rest as built, the servers' list read back from their
+    JSON when first asked for (?pretty and /v1/servers; every other reader is sent the bytes)."""
+
+    __slots__ = ("_listed", "_rest", "_servers")
+
+    def __init__(self, rest: dict[str, Any], listed: bytes) -> None:
+        self._rest, self._listed = rest, listed
+        self._servers: list[dict[str, Any]] | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        if key != "servers":
+            return self._rest[key]
+        if self._servers is None:
+            self._servers = json.loads(self._listed)
+        return self._servers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rest)  # its "servers" stands for the list, in its place
+
+    def __len__(self) -> int:
+        return len(self._rest)
 
 
 def prebuilt(request: web.Request, body: bytes, packed: bytes, age: float) -> web.Response:
@@ -310,8 +395,9 @@ def make_app(source: SnapshotSource, operator: Operator, ctl: Control, *, ready:
 
     shared = _Shared(source, rest, revision=revision)
 
-    def answer(data: dict[str, Any], request: web.Request) -> web.Response:
-        return web.json_response(data, dumps=lambda v: json.dumps(v, indent=2 if "pretty" in request.query else None),
+    def answer(data: Mapping[str, Any], request: web.Request) -> web.Response:
+        return web.json_response(dict(data),
+                                 dumps=lambda v: json.dumps(v, indent=2 if "pretty" in request.query else None),
                                  headers={AGE_HEADER: f"{shared.age():.3f}"})
 
     async def status(request: web.Request) -> web.Response:
@@ -368,7 +454,7 @@ _COLORS = {"announced": "#1a7f37", "degraded": "#bf8700", "hold-down": "#bf8700"
            "init": "#6e7781", "down": "#cf222e", "disabled": "#6e7781"}
 
 
-def render_page(data: dict[str, Any]) -> str:
+def render_page(data: Mapping[str, Any]) -> str:
     """The NOC page: one glance answers "is this PoP announced, and if not, why?"."""
     e = html.escape
 

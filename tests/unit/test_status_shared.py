@@ -109,9 +109,9 @@ def test_the_status_is_built_on_the_engine_loop_a_slice_of_servers_at_a_time() -
         engine = Engine(config, FakeSpeaker(), {s.name: [(Scripted(), POLICY)] for s in config.servers},
                         clock=ManualClock())
         threads: set[int] = set()
-        encode = status.servers_json
+        encode = status.servers_text
 
-        def watched(snap: Snapshot, *rest: Any) -> list[dict[str, Any]]:
+        def watched(snap: Snapshot, *rest: Any) -> str:
             threads.add(threading.get_ident())
             return encode(snap, *rest)
 
@@ -124,7 +124,7 @@ def test_the_status_is_built_on_the_engine_loop_a_slice_of_servers_at_a_time() -
                 turns += 1
 
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(status, "servers_json", watched)
+            patch.setattr(status, "servers_text", watched)
             ticking = asyncio.create_task(other_work())
             await asyncio.sleep(0)
             before = turns
