@@ -8,7 +8,15 @@
   or without ``ip``.
 - ``frr_factory``: ``frr_factory(ns, name, asn, router_id, neighbors, networks=(), **kw)`` ->
   a started ``FrrRouter`` whose logs go to the test's tmp_path; stopped after the test. Skips
-  when zebra, bgpd or vtysh is missing.
+  when zebra, bgpd or vtysh is missing. With ``start=False`` the caller starts it, after the
+  links to its neighbours exist (LINKS_FIRST below).
+
+LINKS_FIRST: a router started before a link to a neighbour exists may never learn that link's
+address in bgpd (seen once in CI: tests/netns/test_tier3.py). FRR 8.4's bgpd then fails every
+connection of that neighbour in `bgp_connect_success`: `bgp_getsockname` finds no interface for
+the local address while zebra is connected, and sends NOTIFICATION (5,0), an FSM error, each
+time, for as long as it runs. The lab (lab.runner.Lab.up) builds the whole network before any
+daemon; the fixtures here start their routers after the links as well.
 
 Every test collected under tests/netns gets the ``netns`` marker.
 """
@@ -89,11 +97,12 @@ def frr_factory(netns_factory: Callable[[str], Netns], tmp_path: Path) -> Iterat
 
     def make(ns: Netns, name: str, asn: int, router_id: str,  # noqa: PLR0917 - mirrors FrrRouter
              neighbors: Sequence[BgpNeighbor],
-             networks: Sequence[str] = (), **kwargs: Any) -> FrrRouter:
+             networks: Sequence[str] = (), *, start: bool = True, **kwargs: Any) -> FrrRouter:
         router = FrrRouter(ns, name, asn, router_id, neighbors, networks,
                            workdir=tmp_path / f"frr-{name}", **kwargs)
         routers.append(router)
-        router.start()
+        if start:  # start=False: the caller starts it once its links exist (see LINKS_FIRST)
+            router.start()
         return router
 
     try:

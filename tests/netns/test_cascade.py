@@ -36,9 +36,11 @@ def wireguard_go() -> None:
 
 def test_alive_but_useless_server_leaves_the_pool(wireguard_go: None, netns_factory: NsFactory,
                                                    frr_factory: Callable[..., FrrRouter], tmp_path: Path) -> None:
-    r1 = frr_factory(netns_factory("r1"), "r1", 65000, "192.0.2.100", [BgpNeighbor("10.0.1.2", 65101, hold_time=9)])
+    r1 = frr_factory(netns_factory("r1"), "r1", 65000, "192.0.2.100", [BgpNeighbor("10.0.1.2", 65101, hold_time=9)],
+                     start=False)
     pop_ns = netns_factory("p1")
     veth(r1.ns, "r1p1", "10.0.1.1/30", pop_ns, "up0", "10.0.1.2/30")
+    r1.start()  # after its link: LINKS_FIRST
     probe_private, probe_public = keypair()
     probe_key = write_key(tmp_path / "probe.key", probe_private)
     token = secrets.token_hex(3)

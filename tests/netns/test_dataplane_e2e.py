@@ -59,12 +59,14 @@ def flows(client: Netns, count: int) -> collections.Counter[str]:
 def test_ecmp_mode_spreads_flows_and_drops_a_dead_server(netns_factory: NsFactory,
                                                           frr_factory: Callable[..., FrrRouter],
                                                           tmp_path: Path) -> None:
-    r1 = frr_factory(netns_factory("r1"), "r1", 65000, "192.0.2.100", [BgpNeighbor("10.0.1.2", 65101, hold_time=9)])
+    r1 = frr_factory(netns_factory("r1"), "r1", 65000, "192.0.2.100", [BgpNeighbor("10.0.1.2", 65101, hold_time=9)],
+                     start=False)
     client = netns_factory("c")
     veth(client, "eth0", "10.9.0.2/30", r1.ns, "cl", "10.9.0.1/30")
     client.run("ip", "route", "add", "default", "via", "10.9.0.1")
     pop_ns = netns_factory("p1")
     veth(r1.ns, "r1p1", "10.0.1.1/30", pop_ns, "up0", "10.0.1.2/30")
+    r1.start()  # after its links: LINKS_FIRST
     pop_ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
     pop_ns.run("ip", "route", "add", "10.9.0.0/30", "via", "10.0.1.1")
     services = {}

@@ -66,10 +66,12 @@ def test_each_drain_step_reaches_the_router_on_time_and_traffic_leaves_before_th
     ns = netns_factory("r1")
     r1 = frr_factory(ns, "r1", 65000, "192.0.2.100",
                      [BgpNeighbor(f"10.0.{i}.2", 65100 + i, hold_time=9) for i in (1, 2)],
-                     graceful_shutdown_in=True, extra_config="router bgp 65000\n bgp always-compare-med")
+                     graceful_shutdown_in=True, extra_config="router bgp 65000\n bgp always-compare-med",
+                     start=False)  # started once the links to the PoPs exist (LINKS_FIRST)
     with RouteWatcher(ns, ANYCAST) as watch:
         pop1, _ = build_pop(1, netns_factory, ns, tmp_path, drain=LADDER, pool={"hold_down": 1.0})
         pop2, _ = build_pop(2, netns_factory, ns, tmp_path)
+        r1.start()
         dumps.extend([pop1, pop2])
         watch.wait_for(has(POP1, POP2), timeout=30)
         assert steps_seen(pop1_path(r1)) == set(), pop1_path(r1)

@@ -129,6 +129,7 @@ def test_a_respawned_engine_shows_the_established_session_up(netns_factory: NsFa
                                                              tmp_path: Path, pops: list[PopNode]) -> None:
     r1 = router(netns_factory, frr_factory, 1)
     pop, _ = build_pop(1, netns_factory, r1.ns, tmp_path)
+    r1.start()
     pops.append(pop)
     pop.wait_status(session_up, timeout=30)
     killed = pop.kill_engine()

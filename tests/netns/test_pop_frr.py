@@ -65,9 +65,10 @@ def build_pop(index: int, make_ns: NsFactory, router_ns: Netns, tmp_path: Path, 
 
 
 def router(make_ns: NsFactory, frr_factory: Callable[..., FrrRouter], pops: int) -> FrrRouter:
+    """r1 for `pops` PoPs, not started: start it after build_pop made the links (LINKS_FIRST)."""
     ns = make_ns("r1")
     return frr_factory(ns, "r1", 65000, "192.0.2.100",
-                       [BgpNeighbor(f"10.0.{i}.2", 65100 + i, hold_time=9) for i in range(1, pops + 1)])
+                       [BgpNeighbor(f"10.0.{i}.2", 65100 + i, hold_time=9) for i in range(1, pops + 1)], start=False)
 
 
 def has(*hops: str) -> Callable[[frozenset[str]], bool]:
@@ -106,6 +107,7 @@ def one_pop(netns_factory: NsFactory, frr_factory: Callable[..., FrrRouter], tmp
             r1 = router(netns_factory, frr_factory, 1)
             watch = stack.enter_context(RouteWatcher(r1.ns, ANYCAST))
             pop, services = build_pop(1, netns_factory, r1.ns, tmp_path, **overrides)
+            r1.start()
             dumps.append(pop)
             watch.wait_for(has("10.0.1.2"), timeout=30)
             return OnePop(r1, watch, pop, services)
@@ -118,6 +120,7 @@ def test_announce_withdraw_recover_single_pop(netns_factory: NsFactory, frr_fact
     r1 = router(netns_factory, frr_factory, 1)
     with RouteWatcher(r1.ns, ANYCAST) as watch:
         pop, (s1, s2) = build_pop(1, netns_factory, r1.ns, tmp_path)
+        r1.start()
         dumps.append(pop)
         watch.wait_for(has("10.0.1.2"), timeout=30)
         route = r1.bgp_routes(ANYCAST)
@@ -162,6 +165,7 @@ def test_two_pops_ecmp_and_only_the_failed_pop_leaves(netns_factory: NsFactory,
     with RouteWatcher(r1.ns, ANYCAST) as watch:
         pop1, _ = build_pop(1, netns_factory, r1.ns, tmp_path)
         pop2, services2 = build_pop(2, netns_factory, r1.ns, tmp_path)
+        r1.start()
         dumps.extend([pop1, pop2])
         watch.wait_for(has("10.0.1.2", "10.0.2.2"), timeout=30)
         killed = time.monotonic()
@@ -353,6 +357,7 @@ def test_sighup_reload_never_flaps_and_a_broken_file_changes_nothing(
     r1 = router(netns_factory, frr_factory, 1)
     with RouteWatcher(r1.ns, ANYCAST) as watch:
         pop, _ = build_pop(1, netns_factory, r1.ns, tmp_path)
+        r1.start()
         dumps.append(pop)
         watch.wait_for(has("10.0.1.2"), timeout=30)
         pop.wait_status(lambda s: s["state"] == "announced", timeout=10)

@@ -56,7 +56,7 @@ def fleet(netns_factory: NsFactory, frr_factory: Callable[..., FrrRouter], tmp_p
     key.chmod(0o600)
     r1_ns = netns_factory("r1")
     neighbors = [BgpNeighbor(f"10.0.{i}.2", 65100 + i, hold_time=9) for i in (1, 2)]
-    r1 = frr_factory(r1_ns, "r1", 65000, "192.0.2.100", neighbors)
+    r1 = frr_factory(r1_ns, "r1", 65000, "192.0.2.100", neighbors, start=False)  # after the links: LINKS_FIRST
     agents_cfg = [{"name": name, "address": agent_address(k)} for k, name in enumerate(AGENTS, 1)]
     pops: dict[str, PopNode] = {}
     for i in (1, 2):
@@ -76,6 +76,7 @@ def fleet(netns_factory: NsFactory, frr_factory: Callable[..., FrrRouter], tmp_p
         beacon.start()
         pops[f"pop{i}"] = node
         dumps.append(node)  # their logs are printed if the test fails
+    r1.start()
     procs: dict[str, Any] = {}
     for k, name in enumerate(AGENTS, 1):
         ns = netns_factory(name)
