@@ -246,7 +246,7 @@ def parse_yaml(text: str | bytes, source: str) -> Any:
     try:
         if fast is not None:
             try:
-                return config_yaml.load(text, fast)
+                return config_yaml.load_reusing(text, fast)
             except yaml.YAMLError:
                 pass
         return yaml.safe_load(text)

@@ -108,3 +108,106 @@ def _value(node: Node, constructor: Any, built: dict[int, Any]) -> Any:
     built[id(node)] = value
     return value
 
+
+
+# --- the servers' items, read again only when their text changed ------------------------------
+
+_ITEMS: dict[str, Any] = {}  # an item of `servers:` (its text, dedented) -> its value, from earlier reads
+_ITEMS_LIMIT = 20_000  # then start over: a process that reads ever new servers does not grow
+_KEY = re.compile(r"servers[ ]*:[ ]*(?:#.*)?")
+_PLAIN = re.compile(r"[^&*!%|>\t\r\ufeff]*")  # no anchor, alias, tag, directive, block scalar, tab, CR, BOM
+
+
+def load_reusing(text: str | bytes, loader: type[Any]) -> Any:
+    """load(text), reading again only the items of the top-level `servers:` list whose text
+    changed since an earlier read (a reload of 1,000 servers changes a few: composing all of
+    them again was most of issue 12's reload time).
+
+    Only for a document simple enough that each item of a block list reads the same alone as
+    in place: no anchor or alias, tag, directive, block scalar, tab or CR anywhere, a single
+    `servers:` key at the left margin followed by a block list whose items' further lines are
+    all indented deeper than their dash. Anything else, or anything that does not parse this
+    way, is read whole by load(); so are documents read for the first time (an item read alone
+    costs more than in one document), whose items are then remembered.
+    """
+    pieces = _split(text) if isinstance(text, str) else None
+    if pieces is None:
+        return load(text, loader)
+    skeleton, items = pieces
+    if not all(item in _ITEMS for item in items) and sum(item not in _ITEMS for item in items) * 4 > len(items):
+        document = load(text, loader)  # mostly new: one read of the whole is quicker
+        _remember(items, document)
+        return document
+    try:
+        document = load(skeleton, loader)
+        if not isinstance(document, dict) or document.get("servers") != []:
+            return load(text, loader)
+        values = [_item(item, loader) for item in items]
+    except Exception:  # whatever it is, the whole document's read says it properly
+        return load(text, loader)
+    document["servers"] = values
+    return document
+
+
+def _item(text: str, loader: type[Any]) -> Any:
+    value = _ITEMS.get(text, _BUSY)
+    if value is _BUSY:  # not read before
+        parsed = load(text, loader)
+        if not isinstance(parsed, list) or len(parsed) != 1:
+            raise ValueError("not one item")
+        value = parsed[0]
+        _keep(text, value)
+    return value
+
+
+def _remember(items: list[str], document: Any) -> None:
+    servers = document.get("servers") if isinstance(document, dict) else None
+    if isinstance(servers, list) and len(servers) == len(items):
+        for text, value in zip(items, servers, strict=True):
+            _keep(text, value)
+
+
+def _keep(text: str, value: Any) -> None:
+    if len(_ITEMS) >= _ITEMS_LIMIT:
+        _ITEMS.clear()
+    _ITEMS[text] = value
+
+
+def _split(text: str) -> tuple[str, list[str]] | None:
+    """(the document with `servers: []` in place of the list, each item's text dedented), or
+    None when the document is not one this can split safely."""
+    if not _PLAIN.fullmatch(text) or "\n---" in text or text.startswith("---") or "\n..." in text:
+        return None
+    lines = text.split("\n")
+    keys = [i for i, line in enumerate(lines) if line.startswith("servers") and _KEY.fullmatch(line)]
+    if len(keys) != 1 or sum(line.startswith("servers") for line in lines) != 1:
+        return None
+    start = keys[0]
+    first = next((i for i in range(start + 1, len(lines)) if lines[i].strip()), None)
+    if first is None:
+        return None
+    indent = len(lines[first]) - len(lines[first].lstrip(" "))
+    dash = " " * indent + "- "
+    if not lines[first].startswith(dash):
+        return None
+    items: list[list[str]] = []
+    end = len(lines)
+    for i in range(first, len(lines)):
+        line = lines[i]
+        if line.startswith(dash):
+            items.append([line[indent:]])
+            continue
+        stripped = line.lstrip(" ")
+        if not stripped:
+            items[-1].append("")
+            continue
+        depth = len(line) - len(stripped)
+        if depth > indent:
+            items[-1].append(line[indent:])
+            continue
+        if depth == 0 and stripped[0] not in "-#":
+            end = i  # the next top-level key
+            break
+        return None  # a comment, or anything else, at or left of the dash: read it whole
+    skeleton = "\n".join([*lines[:start], "servers: []", *lines[end:]])
+    return skeleton, ["\n".join(item) + "\n" for item in items]
