@@ -13,6 +13,7 @@ distinct plain scalar's tag once per document.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -130,13 +131,17 @@ def load_reusing(text: str | bytes, loader: type[Any]) -> Any:
     way, is read whole by load(); so are documents read for the first time (an item read alone
     costs more than in one document), whose items are then remembered.
     """
-    pieces = _split(text) if isinstance(text, str) else None
+    try:
+        pieces = _split(text) if isinstance(text, str) else None
+    except Exception:  # not expected; whatever it is, the whole document is read as before
+        pieces = None
     if pieces is None:
         return load(text, loader)
     skeleton, items = pieces
-    if not all(item in _ITEMS for item in items) and sum(item not in _ITEMS for item in items) * 4 > len(items):
+    if sum(item not in _ITEMS for item in items) * 4 > len(items):
         document = load(text, loader)  # mostly new: one read of the whole is quicker
-        _remember(items, document)
+        with contextlib.suppress(Exception):  # remembering is only an optimisation
+            _remember(items, document)
         return document
     try:
         document = load(skeleton, loader)
