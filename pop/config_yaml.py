@@ -116,7 +116,8 @@ def _value(node: Node, constructor: Any, built: dict[int, Any]) -> Any:
 _ITEMS: dict[str, Any] = {}  # an item of `servers:` (its text, dedented) -> its value, from earlier reads
 _ITEMS_LIMIT = 20_000  # then start over: a process that reads ever new servers does not grow
 _KEY = re.compile(r"servers[ ]*:[ ]*(?:#.*)?")
-_PLAIN = re.compile(r"[^&*!%|>\t\r\ufeff]*")  # no anchor, alias, tag, directive, block scalar, tab, CR, BOM
+_PLAIN = re.compile("[^&*!%|>\t\r\ufeff\x85\u2028\u2029]*")  # no anchor, alias, tag, directive, block scalar,
+# tab, CR, BOM, nor a line break of YAML 1.1 that str.split("\n") would not see (NEL, LS, PS)
 
 
 def load_reusing(text: str | bytes, loader: type[Any]) -> Any:

@@ -146,6 +146,8 @@ def test_a_reload_reads_only_the_items_that_changed() -> None:
     "servers:\n- a\n- b\nx: 1\n",  # items at the margin
     "servers:\n  - a\n  -b\n",
     "servers:\n  - 'two\n  lines'\n",  # a continuation at the dash's depth
+    "servers:\n  - x\x85other: 1\n",  # a line break of YAML 1.1 (NEL) inside what str.split sees as one line
+    "servers:\n  - a\u2028  - b\n",
 ])
 def test_documents_it_does_not_split_are_read_whole_alike(text: str) -> None:
     for _ in range(2):
