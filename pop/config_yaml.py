@@ -110,11 +110,11 @@ def _value(node: Node, constructor: Any, built: dict[int, Any]) -> Any:
     return value
 
 
-
 # --- the servers' items, read again only when their text changed ------------------------------
 
 _ITEMS: dict[str, Any] = {}  # an item of `servers:` (its text, dedented) -> its value, from earlier reads
 _ITEMS_LIMIT = 20_000  # then start over: a process that reads ever new servers does not grow
+_UNREAD = object()  # an item not in _ITEMS (its value may be None)
 _KEY = re.compile(r"servers[ ]*:[ ]*(?:#.*)?")
 _PLAIN = re.compile("[^&*!%|>\t\r\ufeff\x85\u2028\u2029]*")  # no anchor, alias, tag, directive, block scalar,
 # tab, CR, BOM, nor a line break of YAML 1.1 that str.split("\n") would not see (NEL, LS, PS)
@@ -156,8 +156,8 @@ def load_reusing(text: str | bytes, loader: type[Any]) -> Any:
 
 
 def _item(text: str, loader: type[Any]) -> Any:
-    value = _ITEMS.get(text, _BUSY)
-    if value is _BUSY:  # not read before
+    value = _ITEMS.get(text, _UNREAD)
+    if value is _UNREAD:
         parsed = load(text, loader)
         if not isinstance(parsed, list) or len(parsed) != 1:
             raise ValueError("not one item")
@@ -185,8 +185,8 @@ def _split(text: str) -> tuple[str, list[str]] | None:
     if not _PLAIN.fullmatch(text) or "\n---" in text or text.startswith("---") or "\n..." in text:
         return None
     lines = text.split("\n")
-    keys = [i for i, line in enumerate(lines) if line.startswith("servers") and _KEY.fullmatch(line)]
-    if len(keys) != 1 or sum(line.startswith("servers") for line in lines) != 1:
+    keys = [i for i, line in enumerate(lines) if line.startswith("servers")]
+    if len(keys) != 1 or not _KEY.fullmatch(lines[keys[0]]):
         return None
     start = keys[0]
     first = next((i for i in range(start + 1, len(lines)) if lines[i].strip()), None)
