@@ -39,6 +39,13 @@ configuration's load time (YAML to checks); a reload in which one server changes
 key (the SIGHUP path: read, build the checks, Engine.reload), and whether every other server kept its state; and the
 data-plane apply when one server leaves (an ECMP route of N next hops in a namespace,
 pop.adapters.routes, as bench/dataplane.py measures it; the kernel takes at most 4,095).
+
+And the floor, in the same run, on the engine's CPU, against the same servers, once the
+engine has stopped (`--floor`, floor_process): a bare Python SYN loop that sends the same
+SYNs at the same rate from the same raw socket and matches every answer to its probe, with
+nothing else (no asyncio, schedule, hysteresis or state), plus the handshakes' cryptography
+alone at their rate (bench/wg_probe.py's crypto_floor). The engine's CPU over that floor is
+what pop's own machinery costs; the floor itself is what any Python prober pays here.
 """
 
 from __future__ import annotations
@@ -404,6 +411,89 @@ def _quantiles(samples: list[float]) -> dict[str, float]:
             "p99_ms": percentile(samples, 0.99) * 1000, "max_ms": max(samples) * 1000}
 
 
+# --- the floor ----------------------------------------------------------------------------------
+
+
+def floor_process(directory: Path, seconds: float) -> int:
+    """Child (`--floor`): the least a Python SYN prober does for the configuration's tier 1 at
+    its rate, against the same servers: pop's packet codec and raw sockets (pop.checks.syn,
+    pop.checks.tcpwire), one epoll loop without asyncio, one SYN per server every interval,
+    every answer matched to its probe, silence expired at the timeout. No schedule, no
+    hysteresis, no state, no event loop: what is left of the engine's CPU above it is pop's.
+    Prints its CPU over `seconds` (after a second of warm-up) as one JSON line."""
+    import collections
+    import resource
+    import select
+
+    from pop.checks import syn, tcpwire
+    from pop.config import load
+
+    config = load((directory / "pop.yaml").read_text(), "pop.yaml")
+    l4 = config.checks.l4
+    ports = [s.port or l4.port for s in config.servers]
+    targets = [(s.address, socket.inet_aton(s.address), port,
+                tcpwire.fixed_sum(syn._source_for(s.address), socket.inet_aton(s.address), port))
+               for s, port in zip(config.servers, ports, strict=True)]
+    holders, base = syn._hold_ports()
+    raw = syn._raw(socket.IPPROTO_TCP, tcpwire.tcp_filter(base, base + syn.PORTS - 1))
+    poller = select.epoll()
+    poller.register(raw.fileno(), select.EPOLLIN)
+    pending: dict[Any, float] = {}
+    deadlines: collections.deque[tuple[float, Any]] = collections.deque()
+    rate, n = len(targets) / l4.interval, len(targets)
+    sent = answered = expired = 0
+    sequence = 0
+    began = time.monotonic()
+    warm, end = began + 1.0, began + 1.0 + seconds
+    usage: Any = None
+    counted = (0, 0, 0)
+    while (now := time.monotonic()) < end:
+        if usage is None and now >= warm:
+            usage, counted = resource.getrusage(resource.RUSAGE_SELF), (sent, answered, expired)
+        while sent < (now - began) * rate:
+            host, packed, port, fixed = targets[sent % n]
+            sequence = (sequence + 0x9E3779B1) & 0xFFFFFFFF
+            source_port = base + sent % syn.PORTS
+            raw.sendto(tcpwire.syn_from(fixed, source_port, port, sequence), (host, 0))
+            key = tcpwire.Key(packed, port, source_port, (sequence + 1) & 0xFFFFFFFF)
+            pending[key] = now
+            deadlines.append((now + l4.timeout, key))
+            sent += 1
+        # sleep until the next SYN is due, but start those due within a millisecond together (as the engine does)
+        poller.poll(max(0.001, began + (sent + 1) / rate - time.monotonic()))
+        while True:
+            try:
+                packet = raw.recv(tcpwire.SNAP)
+            except BlockingIOError:
+                break
+            answer = tcpwire.read_tcp(packet)
+            if answer is not None and pending.pop(answer.key, None) is not None:
+                answered += 1
+        while deadlines and deadlines[0][0] <= now:
+            if pending.pop(deadlines.popleft()[1], None) is not None:
+                expired += 1
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    took = time.monotonic() - warm
+    user, system = after.ru_utime - usage.ru_utime, after.ru_stime - usage.ru_stime
+    _say({"floor": {"cpu_percent": (user + system) / took * 100, "cpu_sys_percent": system / took * 100,
+                    "probes_per_second": (sent - counted[0]) / took,
+                    "answered_per_second": (answered - counted[1]) / took, "expired": expired - counted[2]}})
+    for sock in (raw, *holders):
+        sock.close()
+    return 0
+
+
+def wireguard_floor(config_text_: str) -> float:
+    """% of one core for the configuration's handshakes a second, their cryptography alone
+    (bench/wg_probe.py's crypto_floor, best of 5)."""
+    from bench.wg_probe import crypto_floor
+    from pop.config import load
+
+    config = load(config_text_, "pop.yaml")
+    per_second = len(config.servers) / config.checks.wireguard.interval
+    return min(crypto_floor(200) for _ in range(5)) * per_second * 100
+
+
 # --- the run -------------------------------------------------------------------------------------
 
 
@@ -558,7 +648,7 @@ def _one_size(n: int, seconds: float, trials: int, kind: str, profile: Path | No
                 engine.wait_event("server.up", f"s{victim}", 30)
             time.sleep(1.0)
             reload = json.loads(engine.ask("reload"))
-            return {
+            result = {
                 "servers": n, "readers": readers, "load_seconds": ready["load_seconds"], "up": up,
                 "up_seconds": up_seconds,
                 "steady_seconds": steady_seconds,
@@ -574,6 +664,16 @@ def _one_size(n: int, seconds: float, trials: int, kind: str, profile: Path | No
                               "p95_ms": percentile(detection, 0.95) * 1000, "max_ms": max(detection) * 1000},
                 "reload": reload,
             }
+            engine.close()
+            engine = None
+            if kind == "syn":  # the floor of the same tier 1 in Python, on the same CPU, against the same servers
+                floor = Child("--floor", str(directory), "--seconds", str(seconds), prefix=(*inside, *engine_cpu))
+                try:
+                    result["floor"] = json.loads(floor.answers.get(timeout=seconds + 60))["floor"]
+                finally:
+                    floor.close()
+                result["floor"]["wireguard_cpu_percent"] = wireguard_floor((directory / "pop.yaml").read_text())
+            return result
         finally:
             if engine is not None:
                 engine.close()
@@ -603,6 +703,12 @@ async def dataplane(sizes: list[int], repeat: int) -> dict[str, Any]:
     return results
 
 
+def floor_ratio(result: dict[str, Any]) -> float:
+    """The engine's CPU over the floor's (the bare SYN loop and the handshakes' cryptography)."""
+    floor = result["floor"]
+    return float(result["cpu_percent"]) / float(floor["cpu_percent"] + floor["wireguard_cpu_percent"])
+
+
 def table(results: list[dict[str, Any]], apply: dict[str, Any]) -> str:
     def row(label: str, cell: Any) -> str:
         def safe(r: dict[str, Any]) -> str:
@@ -629,6 +735,12 @@ def table(results: list[dict[str, Any]], apply: dict[str, Any]) -> str:
              row("probes a second in that window, per tier", lambda r: " / ".join(
                  f"{tier} {rate:,.0f}" for tier, rate in r["probes_per_second"].items())
                  if "probes_per_second" in r else "-"),
+             row("floor: a bare Python SYN loop at that rate (bench/scale.py floor_process), % of one core",
+                 lambda r: f"{f(r['floor']['cpu_percent'])} (kernel {f(r['floor']['cpu_sys_percent'])}, "
+                 f"{r['floor']['answered_per_second']:,.0f} answers/s)"),
+             row("  + the handshakes' cryptography alone at their rate, % of one core",
+                 lambda r: f(r["floor"]["wireguard_cpu_percent"])),
+             row("engine / that floor", lambda r: f"{floor_ratio(r):.2f}x"),
              row("engine RSS, MB", lambda r: f(r["rss_mb"], 0)),
              row("probe lateness p50 / p99, ms", lambda r: quantiles(r["lateness_idle"])),
              row("TCP probe jitter p50 / p99, ms", lambda r: quantiles(r["jitter_idle"])),
@@ -677,9 +789,12 @@ def main() -> int:
                                                      "under the status load to PROFILE.N.status")
     parser.add_argument("--servers", type=Path, help=argparse.SUPPRESS)  # child: the servers
     parser.add_argument("--engine", type=Path, help=argparse.SUPPRESS)  # child: the engine
+    parser.add_argument("--floor", type=Path, help=argparse.SUPPRESS)  # child: the bare SYN loop
     args = parser.parse_args()
     if args.servers:
         return servers_process(args.servers)
+    if args.floor:
+        return floor_process(args.floor, args.seconds)
     if args.engine:
         asyncio.run(engine_process(args.engine))
         return 0
