@@ -20,7 +20,11 @@ Prints, side by side:
 - the full probe (issue 13): a handshake and then one ICMP echo through the tunnel to the
   responder's own tunnel address, decrypted and judged, end to end like the handshake rows,
   against its own floor measured in the same run (the handshake floor plus the transport
-  keys' KDF2, one seal of the 48-byte echo and one open of the reply); goal within 1.5x.
+  keys' KDF2, one seal of the 48-byte echo and one open of the reply); goal within 1.5x;
+- the bare Python full probe: the least a Python prober does for the same exchange (pop's
+  codec on one blocking connected socket per pair, the pairs in turn, no asyncio, pacer or
+  timeouts; bare_full_probes()), so that what the machine and the interpreter cost any
+  Python prober shows apart from what pop's asyncio probe adds.
 
 Goal (issue 3): <= 0.35 ms probe CPU per validated handshake (>= 2,800/s on one core), within
 2x of the floor. Needs root, ip, wireguard-go and wg; runs in namespaces named twgb-*, which
@@ -52,7 +56,7 @@ from scapy.contrib.wireguard import Wireguard, WireguardInitiation
 from lab.netns import Netns, cleanup_prefix, veth
 from lab.wgserver import WireGuardServer, keypair
 from pop.checks import noise
-from pop.checks.tunnel import Echo
+from pop.checks.tunnel import Echo, Reply, Session
 from pop.checks.wireguard import WireGuardCheck
 
 PREFIX = "twgb-"
@@ -229,6 +233,48 @@ def end_to_end(lab: Lab, seconds: float, warmup: float = 0.5, *, through: bool =
     return result
 
 
+def bare_full_probes(lab: Lab, n: int) -> tuple[float, float, int]:
+    """The least a Python prober does for a full probe: pop's codec (pop.checks.noise,
+    pop.checks.tunnel) on one blocking connected UDP socket per pair, kept open, the pairs in
+    turn; no asyncio, no pacer, no timeouts beyond the socket's. (CPU seconds, of which kernel,
+    per validated full probe; how many were valid.)"""
+    pairs = [(noise.Initiator(probe, server.public), noise.Tai64nClock(), server.port,
+              Echo(tunnel_source(i, k), tunnel_target(i)))
+             for k, (probe, _) in enumerate(lab.probe_keys) for i, server in enumerate(lab.servers)]
+
+    def run() -> tuple[float, float, int]:
+        sockets = []
+        try:
+            for _, _, port, _ in pairs:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sockets.append(sock)
+                sock.settimeout(1.0)
+                sock.connect((SERVER_IP, port))
+            time.sleep(0.05)  # clear of the end-to-end runs' last initiations from these keys
+            valid = 0
+            cpu0, times0 = time.process_time(), os.times()
+            for turn in range(n):
+                (initiator, clock, _, echo), sock = pairs[turn % len(pairs)], sockets[turn % len(pairs)]
+                message, handshake = initiator.initiation(turn, clock.next())
+                sock.send(message)
+                if handshake.validate(sock.recv(2048)).outcome is not noise.Outcome.VALID:
+                    continue
+                session = Session.of(handshake)
+                sock.send(session.seal(echo.request(1, turn & 0xFFFF)))
+                plain = session.open(sock.recv(2048))
+                if plain is not None and echo.judge(plain, 1, range(turn & 0xFFFF, (turn & 0xFFFF) + 1)).reply \
+                        is Reply.OK:
+                    valid += 1
+            cpu, system = time.process_time() - cpu0, os.times().system - times0.system
+            return cpu / max(1, valid), system / max(1, valid), valid
+        finally:
+            for sock in sockets:
+                sock.close()
+
+    result: tuple[float, float, int] = lab.run_in_client(run)
+    return result
+
+
 def build_and_validate(lab: Lab, n: int) -> tuple[float, float]:
     """CPU seconds to build one initiation, and to validate one real response from wireguard-go."""
     probe, _ = lab.probe_keys[0]
@@ -276,14 +322,15 @@ def main(argv: list[str]) -> int:
             e2e = end_to_end(lab, args.seconds)
             build, validate = min(build_and_validate(lab, n) for _ in range(REPEATS))
             full = end_to_end(lab, args.seconds, through=True)
+            bare = min(bare_full_probes(lab, n) for _ in range(REPEATS))
         finally:
             lab.close()
     report(args, e2e, floor=floor, scapy=scapy, build=build, validate=validate)
-    report_full(full, floor + transport, transport)
+    report_full(full, floor + transport, transport, bare)
     return 0
 
 
-def report_full(e2e: dict[str, Any], floor: float, transport: float) -> None:
+def report_full(e2e: dict[str, Any], floor: float, transport: float, bare: tuple[float, float, int]) -> None:
     windows = e2e["windows"]
     ok = sum(w[2] for w in windows)
     mean = sum(w[0] for w in windows) / ok if ok else float("inf")
@@ -295,6 +342,7 @@ def report_full(e2e: dict[str, Any], floor: float, transport: float) -> None:
     print(f"{'':36s}{'CPU/probe':>14s}{'per core':>12s}{'x floor':>9s}")
     for name, value in (("full probe, end to end, mean", mean), (f"full probe, end to end, best {WINDOW:g} s", best),
                         ("  of which kernel (sys), mean", system), ("  of which data-exchange floor", transport),
+                        (f"bare Python full probe ({bare[2]} valid)", bare[0]), ("  of which kernel (sys)", bare[1]),
                         ("full-probe crypto floor", floor)):
         print(f"{name:36s}{value * us:11.1f} us{1 / value:10.0f}/s{value / floor:8.2f}x")
     print(f"goal full probe <= {GOAL_FULL_X_FLOOR:g}x its floor: "
