@@ -39,7 +39,9 @@ class DurationBook:
         self._totals: dict[str, float] = {}
 
     def observe(self, tier: str, seconds: float) -> None:
-        counts = self._counts.setdefault(tier, [0] * (len(BUCKETS) + 1))
+        counts = self._counts.get(tier)
+        if counts is None:  # not setdefault(): that would build the list on every probe
+            counts = self._counts[tier] = [0] * (len(BUCKETS) + 1)
         counts[bisect.bisect_left(BUCKETS, seconds)] += 1
         self._totals[tier] = self._totals.get(tier, 0.0) + seconds
 

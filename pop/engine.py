@@ -120,10 +120,11 @@ class Engine:
 
     def observe(self, server: str, tier: str, result: CheckResult) -> None:
         """Fold one check result in; re-decide if the server's health changed."""
-        moved = self.board.fold(server, tier, result, self.clock())
+        now = self.clock()
+        moved = self.board.fold(server, tier, result, now)
         if moved is None:
             return  # the server or its tier went away in a reload
-        if self.tails.observe(server, tier, result, self.clock()):
+        if self.tails.observe(server, tier, result, now):
             self._degraded_moved(server)
         (old, new), (before, after) = moved.tier, moved.server
         if moved.tier_state:
@@ -135,7 +136,7 @@ class Engine:
                      after.reason)
             self._record("server", server, before.state.value, after.state.value,
                          f"{after.tier}: {after.reason}" if after.tier else after.reason)
-        if after != before:
+        if after is not before and after != before:  # nearly every probe: the very same object
             self.reevaluate()
 
     def _degraded_moved(self, server: str) -> None:
