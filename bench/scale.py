@@ -30,7 +30,8 @@ pay with its servers on other hosts.
 
 Measured per N: the engine process's CPU (% of one core, utime + stime from /proc over
 --seconds of steady state, the kernel's side of the probes' connects included) and RSS;
-probe lateness (a probe's start minus the time it was due, every probe of the window);
+probe lateness (a probe's start minus the time it was due, every probe of the next --seconds:
+recording every start costs the engine CPU, so it is not done in the CPU's window);
 detection of one dead server (its listeners closed) until the engine logs it down, over
 --trials servers; /v1/status latency under 50 clients asking back to back (bench/api.py's
 load process; with `--readers` they read the readers' process of `status.readers_port`,
@@ -217,11 +218,36 @@ def servers_process(keys_file: Path) -> int:
 class Starts:
     """When each TCP probe started, per server address: the gaps between two probes of one
     server, less the interval, are the schedule's jitter (measurable on any version of the
-    engine); where the engine counts lateness itself (pop.stretch) every sample is kept too."""
+    engine); where the engine counts lateness itself (pop.stretch) every sample is kept too.
+
+    Recording costs the engine ~5 µs a probe (a wrapper around every start and every
+    lateness sample): on an engine with a schedule of slots it is attached only once the CPU
+    window is over (`attach`); an older engine has it from its start (`install`)."""
 
     def __init__(self) -> None:
         self.starts: dict[str, list[float]] = {}
         self.lateness: list[float] = []
+
+    def attach(self, engine: Any) -> bool:
+        """Record from now on: every slot's start wrapped where the schedule keeps it, and the
+        lateness book's samples; False for an engine without such slots (install() it)."""
+        slots = getattr(engine.probes, "_slots", None)
+        if slots is None:
+            return False
+        for server_slots in slots.values():
+            for slot in server_slots:
+                if slot.begin is not None and hasattr(slot.check, "host"):
+                    slot.begin = self._wrap(self.starts.setdefault(slot.check.host, []), slot.begin)
+        self._hook_lateness(engine)
+        return True
+
+    @staticmethod
+    def _wrap(times: list[float], begin: Any) -> Any:
+        def recorded(done: Any) -> Any:
+            times.append(time.monotonic())
+            return begin(done)
+
+        return recorded
 
     def install(self, engine: Any) -> None:
         from pop.checks.l4 import TcpCheck
@@ -234,6 +260,9 @@ class Starts:
             pass
         for kind in kinds:
             self._record(kind)
+        self._hook_lateness(engine)
+
+    def _hook_lateness(self, engine: Any) -> None:
         book = getattr(engine.probes, "lateness", None)
         if book is not None:
             original_observe = book.observe
@@ -259,7 +288,8 @@ class Starts:
         jitter = [b - a - interval for times in self.starts.values() for a, b in itertools.pairwise(times)]
         lateness, self.lateness = self.lateness, []
         pauses, self.gc_pauses = self.gc_pauses, []
-        self.starts.clear()
+        for times in self.starts.values():  # in place: the wrappers of attach() hold these lists
+            times.clear()
         return {"jitter": _quantiles(jitter), "lateness": _quantiles(lateness) if lateness else None,
                 "gc": {"collections": len(pauses), "seconds": sum(pauses), "max_ms": max(pauses, default=0.0) * 1000}}
 
@@ -308,7 +338,8 @@ async def engine_process(directory: Path) -> None:
     load_seconds = time.perf_counter() - started
     engine = Engine(config, Speaker(), checks)  # type: ignore[arg-type]  # the fake holds what it is told
     starts = Starts()
-    starts.install(engine)
+    if not hasattr(engine.probes, "_slots"):  # an engine from before the schedule of slots
+        starts.install(engine)
     starts.watch_gc()
     runner, port = await serve_status(engine)
     feed = feeding = None
@@ -327,6 +358,8 @@ async def engine_process(directory: Path) -> None:
         while line := (await reader.readline()).decode().strip():
             if line == "healthy":
                 _say({"healthy": engine.pool.healthy})
+            elif line == "record":  # the CPU window is over: record every probe's start from now on
+                _say({"record": starts.attach(engine)})
             elif line == "lateness":
                 _say({**starts.take(config.checks.l4.interval), "stretch": getattr(engine.probes, "stretch", 1.0)})
             elif line == "counts":  # probes answered so far, per tier
@@ -620,8 +653,11 @@ def _one_size(n: int, seconds: float, trials: int, kind: str, profile: Path | No
             counts1 = json.loads(engine.ask("counts"))
             rates = {tier: (counts1[tier] - counts0.get(tier, 0)) / wall for tier in counts1}
             cpu, cpu_sys = (user1 + sys1 - user0 - sys0) / wall, (sys1 - sys0) / wall
-            idle = json.loads(engine.ask("lateness"))
             rss = rss_mb(pid)
+            engine.ask("record")  # then the lateness and jitter, in a window of their own
+            engine.ask("lateness")
+            time.sleep(seconds)
+            idle = json.loads(engine.ask("lateness"))
             if profile is not None:  # after the CPU window: the profiler's own cost is not counted
                 engine.ask("profile start")
                 time.sleep(seconds)
