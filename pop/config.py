@@ -316,9 +316,10 @@ _TIMING_KEYS = {"interval", "fast_interval", "timeout", "rise", "fall", "fall_de
 
 
 def _checks(r: Reader, value: Any, path: str) -> Checks:
-    data = r.mapping(value, path, {"l4", "wireguard"})
+    data = r.mapping(value, path, {"l4", "wireguard", "realtime_priority"})
     if data is None:
         return Checks()
+    realtime = r.optional(data, "realtime_priority", path, lambda v, p: r.integer(v, p, 0, 99), 0)
     l4 = L4Check()
     l4_data = r.mapping(data.get("l4"), join(path, "l4"), _TIMING_KEYS | {"kind", "port"})
     if l4_data is not None:
@@ -350,7 +351,7 @@ def _checks(r: Reader, value: Any, path: str) -> Checks:
                                     wg.data_timeout),
             **_timing(r, wg_data, wg_path, wg),
         )
-    return Checks(l4=l4, wireguard=wg)
+    return Checks(l4=l4, wireguard=wg, realtime_priority=realtime)
 
 
 def _pool(r: Reader, value: Any, path: str) -> Pool:

@@ -109,6 +109,9 @@ class WireGuardCheck:
 class Checks:
     l4: L4Check = field(default_factory=L4Check)
     wireguard: WireGuardCheck = field(default_factory=WireGuardCheck)
+    # the engine's thread at this SCHED_RR priority (1-99; 0: the normal scheduler), so that the
+    # probes start on time while other processes of the host (the status readers) want the CPU
+    realtime_priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from pop import adminstate, audit, availability, handover, load
 from pop import history as history_file
+from pop import priority as priority_
 from pop.adapters.bgp import ChannelError, ExaBgpSpeaker
 from pop.checks import cascade as check_builder
 from pop.config import Config, ConfigError
@@ -116,9 +117,21 @@ def _reload(engine: Engine, config_path: Path, ctl: Control, reloads: dict[str, 
         log.error("reload.rejected %s: %s", config_path, refused)
         return
     ctl.tokens = tokens
+    if new.checks.realtime_priority != engine.config.checks.realtime_priority:
+        _realtime(new.checks.realtime_priority)
     engine.reload(new, checks)
     reloads["refused"] -= 1
     reloads["ok"] += 1
+
+
+def _realtime(priority: int) -> None:
+    """The event loop's thread at checks.realtime_priority (pop.priority); a refusal is logged."""
+    refused = priority_.apply(priority)
+    if refused:
+        log.warning("engine.realtime_refused %s; the probes run at the normal priority", refused)
+    else:
+        policy, level = priority_.current()
+        log.info("engine.realtime policy=%s priority=%d", policy, level)
 
 
 async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
@@ -146,6 +159,8 @@ async def serve(config: Config, channel_fd: int, config_path: Path) -> int:
 
     engine = Engine(config, speaker, checks, tier3=tier3, on_announced=announced)
     engine.fleet_source, speaker.on_fleet = speaker.fleet_paths, engine.fleet_changed
+    if config.checks.realtime_priority:
+        _realtime(config.checks.realtime_priority)
     _restore_drains(engine, runtime / adminstate.FILE_NAME, config)
     engine.on_admin_change = lambda: _save_drains(engine, runtime / adminstate.FILE_NAME)
     stop = asyncio.Event()

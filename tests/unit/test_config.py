@@ -302,3 +302,12 @@ def test_values_that_compare_equal_across_types_are_not_taken_for_one_another(mo
     assert any("out of range" in p for p in problems(bad))  # again: not remembered
     duplicate = _servers_text("{name: vpn1, address: 10.0.2.10}", "{name: vpn1, address: 10.0.2.11}")
     assert any("used twice" in p for p in problems(duplicate))  # the checks across items still run
+
+
+def test_realtime_priority_is_off_unless_configured_and_bounded() -> None:
+    assert load(MINIMAL).checks.realtime_priority == 0
+    assert load(with_(checks={"realtime_priority": 10})).checks.realtime_priority == 10
+    for bad in (100, -1, "high", 1.5):
+        with pytest.raises(ConfigError) as caught:
+            load(with_(checks={"realtime_priority": bad}))
+        assert any("checks.realtime_priority" in p for p in caught.value.problems), caught.value.problems
