@@ -87,7 +87,8 @@ def address(i: int) -> str:
     return f"127.20.{i // 250}.{i % 250 + 1}"
 
 
-def config_text(n: int, keys: list[bytes], probe_key_file: Path, changed: bool = False, kind: str = "syn") -> str:
+def config_text(n: int, keys: list[bytes], probe_key_file: Path, changed: bool = False, kind: str = "syn", *,
+                realtime: int = 0) -> str:
     """N servers; `changed`: server s0 replaced by the spare (another address and key)."""
     rows = []
     for i in range(n):
@@ -102,6 +103,7 @@ prefixes: [198.51.100.1/32]
 checks:
   l4: {{kind: {kind}}}
   wireguard: {{enabled: true, probe_key_file: {probe_key_file}, interval: 5.0}}
+  realtime_priority: {realtime}
 status: {{enabled: false}}
 servers:
 """ + "\n".join(rows) + "\n"
@@ -337,6 +339,11 @@ async def engine_process(directory: Path) -> None:
     checks = cascade.build(config)
     load_seconds = time.perf_counter() - started
     engine = Engine(config, Speaker(), checks)  # type: ignore[arg-type]  # the fake holds what it is told
+    if getattr(config.checks, "realtime_priority", 0):  # as `pop run` does (pop.service._realtime)
+        from pop import priority
+
+        if refused := priority.apply(config.checks.realtime_priority):
+            raise SystemExit(refused)
     starts = Starts()
     if not hasattr(engine.probes, "_slots"):  # an engine from before the schedule of slots
         starts.install(engine)
@@ -590,9 +597,9 @@ def rss_mb(pid: int) -> float:
 
 
 def one_size(n: int, seconds: float, trials: int, kind: str = "syn", profile: Path | None = None, *,
-             steer: bool = False, readers: bool = False) -> dict[str, Any]:
+             steer: bool = False, readers: bool = False, realtime: int = 0) -> dict[str, Any]:
     if not steer:
-        return _one_size(n, seconds, trials, kind, profile, inside=(), readers=readers)
+        return _one_size(n, seconds, trials, kind, profile, inside=(), readers=readers, realtime=realtime)
     # The engine on CPU 0, the servers on CPU 1, and every packet's receive (the listeners'
     # SYN-ACKs, our RSTs, the responders' datagrams) steered to CPU 1 by lo's RPS map: the
     # engine's CPU is then its own, as with servers on other hosts whose kernels answer.
@@ -603,12 +610,12 @@ def one_size(n: int, seconds: float, trials: int, kind: str = "syn", profile: Pa
     with Netns(f"tscale-{os.getpid():x}") as ns:
         ns.run("sh", "-c", "echo 2 > /sys/class/net/lo/queues/rx-0/rps_cpus")
         result = _one_size(n, seconds, trials, kind, profile, inside=("ip", "netns", "exec", ns.name),
-                           readers=readers)
+                           readers=readers, realtime=realtime)
         return {**result, "steer": True}
 
 
 def _one_size(n: int, seconds: float, trials: int, kind: str, profile: Path | None, *,
-              inside: tuple[str, ...], readers: bool = False) -> dict[str, Any]:
+              inside: tuple[str, ...], readers: bool = False, realtime: int = 0) -> dict[str, Any]:
     """One N; ``inside`` prefixes the children's commands (a namespace whose lo is steered)."""
     from pop import wgkeys
 
@@ -621,8 +628,9 @@ def _one_size(n: int, seconds: float, trials: int, kind: str, profile: Path | No
         probe_key = directory / "probe.key"
         probe_key.write_text(wgkeys.encode_key(X25519PrivateKey.generate().private_bytes_raw()) + "\n")
         probe_key.chmod(0o600)
-        (directory / "pop.yaml").write_text(config_text(n, keys, probe_key, kind=kind))
-        (directory / "pop2.yaml").write_text(config_text(n, keys, probe_key, changed=True, kind=kind))
+        (directory / "pop.yaml").write_text(config_text(n, keys, probe_key, kind=kind, realtime=realtime))
+        (directory / "pop2.yaml").write_text(config_text(n, keys, probe_key, changed=True, kind=kind,
+                                                         realtime=realtime))
         if readers:
             (directory / "readers").touch()
         servers = Child("--servers", str(directory / "keys.json"), prefix=(*inside, *servers_cpu))
@@ -685,7 +693,8 @@ def _one_size(n: int, seconds: float, trials: int, kind: str, profile: Path | No
             time.sleep(1.0)
             reload = json.loads(engine.ask("reload"))
             result = {
-                "servers": n, "readers": readers, "load_seconds": ready["load_seconds"], "up": up,
+                "servers": n, "readers": readers, "realtime": realtime, "load_seconds": ready["load_seconds"],
+                "up": up,
                 "up_seconds": up_seconds,
                 "steady_seconds": steady_seconds,
                 "cpu_percent": cpu * 100, "cpu_sys_percent": cpu_sys * 100, "probes_per_second": rates,
@@ -787,6 +796,8 @@ def table(results: list[dict[str, Any]], apply: dict[str, Any]) -> str:
                  f"{f(r['detection']['p95_ms'], 0)}"),
              row("/v1/status read from the readers' process (--readers)",
                  lambda r: "yes" if r.get("readers") else "no"),
+             row("engine's thread under SCHED_RR (--realtime, checks.realtime_priority)",
+                 lambda r: str(r["realtime"]) if r.get("realtime") else "no"),
              row(f"/v1/status p50 / p99 ms ({CLIENTS} clients)", lambda r: f"{f(r['status']['p50_ms'])} / "
                  f"{f(r['status']['p99_ms'])}"),
              row("/v1/status requests/s", lambda r: f(r["status"]["requests_per_second"], 0)),
@@ -821,6 +832,8 @@ def main() -> int:
     parser.add_argument("--readers", action="store_true",
                         help="the 50 clients read /v1/status from a readers' process (status.readers_port, "
                              "pop.readers) instead of the engine's own endpoint")
+    parser.add_argument("--realtime", type=int, default=0, metavar="PRIORITY",
+                        help="checks.realtime_priority in the engine's configuration (pop.priority; 0: off)")
     parser.add_argument("--profile", type=Path, help="cProfile the engine's loop for --seconds to PROFILE.N, and "
                                                      "under the status load to PROFILE.N.status")
     parser.add_argument("--servers", type=Path, help=argparse.SUPPRESS)  # child: the servers
@@ -844,7 +857,7 @@ def main() -> int:
     results = []
     for n in sizes:
         results.append(one_size(n, args.seconds, args.trials, args.l4_kind, args.profile, steer=args.steer,
-                                readers=args.readers))
+                                readers=args.readers, realtime=args.realtime))
         print(json.dumps(results[-1]), flush=True)
     apply = {} if args.no_dataplane else asyncio.run(dataplane(sizes, 20))
     print(table(results, apply))
